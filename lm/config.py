@@ -1,0 +1,155 @@
+"""The config contract: every field `lm` reads, its default and meaning, and its validation.
+
+Configs under configs/ start from `base_config()` and change numbers. Run one with
+`python -m lm.main --config configs/NAME.py --workdir DIR`, overriding any field with
+`--config.train.steps=100`. Field names are a contract: sweeps and other tools set them by name.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field `lm` reads, commented where it is defined; configs/*.py start from this."""
+  config = ml_collections.ConfigDict()
+
+  # What lm.main does with this config. 'train': train (resuming from DIR/checkpoints if present)
+  # and evaluate on held-out text.
+  config.mode = 'train'
+
+  # ---------------------------------------------------------------------------------------------
+  # Model: a decoder-only transformer (lm/model.py).
+  config.model = m = ml_collections.ConfigDict()
+  # Block family. 'llama': RMSNorm, rotary positions, SwiGLU MLP, no biases.
+  # 'gpt2': LayerNorm, learned absolute positions, GELU MLP, biases everywhere.
+  m.block = 'llama'
+  m.vocab_size = 8192  # Rows of the embedding; must equal the tokenizer's vocabulary size.
+  m.d_model = 512  # Width of the residual stream.
+  m.num_layers = 8  # Number of transformer blocks.
+  m.num_heads = 8  # Query heads; d_model must be divisible by it (head_dim = d_model // num_heads).
+  # Key/value heads: num_heads for MHA, 1 for MQA, anything dividing num_heads for GQA.
+  m.num_kv_heads = 8
+  m.d_ff = 1408  # Hidden width of the MLP (for SwiGLU, each of the gate and up projections).
+  m.max_seq_len = 1024  # Longest sequence the model accepts (size of the gpt2 position table).
+  m.tie_embeddings = False  # Reuse the input embedding as the output projection.
+  m.rope_theta = 10_000.0  # Base of the rotary frequencies (llama only).
+  m.norm_eps = 1e-5  # Epsilon inside RMSNorm / LayerNorm.
+  m.init_std = 0.02  # Std of the normal init; output projections are scaled by 1/sqrt(2*num_layers).
+  # Compute dtype of matmuls and activations: 'float32', 'bfloat16', or 'auto' (bfloat16 on
+  # GPU/TPU; on CPU whichever of the two a short matmul benchmark finds faster on this machine).
+  # Parameters, logits, norms and the loss stay in float32 regardless.
+  m.dtype = 'auto'
+  m.param_dtype = 'float32'  # Storage dtype of parameters and optimizer state.
+  m.remat = False  # Recompute each block's activations in the backward pass (saves memory).
+  m.scan_layers = False  # Run the blocks with lax.scan (faster compiles for deep models).
+  # Attention kernel: 'auto' (jax.nn.dot_product_attention; cuDNN flash attention on GPUs),
+  # 'xla' (jax.nn.dot_product_attention, XLA implementation), 'einsum' (plain einsum + softmax,
+  # computing only the causal lower half in blocks; fastest on CPU).
+  m.attention = 'auto'
+
+  # ---------------------------------------------------------------------------------------------
+  # Training (lm/train.py).
+  config.train = t = ml_collections.ConfigDict()
+  t.steps = 1000  # Total optimizer steps; the cosine schedule decays over exactly these.
+  t.batch_size = 32  # Global batch size in sequences per optimizer step.
+  t.grad_accum_steps = 1  # Micro-batches per step (batch_size must be divisible by it).
+  t.learning_rate = 3e-4  # Peak learning rate, reached after warmup.
+  t.warmup_steps = 100  # Linear warmup from 0 to learning_rate.
+  t.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate * min_lr_ratio.
+  t.weight_decay = 0.1  # AdamW decoupled weight decay, applied to weight matrices and embeddings only.
+  t.b1 = 0.9  # AdamW first-moment decay.
+  t.b2 = 0.95  # AdamW second-moment decay.
+  t.eps = 1e-8  # AdamW epsilon.
+  t.grad_clip = 1.0  # Clip gradients to this global norm (0 disables).
+  t.z_loss = 0.0  # Weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1 (PaLM: 1e-4).
+  t.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
+  t.seed = 0  # Seeds parameter init, data shuffling and every other random choice.
+  t.log_every = 10  # Write metrics (metrics.jsonl, TensorBoard) every this many steps.
+  t.eval_every = 200  # Evaluate on the held-out split every this many steps (and at the end).
+  t.eval_batches = 16  # Held-out batches per evaluation (fewer if the split is smaller).
+  t.checkpoint_every = 200  # Save a checkpoint every this many steps (and at the end).
+  t.keep_checkpoints = 3  # Keep this many most recent checkpoints.
+
+  # ---------------------------------------------------------------------------------------------
+  # Data (lm/data.py).
+  config.data = d = ml_collections.ConfigDict()
+  # Where documents come from:
+  #   'stdlib'               the Python standard library's own source files (offline, real text)
+  #   'text:GLOB'            local text files, one document per file
+  #   'jsonl:GLOB'           local JSON-lines files, one document per line, text under data.text_field
+  #   'tfds:NAME[:SPLIT]'    a TensorFlow Datasets dataset, e.g. 'tfds:lm1b', 'tfds:wiki40b/hi:train'
+  d.source = 'stdlib'
+  d.text_field = 'text'  # Field holding the text in jsonl records and TFDS examples.
+  d.seq_len = 512  # Tokens per training row (at most model.max_seq_len).
+  d.tokenizer = ''  # SentencePiece .model file; empty: train one on the corpus, cached in the workdir.
+  d.tokenizer_train_chars = 20_000_000  # Characters of text sampled to train that tokenizer.
+  d.max_chars = 0  # Use only the first this many characters of the corpus (0: all of it).
+  d.eval_fraction = 0.02  # Fraction of packed rows held out for evaluation.
+  return config
+
+
+class ConfigError(ValueError):
+  """A config field holds a value `lm` cannot run with; the message names the field."""
+
+
+_CHOICES = {
+    'mode': ('train',),
+    'model.block': ('llama', 'gpt2'),
+    'model.dtype': ('auto', 'float32', 'bfloat16'),
+    'model.param_dtype': ('float32', 'bfloat16'),
+    'model.attention': ('auto', 'xla', 'einsum'),
+}
+_POSITIVE = (
+    'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
+    'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'train.steps', 'train.batch_size',
+    'train.grad_accum_steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
+    'train.checkpoint_every', 'train.keep_checkpoints', 'data.seq_len')
+_NON_NEGATIVE = (
+    'train.warmup_steps', 'train.learning_rate', 'train.weight_decay', 'train.grad_clip',
+    'train.z_loss', 'train.label_smoothing', 'train.min_lr_ratio', 'data.max_chars')
+
+
+def _get(config, dotted):
+  for name in dotted.split('.'):
+    config = config[name]
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first field whose value cannot work; runs before compiling."""
+  for field, choices in _CHOICES.items():
+    if _get(config, field) not in choices:
+      raise ConfigError(f'config.{field}={_get(config, field)!r}: expected one of {choices}')
+  for field in _POSITIVE:
+    if not _get(config, field) > 0:
+      raise ConfigError(f'config.{field}={_get(config, field)!r}: must be positive')
+  for field in _NON_NEGATIVE:
+    if not _get(config, field) >= 0:
+      raise ConfigError(f'config.{field}={_get(config, field)!r}: must be >= 0')
+
+  m, t, d = config.model, config.train, config.data
+  if m.d_model % m.num_heads:
+    raise ConfigError(
+        f'config.model.d_model={m.d_model} is not divisible by config.model.num_heads='
+        f'{m.num_heads}')
+  if (m.d_model // m.num_heads) % 2 and m.block == 'llama':
+    raise ConfigError(
+        f'config.model.d_model / num_heads = {m.d_model // m.num_heads}: rotary embeddings need '
+        'an even head dimension')
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(
+        f'config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads='
+        f'{m.num_kv_heads}')
+  if d.seq_len > m.max_seq_len:
+    raise ConfigError(
+        f'config.data.seq_len={d.seq_len} exceeds config.model.max_seq_len={m.max_seq_len}')
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(
+        f'config.train.batch_size={t.batch_size} is not divisible by '
+        f'config.train.grad_accum_steps={t.grad_accum_steps}')
+  if t.warmup_steps > t.steps:
+    raise ConfigError(
+        f'config.train.warmup_steps={t.warmup_steps} exceeds config.train.steps={t.steps}')
+  if not 0 < d.eval_fraction < 1:
+    raise ConfigError(f'config.data.eval_fraction={d.eval_fraction}: must be in (0, 1)')
+  if t.min_lr_ratio > 1:
+    raise ConfigError(f'config.train.min_lr_ratio={t.min_lr_ratio}: must be <= 1')

@@ -1,0 +1,135 @@
+"""Model FLOPs per token, device peak FLOP/s, and the CPU compute dtype: the pieces of MFU.
+
+MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s of the devices). Model FLOPs
+follow the PaLM paper (appendix B): 6N + 12·L·H·Q·T per token, where N counts every parameter
+that takes part in a matmul (all but the input embedding and position tables; the output
+projection counts whether or not it is tied to the input embedding) and 12·L·H·Q·T is the
+attention score and value matmuls, forward and backward, over a context of T tokens.
+
+On GPUs and TPUs the peak comes from the vendor's dense bf16 figure. On CPUs there is no
+reliable figure (machines of one kind differ: AMX vs AVX2), so the peak is measured once with a
+short jitted matmul loop and cached on disk, and 'auto' picks whichever of fp32 and bf16 is
+faster there.
+"""
+
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per device, matched against jax.Device.device_kind (lowercase prefix).
+_ACCELERATOR_PEAK_BF16 = {
+    'nvidia h200': 989e12,
+    'nvidia h100 pcie': 756e12,
+    'nvidia h100': 989e12,
+    'nvidia a100': 312e12,
+    'nvidia l4': 121e12,
+    'nvidia a10g': 125e12,
+    'tpu v6 lite': 918e12,
+    'tpu v5 lite': 197e12,
+    'tpu v5p': 459e12,
+    'tpu v5': 459e12,
+    'tpu v4': 275e12,
+}
+
+_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'cpu_matmul_peak.json')
+
+
+def matmul_params(cfg) -> int:
+  """Parameters that take part in a matmul: N in 6N (excludes embedding/position lookups)."""
+  D, F, L = cfg.d_model, cfg.d_ff, cfg.num_layers
+  attention = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  mlp = (3 if cfg.block == 'llama' else 2) * D * F
+  return L * (attention + mlp) + D * cfg.vocab_size
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+  """Training FLOPs (forward + backward) per token, PaLM appendix B."""
+  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return 6 * matmul_params(cfg) + attention
+
+
+def _cpu_key() -> str:
+  return f'{platform.processor() or platform.machine()}|{os.cpu_count()}|{_cpu_model()}'
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def measure_matmul_flops(dtype: str, n: int = 1024, repeats: int = 8) -> float:
+  """Best-of-3 FLOP/s of a jitted chain of n x n matmuls in `dtype` (fp32 accumulation)."""
+  a = jnp.ones((n, n), dtype) * 0.01
+  b = jnp.ones((n, n), dtype) * 0.01
+
+  @jax.jit
+  def chain(a, b):
+    def body(_, x):
+      return jnp.dot(x, b, preferred_element_type=jnp.float32).astype(dtype)
+    return jax.lax.fori_loop(0, repeats, body, a)
+
+  chain(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(3):
+    start = time.perf_counter()
+    chain(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 * repeats / best
+
+
+@functools.cache
+def cpu_peak_flops() -> dict:
+  """{'float32': flop/s, 'bfloat16': flop/s} of this CPU, measured once and cached on disk."""
+  key = _cpu_key()
+  try:
+    with open(_CACHE) as f:
+      cached = json.load(f)
+    if key in cached:
+      return cached[key]
+  except (OSError, ValueError):
+    cached = {}
+  peaks = {dtype: measure_matmul_flops(dtype) for dtype in ('float32', 'bfloat16')}
+  cached[key] = peaks
+  try:
+    os.makedirs(os.path.dirname(_CACHE), exist_ok=True)
+    tmp = f'{_CACHE}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(cached, f, indent=1)
+    os.replace(tmp, _CACHE)
+  except OSError:
+    pass  # A read-only home only costs a re-measurement next time.
+  return peaks
+
+
+def peak_flops_per_device(dtype: str, device=None) -> float | None:
+  """Peak FLOP/s of one device for `dtype`; None for an accelerator missing from the table."""
+  device = device or jax.devices()[0]
+  if device.platform == 'cpu':
+    # One process drives all CPU "devices" with the same cores, so the peak is shared.
+    return cpu_peak_flops()[dtype] / jax.local_device_count()
+  kind = device.device_kind.lower()
+  for prefix, peak in _ACCELERATOR_PEAK_BF16.items():
+    if kind.startswith(prefix):
+      return peak
+  return None
+
+
+def resolve_dtype(dtype: str) -> str:
+  """'auto' -> bfloat16 on accelerators; on CPU whichever of fp32/bf16 matmuls faster here."""
+  if dtype != 'auto':
+    return dtype
+  if jax.devices()[0].platform != 'cpu':
+    return 'bfloat16'
+  peaks = cpu_peak_flops()
+  return 'bfloat16' if peaks['bfloat16'] > 1.1 * peaks['float32'] else 'float32'

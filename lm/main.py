@@ -1,0 +1,55 @@
+"""Entry point: `python -m lm.main --config configs/NAME.py --workdir DIR [--config.a.b=v]`."""
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from lm import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and caches.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    sys.exit(f'error: {e}')
+  std_logging.getLogger('absl').setLevel(std_logging.INFO)
+  logging.set_verbosity(logging.INFO)
+
+  if config.mode == 'train':
+    from lm import train  # pylint: disable=g-import-not-at-top
+    try:
+      _, metrics = train.train(config, _WORKDIR.value)
+    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+      sys.exit(f'error: {e}')
+    logging.info('done: %s', metrics)
+
+
+def parse_flags(argv):
+  """absl's parser, with a misspelled --config.a.b override reported as one clear line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    reason = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    sys.exit(f'error: no such config field ({reason}); overrides given: {overrides}')
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,273 @@
+"""A decoder-only transformer in Flax NNX: Llama-style and GPT-2-style blocks, MHA/GQA/MQA.
+
+Shape suffixes name each axis: B batch, T query time, S key time, D d_model, H query heads,
+K key/value heads, G query heads per kv head (H = K * G), Q head dim, F d_ff, V vocab, L layers.
+
+Every parameter carries `logical_axes` metadata ('vocab', 'embed', 'heads', 'kv_heads',
+'head_dim', 'mlp', 'layers'); lm/sharding.py maps these names onto mesh axes, so this file never
+mentions devices. Parameters are stored in `param_dtype` (fp32); matmuls run in `dtype` (e.g.
+bf16); norms, softmax, logits and the loss are computed in fp32.
+
+The blocks' parameters are always stacked along a leading 'layers' axis, so `scan_layers` only
+changes how the forward pass iterates (lax.scan or an unrolled loop), never the checkpoint layout.
+"""
+
+import dataclasses
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lm import attention as attention_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's hyperparameters (config.model, with 'auto' dtype already resolved)."""
+  block: str = 'llama'
+  vocab_size: int = 8192
+  d_model: int = 512
+  num_layers: int = 8
+  num_heads: int = 8
+  num_kv_heads: int = 8
+  d_ff: int = 1408
+  max_seq_len: int = 1024
+  tie_embeddings: bool = False
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat: bool = False
+  scan_layers: bool = False
+  attention: str = 'auto'
+
+  @classmethod
+  def from_config(cls, model_config: ml_collections.ConfigDict, dtype: str | None = None):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in model_config.items() if k in fields}
+    if dtype is not None:
+      values['dtype'] = dtype
+    if values.get('dtype') == 'auto':
+      raise ValueError('resolve model.dtype="auto" (lm.flops.resolve_dtype) before building')
+    return cls(**values)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def _param(rngs, shape, axes, cfg: ModelConfig, std=None, init=None) -> nnx.Param:
+  """A parameter with logical axis names; normal(std) init unless `init` is given."""
+  dtype = jnp.dtype(cfg.param_dtype)
+  if init is None:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  else:
+    value = init(shape, dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (llama) or LayerNorm (gpt2), computed in fp32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.scale = _param(rngs, (cfg.d_model,), ('embed',), cfg, init=jnp.ones)
+    if cfg.block == 'gpt2':
+      self.bias = _param(rngs, (cfg.d_model,), ('embed',), cfg, init=jnp.zeros)
+
+  def __call__(self, x_BTD):
+    x = x_BTD.astype(jnp.float32)
+    if self.cfg.block == 'gpt2':
+      x = x - x.mean(-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.cfg.norm_eps)
+    x = x * self.scale[...]
+    if self.cfg.block == 'gpt2':
+      x = x + self.bias[...]
+    return x.astype(self.cfg.dtype)
+
+
+def rotary(x_BTNQ, positions_BT, theta: float):
+  """Rotary position embedding, in the rotate-half layout used by Llama checkpoints."""
+  half = x_BTNQ.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  sin, cos = jnp.sin(angle_BTF)[:, :, None, :], jnp.cos(angle_BTF)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNQ.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNQ.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with K <= H key/value heads (MHA: K = H, GQA: 1 < K < H, MQA: K = 1)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, K, Q = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.w_q = _param(rngs, (D, H, Q), ('embed', 'heads', 'head_dim'), cfg, std)
+    self.w_k = _param(rngs, (D, K, Q), ('embed', 'kv_heads', 'head_dim'), cfg, std)
+    self.w_v = _param(rngs, (D, K, Q), ('embed', 'kv_heads', 'head_dim'), cfg, std)
+    self.w_o = _param(rngs, (H, Q, D), ('heads', 'head_dim', 'embed'), cfg, out_std)
+    if cfg.block == 'gpt2':
+      self.b_q = _param(rngs, (H, Q), ('heads', 'head_dim'), cfg, init=jnp.zeros)
+      self.b_k = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
+      self.b_v = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
+      self.b_o = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
+
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    cfg, dt = self.cfg, self.cfg.dtype
+    q_BTHQ = jnp.einsum('btd,dhq->bthq', x_BTD, self.w_q[...].astype(dt))
+    k_BTKQ = jnp.einsum('btd,dkq->btkq', x_BTD, self.w_k[...].astype(dt))
+    v_BTKQ = jnp.einsum('btd,dkq->btkq', x_BTD, self.w_v[...].astype(dt))
+    if cfg.block == 'gpt2':
+      q_BTHQ += self.b_q[...].astype(dt)
+      k_BTKQ += self.b_k[...].astype(dt)
+      v_BTKQ += self.b_v[...].astype(dt)
+    else:
+      q_BTHQ = rotary(q_BTHQ, positions_BT, cfg.rope_theta)
+      k_BTKQ = rotary(k_BTKQ, positions_BT, cfg.rope_theta)
+    out_BTHQ = attention_lib.causal_attention(
+        q_BTHQ, k_BTKQ, v_BTKQ, segment_ids_BT, implementation=cfg.attention)
+    out_BTD = jnp.einsum('bthq,hqd->btd', out_BTHQ, self.w_o[...].astype(dt))
+    if cfg.block == 'gpt2':
+      out_BTD += self.b_o[...].astype(dt)
+    return out_BTD
+
+
+class MLP(nnx.Module):
+  """SwiGLU (llama) or GELU (gpt2) feed-forward."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, F = cfg.d_model, cfg.d_ff
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.w_up = _param(rngs, (D, F), ('embed', 'mlp'), cfg, std)
+    self.w_down = _param(rngs, (F, D), ('mlp', 'embed'), cfg, out_std)
+    if cfg.block == 'llama':
+      self.w_gate = _param(rngs, (D, F), ('embed', 'mlp'), cfg, std)
+    else:
+      self.b_up = _param(rngs, (F,), ('mlp',), cfg, init=jnp.zeros)
+      self.b_down = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
+
+  def __call__(self, x_BTD):
+    dt = self.cfg.dtype
+    up_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_up[...].astype(dt))
+    if self.cfg.block == 'llama':
+      gate_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_gate[...].astype(dt))
+      hidden_BTF = jax.nn.silu(gate_BTF) * up_BTF
+    else:
+      hidden_BTF = jax.nn.gelu(up_BTF + self.b_up[...].astype(dt), approximate=True)
+    out_BTD = jnp.einsum('btf,fd->btd', hidden_BTF, self.w_down[...].astype(dt))
+    if self.cfg.block == 'gpt2':
+      out_BTD += self.b_down[...].astype(dt)
+    return out_BTD
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attention_norm = Norm(cfg, rngs=rngs)
+    self.attention = Attention(cfg, rngs=rngs)
+    self.mlp_norm = Norm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT)
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class Transformer(nnx.Module):
+  """Token ids [B, T] -> next-token logits [B, T, V] in fp32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    V, D = cfg.vocab_size, cfg.d_model
+    self.embed = _param(rngs, (V, D), ('vocab', 'embed'), cfg, cfg.init_std)
+    if cfg.block == 'gpt2':
+      self.pos_embed = _param(rngs, (cfg.max_seq_len, D), (None, 'embed'), cfg, cfg.init_std)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)  # Every leaf has a leading [L] axis.
+    self.final_norm = Norm(cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
+
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None):
+    """segment_ids (1, 2, ... per packed document) keep documents from attending to each other;
+    positions restart at 0 in each document. Both default to one document per row."""
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
+    if cfg.block == 'gpt2':
+      x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0)
+    x_BTD = x_BTD.astype(cfg.dtype)
+
+    block_graph, block_params = nnx.split(self.blocks)
+
+    def run_block(x_BTD, params):
+      return nnx.merge(block_graph, params)(x_BTD, segment_ids_BT, positions_BT), None
+
+    if cfg.remat:
+      run_block = jax.checkpoint(run_block, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x_BTD, _ = jax.lax.scan(run_block, x_BTD, block_params)
+    else:
+      for layer in range(cfg.num_layers):
+        x_BTD, _ = run_block(x_BTD, jax.tree.map(lambda p: p[layer], block_params))
+
+    x_BTD = self.final_norm(x_BTD)
+    unembed_DV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
+    return jnp.einsum('btd,dv->btv', x_BTD, unembed_DV.astype(cfg.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def init(cfg: ModelConfig, seed: int):
+  """Builds the model; returns (graphdef, params) with params a plain nested dict of arrays."""
+  model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None):
+  """Pure forward pass: logits_BTV (fp32) from a params dict."""
+  return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT)
+
+
+def logical_axes(cfg: ModelConfig):
+  """The params pytree's logical axis names, with 'layers' prepended for the stacked blocks."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+  _, state = nnx.split(abstract)
+
+  def axes(path, variable):
+    names = tuple(variable.get_metadata()['logical_axes'])
+    return ('layers',) + names if path[0] == 'blocks' else names
+
+  flat = {path: axes(path, v) for path, v in nnx.to_flat_state(state)}
+  return _unflatten(flat)
+
+
+def _unflatten(flat):
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

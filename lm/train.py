@@ -1,0 +1,288 @@
+"""Training: the optimizer, the pure `train_step`, evaluation, and the loop that runs them.
+
+Read top to bottom: `loss_sums` (per-token cross-entropy), `train_step` (gradient accumulation,
+clipping, AdamW), `eval_step`, then `train`, the loop with logging, evaluation, checkpoints and
+resume.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from lm import checkpoint as checkpoint_lib
+from lm import config as config_lib
+from lm import data as data_lib
+from lm import flops
+from lm import metrics as metrics_lib
+from lm import model as model_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient norm became NaN or Inf; the run stops before saving that state."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict
+  opt_state: optax.OptState
+  rng: jax.Array  # Key data (uint32) for any randomness in training, folded with the step.
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to t.learning_rate, cosine decay to t.learning_rate * t.min_lr_ratio."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
+
+
+def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; weight decay only on matrices (not norms or biases).
+
+  A parameter is a matrix when it has two or more axes besides the stacked 'layers' axis.
+  """
+  decay_mask = jax.tree.map(
+      lambda axes: len([a for a in axes if a != 'layers']) >= 2, logical_axes,
+      is_leaf=lambda x: isinstance(x, tuple))
+  adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                      weight_decay=t.weight_decay, mask=decay_mask)
+  if t.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+  return adamw
+
+
+def loss_sums(params, batch, *, graphdef, z_loss: float = 0.0, label_smoothing: float = 0.0):
+  """Summed (not averaged) training objective over the batch's target tokens, and its parts.
+
+  Sums, so that micro-batches add up to exactly the full batch; the caller divides by tokens.
+  """
+  logits_BTV = model_lib.apply(
+      graphdef, params, batch['inputs'], batch['segment_ids'], batch['positions'])
+  mask_BT = batch['loss_mask']
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], -1)[..., 0]
+  nll_BT = log_z_BT - target_logit_BT
+  objective_BT = nll_BT
+  if label_smoothing:
+    uniform_nll_BT = log_z_BT - logits_BTV.mean(-1)
+    objective_BT = (1 - label_smoothing) * nll_BT + label_smoothing * uniform_nll_BT
+  if z_loss:
+    objective_BT = objective_BT + z_loss * log_z_BT ** 2
+  sums = {'nll': (nll_BT * mask_BT).sum(), 'tokens': mask_BT.sum()}
+  return (objective_BT * mask_BT).sum(), sums
+
+
+def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collections.ConfigDict):
+  """One optimizer step on a global batch, accumulating gradients over t.grad_accum_steps.
+
+  Gradients of the summed objective are accumulated with lax.scan over micro-batches and
+  divided once by the total target-token count, so k micro-batches equal one k-times batch.
+  """
+  grad_fn = jax.grad(
+      functools.partial(loss_sums, graphdef=graphdef, z_loss=t.z_loss,
+                        label_smoothing=t.label_smoothing), has_aux=True)
+  if t.grad_accum_steps == 1:
+    grads, sums = grad_fn(state.params, batch)
+  else:
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(t.grad_accum_steps, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, micro_batch):
+      grads, sums = grad_fn(state.params, micro_batch)
+      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (state.params, {'nll': 0.0, 'tokens': 0.0}))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+
+  tokens = jnp.maximum(sums['tokens'], 1.0)
+  grads = jax.tree.map(lambda g: g / tokens, grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': sums['nll'] / tokens,
+      'grad_norm': optax.tree.norm(grads),
+      'learning_rate': learning_rate_schedule(t)(state.step),
+      'tokens': sums['tokens'],
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(params, batch, token_bytes_V, *, graphdef):
+  """Summed held-out negative log-likelihood, tokens, and the UTF-8 bytes those tokens encode."""
+  _, sums = loss_sums(params, batch, graphdef=graphdef)
+  bytes_BT = token_bytes_V[batch['targets']] * batch['loss_mask']
+  return {**sums, 'bytes': bytes_BT.sum()}
+
+
+def evaluate(eval_fn, params, batches, token_bytes) -> dict:
+  """Loss, perplexity and bits per byte over the held-out batches."""
+  totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
+  for batch in batches:
+    sums = jax.device_get(eval_fn(params, batch, token_bytes))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  loss = totals['nll'] / max(totals['tokens'], 1.0)
+  return {
+      'eval_loss': loss,
+      'eval_perplexity': math.exp(min(loss, 50.0)),
+      'eval_bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
+  }
+
+
+def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int):
+  graphdef, params = model_lib.init(cfg, seed)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+      rng=jax.random.key_data(jax.random.key(seed)))
+  return graphdef, state
+
+
+class _StopRequested:
+  """SIGTERM (preemption) sets a flag; the loop then saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None):
+  """Trains (resuming from workdir/checkpoints if there is one); returns (state, last metrics).
+
+  stop_after: end this run (with a checkpoint) after this many steps, as a preempted job would.
+  """
+  config_lib.validate(config)
+  t = config.train
+  dtype = flops.resolve_dtype(config.model.dtype)
+  cfg = model_lib.ModelConfig.from_config(config.model, dtype)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  data = data_lib.make_data(config.data, vocab_size=cfg.vocab_size, batch_size=t.batch_size,
+                            seed=t.seed, workdir=workdir)
+  logging.info('data: %s', json.dumps(data.stats))
+
+  optimizer = make_optimizer(t, model_lib.logical_axes(cfg))
+  graphdef, state = init_state(cfg, optimizer, t.seed)
+  num_params = model_lib.count_params(state.params)
+  flops_per_token = flops.flops_per_token(cfg, config.data.seq_len)
+  peak = flops.peak_flops_per_device(dtype)
+  peak = peak * jax.device_count() if peak else None
+  logging.info('model: %s params, %.3g FLOPs/token, compute dtype %s', f'{num_params:,}',
+               flops_per_token, dtype)
+
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state, data_state = restored
+    data.train_iter.set_state(data_state)
+    logging.info('resumed from step %d', int(state.step))
+
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, t=t),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
+  token_bytes = jnp.asarray(data.token_bytes)
+  writer = metrics_lib.MetricsWriter(workdir)
+
+  step = restored_step = int(state.step)
+  last_step = t.steps if stop_after is None else min(t.steps, step + stop_after)
+  pending = []  # Metrics of steps not yet checked for NaN (device arrays, fetched lazily).
+  last = {}
+  window_start, window_tokens = time.perf_counter(), 0
+  progress = tqdm(total=t.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+
+  def check_pending(keep_last=False):
+    """Fetches queued step metrics; raises before any non-finite state can be saved."""
+    nonlocal pending
+    checked, pending = (pending[:-1], pending[-1:]) if keep_last else (pending, [])
+    for pending_step, m in checked:
+      m = jax.device_get(m)
+      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+        raise NonFiniteLossError(
+            f'loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])} at step {pending_step}; '
+            f'stopping without saving. The last good checkpoint is step '
+            f'{checkpointer.latest_step()} in {checkpointer.directory}. Try a lower '
+            f'config.train.learning_rate (now {t.learning_rate}) or config.train.grad_clip.')
+    return jax.device_get(checked[-1][1]) if checked else None
+
+  try:
+    with _StopRequested() as stop:
+      while step < last_step and not stop.requested:
+        batch = next(data.train_iter)
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        pending.append((step, step_metrics))
+        window_tokens += t.batch_size * config.data.seq_len
+        if step == restored_step + 1:  # Exclude compilation from the throughput window.
+          check_pending()
+          window_start, window_tokens = time.perf_counter(), 0
+        else:  # Check the previous step while this one runs: NaN is caught one step late.
+          check_pending(keep_last=True)
+        progress.update(1)
+
+        if step % t.log_every == 0 or step == last_step:
+          latest = check_pending()
+          if latest is not None and window_tokens:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_sec = window_tokens / elapsed
+            last = {
+                'loss': float(latest['loss']),
+                'perplexity': math.exp(min(float(latest['loss']), 50.0)),
+                'grad_norm': float(latest['grad_norm']),
+                'learning_rate': float(latest['learning_rate']),
+                'tokens_per_sec': tokens_per_sec,
+                'step_time': elapsed * t.batch_size * config.data.seq_len / window_tokens,
+                'mfu': flops_per_token * tokens_per_sec / peak if peak else float('nan'),
+            }
+            writer.write(step, last)
+            progress.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
+            window_start, window_tokens = time.perf_counter(), 0
+
+        if step % t.eval_every == 0 or step == t.steps:
+          check_pending()
+          eval_metrics = evaluate(eval_fn, state.params, data.eval_batches(t.eval_batches),
+                                  token_bytes)
+          writer.write(step, eval_metrics)
+          last.update(eval_metrics)
+          logging.info('step %d: %s', step, json.dumps(eval_metrics))
+          window_start, window_tokens = time.perf_counter(), 0
+
+        if step % t.checkpoint_every == 0 or step == last_step or stop.requested:
+          check_pending()
+          checkpointer.save(step, state, data.train_iter.get_state())
+  finally:
+    progress.close()
+    checkpointer.close()  # Waits for an async save in flight to complete.
+    writer.close()
+  return state, last

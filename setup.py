@@ -1,0 +1,33 @@
+"""`lm`: a JAX/Flax codebase for training and studying transformer language models."""
+
+import setuptools
+
+setuptools.setup(
+    name='lm',
+    version='0.1.0',
+    description='Transformer language models in JAX/Flax: training, tokenizers, scaling studies.',
+    packages=setuptools.find_packages(include=['lm', 'lm.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        # Lower bounds are the versions this code is tested with.
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'grain>=0.2.18',
+        'sentencepiece>=0.2.1',
+        'ml-collections>=1.1.0',
+        'tensorflow-datasets>=4.9.10',
+        'absl-py>=2.1',
+        'numpy>=2.0',
+        'tqdm>=4.66',
+        'tensorboardX>=2.6.2',
+        'matplotlib>=3.9',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3.6', 'nbclient>=0.10', 'nbformat>=5.10',
+                 'ipykernel>=6.29'],
+        # The PyTorch peer of bench/train_throughput.py (a CPU wheel at exactly this version).
+        'bench': ['torch==2.13.0', 'transformers>=5.0'],
+    },
+)

@@ -1,0 +1,87 @@
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lm import config as config_lib
+from lm import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_validates(path):
+  config_lib.validate(_load(path))
+
+
+@pytest.mark.parametrize('name, low, high', [
+    ('llama_125m', 110e6, 140e6), ('llama_1b', 1.0e9, 1.2e9), ('llama_7b', 6.5e9, 7.0e9)])
+def test_real_size_configs_have_their_advertised_size(name, low, high):
+  config = _load(os.path.join(ROOT, 'configs', f'{name}.py'))
+  cfg = model_lib.ModelConfig.from_config(config.model, 'bfloat16')
+  params = jax.eval_shape(lambda: model_lib.init(cfg, 0)[1])
+  assert low < model_lib.count_params(params) < high
+
+
+def test_the_contract_fields_exist():
+  config = config_lib.base_config()
+  for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'd_ff', 'vocab_size',
+               'max_seq_len', 'block'):
+    assert name in config.model
+  for name in ('steps', 'batch_size', 'learning_rate', 'warmup_steps', 'seed',
+               'grad_accum_steps', 'eval_every', 'checkpoint_every'):
+    assert name in config.train
+  assert 'source' in config.data and 'seq_len' in config.data and config.mode == 'train'
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.d_model', 100, 'config.model.d_model=100 is not divisible by config.model.num_heads=8'),
+    ('model.num_kv_heads', 3, 'config.model.num_heads=8 is not divisible by config.model.num_kv_heads=3'),
+    ('model.block', 'bert', "config.model.block='bert'"),
+    ('model.dtype', 'float16', "config.model.dtype='float16'"),
+    ('train.steps', 0, 'config.train.steps=0: must be positive'),
+    ('train.grad_accum_steps', 5, 'config.train.batch_size=32 is not divisible by config.train.grad_accum_steps=5'),
+    ('data.seq_len', 4096, 'config.data.seq_len=4096 exceeds config.model.max_seq_len=1024'),
+    ('train.learning_rate', -1.0, 'config.train.learning_rate=-1.0: must be >= 0'),
+    ('mode', 'serve', "config.mode='serve'"),
+])
+def test_invalid_values_name_the_field(field, value, message):
+  config = config_lib.base_config()
+  section, _, name = field.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert message in str(e.value)
+
+
+def _cli(*args, workdir):
+  return subprocess.run(
+      [sys.executable, '-m', 'lm.main', '--config', os.path.join(ROOT, 'configs', 'tiny.py'),
+       '--workdir', str(workdir), *args],
+      capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_misspelled_override_fails_fast_naming_the_field(tmp_path):
+  result = _cli('--config.model.d_modle=64', workdir=tmp_path)
+  assert result.returncode != 0
+  assert 'd_modle' in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_cli_invalid_value_fails_before_compiling(tmp_path):
+  result = _cli('--config.model.num_heads=3', workdir=tmp_path)
+  assert result.returncode != 0
+  assert 'config.model.d_model=128 is not divisible by config.model.num_heads=3' in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
