@@ -15,6 +15,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _OnlyWarningsFromLibraries(std_logging.Filter):
+  """Orbax logs every save step at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -23,8 +30,8 @@ def main(argv):
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
-  std_logging.getLogger('absl').setLevel(std_logging.INFO)
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
 
   if config.mode == 'train':
     from lm import train  # pylint: disable=g-import-not-at-top

@@ -5,7 +5,7 @@ clipping, AdamW), `eval_step`, then `train`, the loop with logging, evaluation, 
 resume.
 """
 
-import dataclasses
+import contextlib
 import functools
 import json
 import logging
@@ -59,9 +59,9 @@ def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.Gradient
       is_leaf=lambda x: isinstance(x, tuple))
   adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
                       weight_decay=t.weight_decay, mask=decay_mask)
-  if t.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-  return adamw
+  # Always chained, so turning clipping on or off keeps the optimizer state's structure.
+  clip = optax.clip_by_global_norm(t.grad_clip if t.grad_clip > 0 else float('inf'))
+  return optax.chain(clip, adamw)
 
 
 def loss_sums(params, batch, *, graphdef, z_loss: float = 0.0, label_smoothing: float = 0.0):
@@ -150,6 +150,72 @@ def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int):
   return graphdef, state
 
 
+class StepLog:
+  """Per-step metrics, fetched lazily: checked for NaN/Inf and averaged over each log window.
+
+  Fetching a step's metrics waits for that step, so the loop checks the previous step while the
+  current one runs. Time spent in evaluation and checkpointing is kept out of tokens/s.
+  """
+
+  def __init__(self, *, tokens_per_step, flops_per_token, peak_flops, where_to_resume,
+               learning_rate):
+    self._tokens_per_step = tokens_per_step
+    self._flops_per_token = flops_per_token
+    self._peak_flops = peak_flops
+    self._where_to_resume = where_to_resume
+    self._learning_rate = learning_rate
+    self._pending = []  # (step, device metrics) not yet fetched.
+    self._window = []  # Fetched host metrics of this log window.
+    self.restart_window()
+
+  def add(self, step, metrics):
+    self._pending.append((step, metrics))
+
+  def check(self, keep_last=False):
+    """Fetches queued metrics; raises NonFiniteLossError on the first NaN/Inf loss or grad."""
+    checked = self._pending[:-1] if keep_last else self._pending
+    self._pending = self._pending[len(checked):]
+    for step, metrics in checked:
+      metrics = jax.device_get(metrics)
+      if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
+        raise NonFiniteLossError(
+            f'loss={float(metrics["loss"])}, grad_norm={float(metrics["grad_norm"])} at step '
+            f'{step}; stopping without saving it ({self._where_to_resume()}). Try a lower '
+            f'config.train.learning_rate (now {self._learning_rate}) or config.train.grad_clip.')
+      self._window.append(metrics)
+
+  def restart_window(self):
+    self._window, self._excluded = [], 0.0
+    self._start = time.perf_counter()
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    yield
+    self._excluded += time.perf_counter() - start
+
+  def summary(self) -> dict:
+    """Window means of loss and grad norm, the latest learning rate, throughput and MFU."""
+    self.check()
+    if not self._window:
+      return {}
+    elapsed = time.perf_counter() - self._start - self._excluded
+    loss = float(np.mean([m['loss'] for m in self._window]))
+    tokens_per_sec = len(self._window) * self._tokens_per_step / elapsed
+    out = {
+        'loss': loss,
+        'perplexity': math.exp(min(loss, 50.0)),
+        'grad_norm': float(np.mean([m['grad_norm'] for m in self._window])),
+        'learning_rate': float(self._window[-1]['learning_rate']),
+        'tokens_per_sec': tokens_per_sec,
+        'step_time': elapsed / len(self._window),
+        'mfu': (self._flops_per_token * tokens_per_sec / self._peak_flops
+                if self._peak_flops else float('nan')),
+    }
+    self.restart_window()
+    return out
+
+
 class _StopRequested:
   """SIGTERM (preemption) sets a flag; the loop then saves a checkpoint and exits cleanly."""
 
@@ -188,7 +254,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
   data = data_lib.make_data(config.data, vocab_size=cfg.vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir)
-  logging.info('data: %s', json.dumps(data.stats))
 
   optimizer = make_optimizer(t, model_lib.logical_axes(cfg))
   graphdef, state = init_state(cfg, optimizer, t.seed)
@@ -214,73 +279,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   token_bytes = jnp.asarray(data.token_bytes)
   writer = metrics_lib.MetricsWriter(workdir)
 
-  step = restored_step = int(state.step)
+  step = first_step = int(state.step)
   last_step = t.steps if stop_after is None else min(t.steps, step + stop_after)
-  pending = []  # Metrics of steps not yet checked for NaN (device arrays, fetched lazily).
+  step_log = StepLog(
+      tokens_per_step=t.batch_size * config.data.seq_len,
+      flops_per_token=flops_per_token, peak_flops=peak,
+      where_to_resume=lambda: (f'the last good checkpoint is step {checkpointer.latest_step()} '
+                               f'in {checkpointer.directory}'),
+      learning_rate=t.learning_rate)
   last = {}
-  window_start, window_tokens = time.perf_counter(), 0
   progress = tqdm(total=t.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
                   disable=jax.process_index() != 0)
-
-  def check_pending(keep_last=False):
-    """Fetches queued step metrics; raises before any non-finite state can be saved."""
-    nonlocal pending
-    checked, pending = (pending[:-1], pending[-1:]) if keep_last else (pending, [])
-    for pending_step, m in checked:
-      m = jax.device_get(m)
-      if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-        raise NonFiniteLossError(
-            f'loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])} at step {pending_step}; '
-            f'stopping without saving. The last good checkpoint is step '
-            f'{checkpointer.latest_step()} in {checkpointer.directory}. Try a lower '
-            f'config.train.learning_rate (now {t.learning_rate}) or config.train.grad_clip.')
-    return jax.device_get(checked[-1][1]) if checked else None
-
   try:
     with _StopRequested() as stop:
       while step < last_step and not stop.requested:
-        batch = next(data.train_iter)
-        state, step_metrics = step_fn(state, batch)
+        state, step_metrics = step_fn(state, next(data.train_iter))
         step += 1
-        pending.append((step, step_metrics))
-        window_tokens += t.batch_size * config.data.seq_len
-        if step == restored_step + 1:  # Exclude compilation from the throughput window.
-          check_pending()
-          window_start, window_tokens = time.perf_counter(), 0
+        step_log.add(step, step_metrics)
+        if step == first_step + 1:  # Keep compilation out of the throughput window.
+          step_log.check()
+          step_log.restart_window()
         else:  # Check the previous step while this one runs: NaN is caught one step late.
-          check_pending(keep_last=True)
+          step_log.check(keep_last=True)
         progress.update(1)
 
         if step % t.log_every == 0 or step == last_step:
-          latest = check_pending()
-          if latest is not None and window_tokens:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_sec = window_tokens / elapsed
-            last = {
-                'loss': float(latest['loss']),
-                'perplexity': math.exp(min(float(latest['loss']), 50.0)),
-                'grad_norm': float(latest['grad_norm']),
-                'learning_rate': float(latest['learning_rate']),
-                'tokens_per_sec': tokens_per_sec,
-                'step_time': elapsed * t.batch_size * config.data.seq_len / window_tokens,
-                'mfu': flops_per_token * tokens_per_sec / peak if peak else float('nan'),
-            }
+          last = step_log.summary() or last
+          if last:
             writer.write(step, last)
-            progress.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
-            window_start, window_tokens = time.perf_counter(), 0
+            progress.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:,.0f}')
 
         if step % t.eval_every == 0 or step == t.steps:
-          check_pending()
-          eval_metrics = evaluate(eval_fn, state.params, data.eval_batches(t.eval_batches),
-                                  token_bytes)
+          step_log.check()
+          with step_log.paused():
+            eval_metrics = evaluate(eval_fn, state.params, data.eval_batches(t.eval_batches),
+                                    token_bytes)
           writer.write(step, eval_metrics)
           last.update(eval_metrics)
           logging.info('step %d: %s', step, json.dumps(eval_metrics))
-          window_start, window_tokens = time.perf_counter(), 0
 
         if step % t.checkpoint_every == 0 or step == last_step or stop.requested:
-          check_pending()
-          checkpointer.save(step, state, data.train_iter.get_state())
+          step_log.check()  # Never save a state whose loss was not finite.
+          with step_log.paused():
+            checkpointer.save(step, state, data.train_iter.get_state())
   finally:
     progress.close()
     checkpointer.close()  # Waits for an async save in flight to complete.

@@ -1,5 +1,10 @@
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +110,132 @@ def test_train_step_is_deterministic_and_reduces_loss_on_a_repeated_batch():
   state_b, _ = _run_steps(t, [batch] * 30)
   jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
   assert metrics_a['loss'] < 0.7 * np.log(CFG.vocab_size)
+
+
+# -------------------------------------------------------------------------------------------
+# The loop: real text, checkpoints, resume, failures.
+
+
+def _loop_config(tokenizer='', **train):
+  config = config_lib.base_config()
+  config.model.update(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      d_ff=128, max_seq_len=64, tie_embeddings=True, dtype='float32')
+  config.train.update({
+      'steps': 12, 'batch_size': 8, 'learning_rate': 3e-3, 'warmup_steps': 2, 'log_every': 2,
+      'eval_every': 6, 'eval_batches': 2, 'checkpoint_every': 4, **train})
+  config.data.update(seq_len=64, max_chars=300_000, tokenizer_train_chars=300_000,
+                     tokenizer=tokenizer)
+  return config
+
+
+@pytest.fixture(scope='module')
+def stdlib_tokenizer(tmp_path_factory):
+  """A tokenizer trained once on the standard library's source, shared by the loop tests."""
+  from lm import data as data_lib
+  workdir = tmp_path_factory.mktemp('tokenizer')
+  config = _loop_config()
+  data = data_lib.make_data(config.data, vocab_size=512, batch_size=8, seed=0,
+                            workdir=str(workdir))
+  return data.tokenizer.path
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_loss_on_real_text_falls_well_below_log_vocab(tmp_path, stdlib_tokenizer):
+  config = _loop_config(stdlib_tokenizer, steps=300, eval_every=300, checkpoint_every=300,
+                        log_every=10, eval_batches=8, learning_rate=1e-2, warmup_steps=20)
+  _, metrics = train_lib.train(config, str(tmp_path))
+  assert metrics['eval_loss'] < 0.65 * np.log(512), metrics  # Uniform guessing: log(512).
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  train_rows = [r for r in rows if 'loss' in r]
+  assert train_rows[-1]['loss'] < 0.7 * train_rows[0]['loss']
+  assert {'step', 'loss', 'tokens_per_sec', 'mfu', 'grad_norm', 'learning_rate'} <= set(rows[0])
+  assert train_rows[-1]['mfu'] > 0 and train_rows[-1]['tokens_per_sec'] > 0
+  assert any('eval_bits_per_byte' in r for r in rows)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, stdlib_tokenizer):
+  config = _loop_config(stdlib_tokenizer)
+  straight, _ = train_lib.train(config, str(tmp_path / 'straight'))
+  first, _ = train_lib.train(config, str(tmp_path / 'resumed'), stop_after=5)
+  assert int(first.step) == 5
+  resumed, _ = train_lib.train(config, str(tmp_path / 'resumed'))
+  assert int(resumed.step) == int(straight.step) == 12
+  assert _leaves_equal(straight.params, resumed.params)
+  assert _leaves_equal(straight.opt_state, resumed.opt_state)
+  steps = sorted(int(p.name) for p in (tmp_path / 'resumed' / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert steps == [5, 8, 12]  # keep_checkpoints=3; the stop saved step 5.
+
+
+def _checkpoint_files(directory):
+  return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob('*')
+          if p.is_file()}
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, stdlib_tokenizer):
+  train_lib.train(_loop_config(stdlib_tokenizer, steps=4), str(tmp_path))
+  before = _checkpoint_files(tmp_path / 'checkpoints')
+  exploding = _loop_config(stdlib_tokenizer, steps=12, learning_rate=1e30, grad_clip=0.0,
+                           warmup_steps=0)
+  with pytest.raises(train_lib.NonFiniteLossError) as e:
+    train_lib.train(exploding, str(tmp_path))
+  message = str(e.value)
+  assert 'last good checkpoint is step 4' in message and 'learning_rate' in message
+  assert _checkpoint_files(tmp_path / 'checkpoints') == before
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, stdlib_tokenizer):
+  config = _loop_config(stdlib_tokenizer, steps=8)
+  train_lib.train(config, str(tmp_path))
+  for path in (tmp_path / 'checkpoints' / '8').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'garbage')
+  state, _ = train_lib.train(_loop_config(stdlib_tokenizer, steps=9), str(tmp_path))
+  assert int(state.step) == 9  # Resumed from step 4, then trained 5 steps.
+  assert (tmp_path / 'checkpoints' / '8').exists()  # The damaged one is left for inspection.
+
+
+def test_a_run_killed_mid_save_restarts_from_a_complete_checkpoint(tmp_path, stdlib_tokenizer):
+  workdir = tmp_path / 'run'
+
+  def command(steps):
+    return [sys.executable, '-m', 'lm.main', '--config', os.path.join(ROOT, 'configs', 'tiny.py'),
+            '--workdir', str(workdir), *_TINY_CLI_OVERRIDES,
+            f'--config.data.tokenizer={stdlib_tokenizer}', '--config.train.checkpoint_every=1',
+            f'--config.train.steps={steps}', '--config.train.warmup_steps=2',
+            '--config.train.eval_every=1000']
+
+  process = subprocess.Popen(command(1000), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_saved_steps(workdir)) < 3:
+      time.sleep(0.05)
+    time.sleep(0.13)  # Saves run every step, so the kill very likely lands inside one.
+  finally:
+    process.kill()
+    process.wait()
+  saved = _saved_steps(workdir)
+  assert len(saved) >= 3, 'the run never saved three checkpoints'
+  result = subprocess.run(command(max(saved) + 3), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resumed from step {max(saved)}' in result.stderr
+  assert max(_saved_steps(workdir)) == max(saved) + 3
+  assert not [p for p in (workdir / 'checkpoints').iterdir() if 'tmp' in p.name]
+
+
+def _saved_steps(workdir):
+  directory = workdir / 'checkpoints'
+  return [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Shrinks configs/tiny.py for tests that run it as a subprocess.
+_TINY_CLI_OVERRIDES = ['--config.model.vocab_size=512', '--config.model.d_model=64',
+                       '--config.model.d_ff=128', '--config.model.num_layers=2',
+                       '--config.data.max_chars=300000', '--config.data.seq_len=64',
+                       '--config.train.batch_size=8', '--config.model.dtype=float32']

@@ -1,0 +1,321 @@
+"""Tests of lm/data.py: sources, packing, the token cache, and exactly resumable iteration."""
+
+import collections
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import base
+from lm import data as data_lib
+from lm import tokenizer as tokenizer_lib
+
+BOS, EOS = tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID
+VOCAB_SIZE, BATCH_SIZE, SEQ_LEN = 512, 4, 32
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """configs/base.py's data section (the contract), shrunk to a corpus that trains in a second."""
+  config = base.get_config().data
+  config.update(dict(source='stdlib', seq_len=SEQ_LEN, max_chars=200_000,
+                     tokenizer_train_chars=200_000, eval_fraction=0.05))
+  config.update(overrides)
+  return config
+
+
+def make_data(config, workdir, **kwargs) -> data_lib.Data:
+  kwargs = dict(dict(vocab_size=VOCAB_SIZE, batch_size=BATCH_SIZE, seed=0), **kwargs)
+  return data_lib.make_data(config, workdir=str(workdir), **kwargs)
+
+
+def write_files(directory, texts: dict[str, bytes | str]) -> None:
+  for name, text in texts.items():
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode('utf-8'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+def test_text_glob(tmp_path):
+  write_files(tmp_path, {'b.txt': 'second', 'a.txt': 'first\nline', 'sub/c.txt': 'third',
+                         'skip.md': 'not matched', 'empty.txt': ' \n'})
+  stats = data_lib.SourceStats()
+  docs = list(data_lib.iter_documents(f'text:{tmp_path}/**/*.txt', stats=stats))
+  assert docs == ['first\nline', 'second', 'third']  # Sorted by path; empty file skipped.
+  assert (stats.documents, stats.empty_documents, stats.chars) == (3, 1, 21)
+
+
+def test_non_utf8_is_replaced_and_counted(tmp_path):
+  write_files(tmp_path, {'a.txt': b'caf\xe9 latin-1', 'b.txt': 'नमस्ते', 'c.txt': b'\xff\xfe'})
+  stats = data_lib.SourceStats()
+  docs = list(data_lib.iter_documents(f'text:{tmp_path}/*.txt', stats=stats))
+  assert docs == ['caf\ufffd latin-1', 'नमस्ते', '\ufffd\ufffd']
+  assert stats.non_utf8_documents == 2
+
+
+def test_jsonl_with_field(tmp_path):
+  lines = [json.dumps({'content': 'one', 'id': 1}), '', json.dumps({'content': 'two ✓'}),
+           '{"content": "bad \\udcff surrogate"}']
+  write_files(tmp_path, {'a.jsonl': '\n'.join(lines) + '\n',
+                         'b.jsonl': b'{"content": "caf\xe9"}\n'})
+  stats = data_lib.SourceStats()
+  docs = list(data_lib.iter_documents(f'jsonl:{tmp_path}/*.jsonl', 'content', stats=stats))
+  assert docs == ['one', 'two ✓', 'bad ? surrogate', 'caf\ufffd']
+  assert stats.non_utf8_documents == 2
+
+
+@pytest.mark.parametrize('bad_line, message', [
+    ('{"text": "unterminated', 'not a JSON line'),
+    ('{"body": "x"}', r"no string field data.text_field='text' \(found \['body'\]\)"),
+    ('[1, 2]', 'no string field'),
+])
+def test_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, message):
+  write_files(tmp_path, {'a.jsonl': '{"text": "fine"}\n\n' + bad_line + '\n'})
+  with pytest.raises(ValueError, match=f'a.jsonl:3: {message}'):
+    list(data_lib.iter_documents(f'jsonl:{tmp_path}/a.jsonl'))
+
+
+def test_stdlib_with_max_chars():
+  stats = data_lib.SourceStats()
+  docs = list(data_lib.iter_documents('stdlib', max_chars=300_000, stats=stats))
+  assert sum(map(len, docs)) == stats.chars == 300_000  # The last document is cut to fit.
+  assert len(docs) == stats.documents > 10
+  assert any('import ' in doc for doc in docs)
+  stdlib_files = data_lib._stdlib_files()  # pylint: disable=protected-access
+  assert not any('site-packages' in path for path in stdlib_files)
+
+
+def test_tfds_mock():
+  with tfds.testing.mock_data(num_examples=5):
+    docs = list(data_lib.iter_documents('tfds:tiny_shakespeare'))
+  assert len(docs) == 5 and all(isinstance(doc, str) and doc.strip() for doc in docs)
+
+
+def test_tfds_split_bytes_and_field():
+  """Real TFDS text features come back as bytes; also checks the split and text_field parsing."""
+  splits = []
+
+  def as_data_source(builder, split=None, **kwargs):
+    del builder, kwargs
+    splits.append(split)
+    return [{'sentence': b'hello'}, {'sentence': 'caf\xe9'.encode('latin-1')},
+            {'sentence': np.array(b'array')}]
+
+  stats = data_lib.SourceStats()
+  with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+    docs = list(data_lib.iter_documents('tfds:lm1b:test[:10%]', 'sentence', stats=stats))
+    with pytest.raises(ValueError, match="example 0 has no field data.text_field='text'"):
+      list(data_lib.iter_documents('tfds:lm1b'))
+  assert docs == ['hello', 'caf\ufffd', 'array'] and stats.non_utf8_documents == 1
+  assert splits == ['test[:10%]', 'train']
+
+
+def test_empty_corpus_errors(tmp_path):
+  with pytest.raises(ValueError, match=f'no files match .*{tmp_path}/nothing'):
+    data_lib.iter_documents(f'text:{tmp_path}/nothing*.txt')
+  write_files(tmp_path, {'a.txt': '', 'b.txt': '\n  \n'})
+  with pytest.raises(ValueError, match=f"data.source='text:{tmp_path}/.*holds no text"):
+    list(data_lib.iter_documents(f'text:{tmp_path}/*.txt'))
+
+
+@pytest.mark.parametrize('source', ['wikipedia', 'text:', 'csv:*.csv', ''])
+def test_unknown_source(source):
+  with pytest.raises(ValueError, match=r"data.source=.*'stdlib', 'text:GLOB', 'jsonl:GLOB'"):
+    data_lib.iter_documents(source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing.
+
+
+def test_make_batch_on_hand_built_stream():
+  stream = np.array([BOS, 5, 6, EOS, BOS, 7, EOS, BOS, 8, 9, 10, EOS, BOS], np.uint16)
+  rows = data_lib.Rows(stream, seq_len=4, start=0, stop=3)
+  batch = data_lib.make_batch(np.stack([rows[i] for i in range(3)]), bos_id=BOS)
+  np.testing.assert_array_equal(batch['inputs'], [[BOS, 5, 6, EOS], [BOS, 7, EOS, BOS],
+                                                  [8, 9, 10, EOS]])
+  np.testing.assert_array_equal(batch['targets'], [[5, 6, EOS, BOS], [7, EOS, BOS, 8],
+                                                   [9, 10, EOS, BOS]])
+  np.testing.assert_array_equal(batch['segment_ids'], [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(batch['positions'], [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]])
+  np.testing.assert_array_equal(batch['loss_mask'], [[1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 1, 0]])
+  assert {name: array.dtype.name for name, array in batch.items()} == dict(
+      inputs='int32', targets='int32', segment_ids='int32', positions='int32',
+      loss_mask='float32')
+
+
+def test_tokenize_documents_frames_and_shuffles(tmp_path):
+  docs = [f'document number {i} ' * (i % 5 + 1) for i in range(40)]
+  tok = tokenizer_lib.train_tokenizer(docs, 300, str(tmp_path / 'spm.model'), max_chars=0, seed=0)
+  stream = data_lib.tokenize_documents(iter(docs), tok, seed=3)
+  assert stream.dtype == np.uint16 and stream[0] == BOS and stream[-1] == EOS
+  bos_at, eos_at = np.flatnonzero(stream == BOS), np.flatnonzero(stream == EOS)
+  np.testing.assert_array_equal(bos_at[1:], eos_at[:-1] + 1)  # [BOS] doc [EOS] back to back.
+  decoded = [tok.decode(stream[b + 1:e]) for b, e in zip(bos_at, eos_at)]
+  assert sorted(decoded) == sorted(docs) and decoded != docs  # Same documents, shuffled.
+  np.testing.assert_array_equal(stream, data_lib.tokenize_documents(iter(docs), tok, seed=3))
+
+
+def test_split_rows():
+  assert data_lib.split_rows(1001, 10, 0.05, 4) == (92, 8)  # 100 rows; 5 eval -> 2 batches.
+  assert data_lib.split_rows(1001, 10, 0.0, 4) == (100, 0)
+  assert data_lib.split_rows(61, 10, 0.5, 4) == (4, 2)  # Eval shrinks to leave one train batch.
+  with pytest.raises(ValueError, match=r'41 tokens make 4 rows of data.seq_len=10.*'
+                     r'train.batch_size=4 rows plus one eval row needs 5'):
+    data_lib.split_rows(41, 10, 0.02, 4)
+
+
+def test_train_iterator_cycles_reshuffled_epochs():
+  stream = np.arange(8 * SEQ_LEN + 1)
+  rows = data_lib.Rows(stream, SEQ_LEN, 0, 8)
+  iterator = data_lib.train_iterator(rows, batch_size=4, seed=0, bos_id=-1)
+  first_tokens = [next(iterator)['inputs'][:, 0] // SEQ_LEN for _ in range(4)]
+  epoch1, epoch2 = np.concatenate(first_tokens[:2]), np.concatenate(first_tokens[2:])
+  assert sorted(epoch1) == sorted(epoch2) == list(range(8))
+  assert list(epoch1) != list(epoch2)
+
+
+# ---------------------------------------------------------------------------------------------
+# make_data: the whole pipeline, with its cache.
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  """One make_data run on a small slice of the stdlib, shared by the tests below."""
+  workdir = tmp_path_factory.mktemp('workdir')
+  return make_data(data_config(), workdir), workdir
+
+
+def test_make_data_batches(built):
+  data, _ = built
+  batch = next(data.train_iter)
+  for name in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask'):
+    assert batch[name].shape == (BATCH_SIZE, SEQ_LEN), name
+  assert batch['inputs'].dtype == np.int32 and batch['loss_mask'].dtype == np.float32
+  assert batch['inputs'].max() < VOCAB_SIZE
+  np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
+  assert data.token_bytes.shape == (VOCAB_SIZE,)
+  stats = data.stats
+  assert json.loads(json.dumps(stats)) == stats
+  assert stats['chars'] == 200_000 and stats['tokenizer_trained'] and not stats['tokens_cached']
+  assert stats['train_rows'] + stats['eval_rows'] == (stats['tokens'] - 1) // SEQ_LEN
+
+
+def test_rows_reconstruct_the_stream(built):
+  data, workdir = built
+  stream = np.load(os.path.join(workdir, 'data', 'tokens.npy'))
+  train_rows, eval_rows = data.stats['train_rows'], data.stats['eval_rows']
+  rows = data_lib.Rows(stream, SEQ_LEN, 0, train_rows + eval_rows)
+  batches = data_lib.eval_batches(rows, 10**9, batch_size=BATCH_SIZE, bos_id=BOS, pad_id=3)
+  inputs = np.concatenate([b['inputs'] for b in batches]).reshape(-1)
+  n = (train_rows + eval_rows) * SEQ_LEN
+  np.testing.assert_array_equal(inputs[:n], stream[:n])
+  assert batches[-1]['targets'][-1, -1] == stream[n]
+
+
+def test_train_and_eval_rows_are_disjoint(built):
+  """An epoch of train batches draws from rows [0, train_rows) only; eval is exactly the rest."""
+  data, workdir = built
+  stream = np.load(os.path.join(workdir, 'data', 'tokens.npy'))
+  num_train, num_eval = data.stats['train_rows'], data.stats['eval_rows']
+  assert num_eval > 0 and num_eval % BATCH_SIZE == 0
+
+  def row(i):
+    return bytes(stream[i * SEQ_LEN:(i + 1) * SEQ_LEN].astype(np.int32))
+
+  def rows_of(batches):
+    return collections.Counter(bytes(inputs) for batch in batches for inputs in batch['inputs'])
+
+  fresh = make_data(data_config(), workdir)  # Its own iterator, not the shared fixture's.
+  train_epoch = rows_of(next(fresh.train_iter) for _ in range(num_train // BATCH_SIZE))
+  assert not train_epoch - collections.Counter(row(i) for i in range(num_train))
+  assert train_epoch.total() == num_train // BATCH_SIZE * BATCH_SIZE
+  assert rows_of(data.eval_batches(10**6)) == collections.Counter(
+      row(i) for i in range(num_train, num_train + num_eval))
+
+
+def test_eval_batches_are_deterministic(built):
+  data, _ = built
+  one, two = data.eval_batches(1), data.eval_batches(5)
+  assert len(one) == 1 and len(two) == 5
+  assert len(data.eval_batches(10**6)) == data.stats['eval_rows'] // BATCH_SIZE
+  for name in one[0]:
+    np.testing.assert_array_equal(one[0][name], two[0][name])
+
+
+def test_eval_batch_padding():
+  stream = np.full(7 * 4 + 1, 9)
+  rows = data_lib.Rows(stream, 4, 4, 7)  # Three rows, batch of two -> one full, one padded.
+  batches = data_lib.eval_batches(rows, 5, batch_size=2, bos_id=BOS, pad_id=3)
+  assert len(batches) == 2 and batches[1]['inputs'].shape == (2, 4)
+  np.testing.assert_array_equal(batches[1]['loss_mask'], [[1] * 4, [0] * 4])
+  np.testing.assert_array_equal(batches[1]['segment_ids'], [[1] * 4, [0] * 4])
+  np.testing.assert_array_equal(batches[1]['inputs'][1], [3] * 4)
+
+
+def test_resume_from_saved_state(built):
+  _, workdir = built
+  original = make_data(data_config(), workdir)
+  for _ in range(3):
+    next(original.train_iter)
+  state = json.loads(json.dumps(original.train_iter.get_state()))
+  # Enough batches to cross an epoch boundary.
+  num_next = original.stats['train_rows'] // BATCH_SIZE + 2
+  expected = [next(original.train_iter) for _ in range(num_next)]
+  resumed = make_data(data_config(), workdir)
+  resumed.train_iter.set_state(state)
+  for want, got in zip(expected, (next(resumed.train_iter) for _ in range(num_next))):
+    for name in want:
+      np.testing.assert_array_equal(want[name], got[name])
+
+
+def test_cache_is_reused(built):
+  data, workdir = built
+  model_path = os.path.join(workdir, 'tokenizer', 'spm.model')
+  tokens_path = os.path.join(workdir, 'data', 'tokens.npy')
+  mtimes = os.stat(model_path).st_mtime_ns, os.stat(tokens_path).st_mtime_ns
+  again = make_data(data_config(), workdir)
+  assert not again.stats['tokenizer_trained'] and again.stats['tokens_cached']
+  assert (os.stat(model_path).st_mtime_ns, os.stat(tokens_path).st_mtime_ns) == mtimes
+  assert again.stats == dict(data.stats, tokenizer_trained=False, tokens_cached=True)
+
+
+def test_cache_is_rebuilt_when_the_source_changes(tmp_path):
+  corpus, workdir = tmp_path / 'corpus', tmp_path / 'workdir'
+  write_files(corpus, {f'{i}.txt': open(__file__).read()[i * 3000:] for i in range(5)})
+  config = data_config(source=f'text:{corpus}/*.txt', max_chars=0)
+  first = make_data(config, workdir)
+  assert first.stats['tokenizer_trained'] and first.stats['documents'] == 5
+  assert make_data(config, workdir).stats['tokens_cached']
+  # Editing a file of a local source rebuilds.
+  write_files(corpus, {'0.txt': 'edited ' + open(__file__).read()})
+  edited = make_data(config, workdir)
+  assert edited.stats['tokenizer_trained'] and not edited.stats['tokens_cached']
+  # So does another source in the same workdir.
+  other = make_data(data_config(), workdir)
+  assert other.stats['tokenizer_trained'] and not other.stats['tokens_cached']
+  assert other.stats['chars'] == 200_000
+
+
+def test_given_tokenizer(built, tmp_path):
+  data, _ = built
+  config = data_config(tokenizer=data.tokenizer.path)
+  given = make_data(config, tmp_path)
+  assert not given.stats['tokenizer_trained'] and given.tokenizer.path == data.tokenizer.path
+  assert given.stats['tokens'] == data.stats['tokens']
+  with pytest.raises(ValueError, match=rf'model.vocab_size=1000 .* has {VOCAB_SIZE} pieces'):
+    make_data(config, tmp_path, vocab_size=1000)
+
+
+def test_corpus_too_small(built, tmp_path):
+  data, _ = built
+  write_files(tmp_path, {'a.txt': open(__file__).read()[:3000]})
+  config = data_config(source=f'text:{tmp_path}/*.txt', seq_len=512, tokenizer=data.tokenizer.path)
+  with pytest.raises(ValueError, match=r'corpus is too small: \d+ tokens make \d+ rows'):
+    make_data(config, tmp_path)
