@@ -14,6 +14,7 @@ def get_config():
       max_seq_len=128, tie_embeddings=True)
   config.train.update(
       steps=300, batch_size=16, learning_rate=3e-3, warmup_steps=30, log_every=10,
-      eval_every=100, eval_batches=8, checkpoint_every=100)
-  config.data.update(seq_len=128, max_chars=6_000_000, tokenizer_train_chars=3_000_000)
+      eval_every=100, eval_batches=16, checkpoint_every=100)
+  config.data.update(seq_len=128, max_chars=6_000_000, tokenizer_train_chars=3_000_000,
+                     eval_fraction=0.05)
   return config

@@ -5,6 +5,9 @@ Configs under configs/ start from `base_config()` and change numbers. Run one wi
 `--config.train.steps=100`. Field names are a contract: sweeps and other tools set them by name.
 """
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -84,6 +87,29 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer_train_chars = 20_000_000  # Characters of text sampled to train that tokenizer.
   d.max_chars = 0  # Use only the first this many characters of the corpus (0: all of it).
   d.eval_fraction = 0.02  # Fraction of packed rows held out for evaluation.
+  return config
+
+
+def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
+  """get_config() of a config file, e.g. load_config('configs/tiny.py', train={'steps': 50}).
+
+  A relative path that does not exist from the working directory is looked up in the repository
+  (so notebooks and scripts elsewhere can name 'configs/tiny.py').
+  """
+  if not os.path.exists(path) and not os.path.isabs(path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config file {path} does not exist')
+  spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix('.py'), path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.lock()  # A misspelled override raises instead of adding a field nothing reads.
+  for section, values in overrides.items():
+    if isinstance(values, dict):
+      config[section].update(values)
+    else:
+      config[section] = values
   return config
 
 

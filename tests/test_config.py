@@ -1,5 +1,4 @@
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,10 +14,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 
 
 def _load(path):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config(path)
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
@@ -85,3 +81,13 @@ def test_cli_invalid_value_fails_before_compiling(tmp_path):
   assert result.returncode != 0
   assert 'config.model.d_model=128 is not divisible by config.model.num_heads=3' in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_load_config_finds_repo_configs_from_anywhere_and_applies_overrides(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.load_config('configs/tiny.py', train={'steps': 7}, mode='train')
+  assert config.train.steps == 7 and config.model.d_model == 128
+  with pytest.raises(KeyError, match='Did you mean "steps"'):
+    config_lib.load_config('configs/tiny.py', train={'stepz': 7})
+  with pytest.raises(FileNotFoundError, match='configs/nope.py'):
+    config_lib.load_config('configs/nope.py')

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import base
+from lm import config as config_lib
 from lm import data as data_lib
 from lm import tokenizer as tokenizer_lib
 
@@ -19,7 +19,7 @@ VOCAB_SIZE, BATCH_SIZE, SEQ_LEN = 512, 4, 32
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """configs/base.py's data section (the contract), shrunk to a corpus that trains in a second."""
-  config = base.get_config().data
+  config = config_lib.base_config().data
   config.update(dict(source='stdlib', seq_len=SEQ_LEN, max_chars=200_000,
                      tokenizer_train_chars=200_000, eval_fraction=0.05))
   config.update(overrides)

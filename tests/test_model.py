@@ -135,3 +135,12 @@ def test_param_count_matches_flops_accounting():
       if name in ('embed', 'pos_embed', 'scale', 'bias') or name.startswith('b_'):
         lookups_norms_biases += x.size
     assert model_lib.count_params(params) - lookups_norms_biases == flops.matmul_params(cfg)
+
+
+def test_greedy_decoding_matches_argmax_of_a_full_forward_pass():
+  from lm import generate
+  graphdef, params = model_lib.init(SMALL, 0)
+  out = generate.greedy(graphdef, params, [5, 7, 11], num_tokens=6)
+  assert out[:3] == [5, 7, 11] and len(out) == 9
+  logits = model_lib.apply(graphdef, params, jnp.array([out]))
+  np.testing.assert_array_equal(np.argmax(logits[0, 2:-1], -1), out[3:])

@@ -1,0 +1,72 @@
+"""The command line end to end: `python -m lm.main` with overrides, then `python -m lm.plot`."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+from tensorboardX.proto import event_pb2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tensorboard_scalars(directory):
+  """Scalar tags in TFRecord event files (length, crc, payload, crc per record)."""
+  tags = set()
+  for name in os.listdir(directory):
+    with open(os.path.join(directory, name), 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      tags.update(value.tag for value in event.summary.value)
+      offset += 12 + length + 4
+  return tags
+
+
+def test_cli_trains_with_overrides_then_resumes_and_plots(tmp_path):
+  workdir = tmp_path / 'run'
+  base = [sys.executable, '-m', 'lm.main', '--config', os.path.join(ROOT, 'configs', 'tiny.py'),
+          '--workdir', str(workdir), '--config.model.d_model=64', '--config.model.d_ff=128',
+          '--config.model.num_layers=2', '--config.model.vocab_size=512',
+          '--config.data.max_chars=300000', '--config.data.seq_len=64',
+          '--config.train.batch_size=8', '--config.train.warmup_steps=2',
+          '--config.train.log_every=2', '--config.train.eval_every=4',
+          '--config.train.checkpoint_every=4']
+  first = subprocess.run(base + ['--config.train.steps=6'], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'loss=' in first.stderr and 'tok_s=' in first.stderr  # The progress bar.
+
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [r['step'] for r in rows if 'loss' in r] == [2, 4, 6]
+  assert [r['step'] for r in rows if 'eval_loss' in r] == [4, 6]
+  assert {'tokens_per_sec', 'mfu', 'grad_norm', 'learning_rate', 'step_time'} <= set(rows[0])
+  assert {'loss', 'eval_loss', 'eval_bits_per_byte', 'tokens_per_sec', 'mfu'} <= (
+      _tensorboard_scalars(workdir / 'tensorboard'))
+  assert json.load(open(workdir / 'config.json'))['model']['d_model'] == 64
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6']
+
+  second = subprocess.run(base + ['--config.train.steps=8'], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'resumed from step 6' in second.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6', '8']
+
+  plot = subprocess.run([sys.executable, '-m', 'lm.plot', str(workdir)], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+  assert plot.returncode == 0, plot.stderr
+  with open(workdir / 'loss.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_cli_empty_corpus_names_the_path(tmp_path):
+  (tmp_path / 'empty.txt').write_text('   \n')
+  result = subprocess.run(
+      [sys.executable, '-m', 'lm.main', '--config', os.path.join(ROOT, 'configs', 'tiny.py'),
+       '--workdir', str(tmp_path / 'run'), f'--config.data.source=text:{tmp_path}/*.txt'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert str(tmp_path) in result.stderr and 'Traceback' not in result.stderr
