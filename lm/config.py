@@ -87,6 +87,26 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer_train_chars = 20_000_000  # Characters of text sampled to train that tokenizer.
   d.max_chars = 0  # Use only the first this many characters of the corpus (0: all of it).
   d.eval_fraction = 0.02  # Fraction of packed rows held out for evaluation.
+
+  # ---------------------------------------------------------------------------------------------
+  # Device mesh (lm/sharding.py). The three sizes multiply to the number of devices (all
+  # processes together); one of them may be -1 to take the rest. Batch is split over data x fsdp.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Data parallelism: parameters replicated.
+  mesh.fsdp = 1  # ZeRO-3 style: parameters, gradients and optimizer state split along 'embed'.
+  mesh.tensor = 1  # Megatron style: heads and MLP hidden units split; must divide both.
+  # Overrides of the logical-axis rules in lm/sharding.py, 'LOGICAL=AXIS[+AXIS],...', e.g.
+  # 'vocab=,embed=fsdp+data'. Empty: the standard rules.
+  mesh.rules = ''
+
+  # ---------------------------------------------------------------------------------------------
+  # Multiple processes (hosts) via jax.distributed (lm/distributed.py). With coordinator_address
+  # empty, a single process runs unless JAX detects a cluster itself (Cloud TPU, SLURM, ...).
+  config.distributed = dist = ml_collections.ConfigDict()
+  dist.coordinator_address = ''  # 'HOST:PORT' of process 0, e.g. '10.0.0.2:1234'.
+  dist.num_processes = 1  # Processes in the job (with coordinator_address).
+  dist.process_id = 0  # This process's index in [0, num_processes).
+  dist.initialization_timeout = 300  # Seconds to wait for all processes before giving up.
   return config
 
 
@@ -128,7 +148,8 @@ _POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'train.steps', 'train.batch_size',
     'train.grad_accum_steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
-    'train.checkpoint_every', 'train.keep_checkpoints', 'data.seq_len')
+    'train.checkpoint_every', 'train.keep_checkpoints', 'data.seq_len',
+    'distributed.num_processes', 'distributed.initialization_timeout')
 _NON_NEGATIVE = (
     'train.warmup_steps', 'train.learning_rate', 'train.weight_decay', 'train.grad_clip',
     'train.z_loss', 'train.label_smoothing', 'train.min_lr_ratio', 'data.max_chars')
@@ -177,5 +198,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.train.warmup_steps={t.warmup_steps} exceeds config.train.steps={t.steps}')
   if not 0 < d.eval_fraction < 1:
     raise ConfigError(f'config.data.eval_fraction={d.eval_fraction}: must be in (0, 1)')
+  if not 0 <= config.distributed.process_id < config.distributed.num_processes:
+    raise ConfigError(
+        f'config.distributed.process_id={config.distributed.process_id}: must be in '
+        f'[0, config.distributed.num_processes={config.distributed.num_processes})')
   if t.min_lr_ratio > 1:
     raise ConfigError(f'config.train.min_lr_ratio={t.min_lr_ratio}: must be <= 1')

@@ -372,23 +372,40 @@ def split_rows(num_tokens: int, seq_len: int, eval_fraction: float,
   return num_rows - num_eval, num_eval
 
 
-def train_iterator(rows: Rows, *, batch_size: int, seed: int, bos_id: int) -> grain.DatasetIterator:
+def train_iterator(rows: Rows, *, batch_size: int, seed: int, bos_id: int, shard_index: int = 0,
+                   shard_count: int = 1) -> grain.DatasetIterator:
   """Shuffled batches of rows, reshuffled each epoch, forever; get_state() is JSON-serializable.
 
-  For multiple hosts, slice each global batch here (shard_index, shard_count) before make_batch.
+  With shard_count processes, global batch k is shuffled rows [k*B, (k+1)*B) and process p reads
+  only its rows p, p + shard_count, ... of it: the global batch is the same for any process
+  count, and the iterator state (batches consumed) means the same thing on every process.
   """
   dataset = (grain.MapDataset.source(rows)
              .shuffle(seed=seed % 2**32)
              .repeat()
-             .batch(batch_size, drop_remainder=True)
+             .slice(slice(shard_index, None, shard_count))
+             .batch(_local_batch_size(batch_size, shard_count), drop_remainder=True)
              .map(lambda rows_BxL1: make_batch(rows_BxL1, bos_id)))
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
-def eval_batches(rows: Rows, n: int, *, batch_size: int, bos_id: int,
-                 pad_id: int) -> list[dict[str, np.ndarray]]:
+def _local_batch_size(batch_size: int, shard_count: int) -> int:
+  if batch_size % shard_count:
+    raise ValueError(f'train.batch_size={batch_size} is not divisible by the {shard_count} '
+                     'processes that each read a slice of it')
+  return batch_size // shard_count
+
+
+def eval_batches(rows: Rows, n: int, *, batch_size: int, bos_id: int, pad_id: int,
+                 shard_index: int = 0, shard_count: int = 1) -> list[dict[str, np.ndarray]]:
   """The first n batches of the held-out rows, in order. A short last batch is padded with rows
-  of pad_id whose loss_mask and segment_ids are 0, so every batch has the same shape."""
+  of pad_id whose loss_mask and segment_ids are 0, so every batch has the same shape. With
+  several processes, each gets its rows shard_index::shard_count of every batch."""
+  if shard_count > 1:
+    _local_batch_size(batch_size, shard_count)
+    return [{k: v[shard_index::shard_count] for k, v in batch.items()}
+            for batch in eval_batches(rows, n, batch_size=batch_size, bos_id=bos_id,
+                                      pad_id=pad_id)]
   batches = []
   for start in range(0, min(n * batch_size, len(rows)), batch_size):
     block = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
@@ -415,11 +432,13 @@ class Data:
   stats: dict[str, Any]  # Counts worth logging (JSON-serializable).
 
 
-def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workdir: str) -> Data:
+def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workdir: str,
+              shard_index: int = 0, shard_count: int = 1) -> Data:
   """Builds (or reuses from WORKDIR) the tokenizer and token stream, and the iterators over it.
 
-  `data_config` is config.data (configs/base.py); vocab_size, batch_size and seed are
-  config.model.vocab_size, config.train.batch_size (global) and config.train.seed.
+  `data_config` is config.data (lm/config.py); vocab_size, batch_size and seed are
+  config.model.vocab_size, config.train.batch_size (global) and config.train.seed. Process
+  shard_index of shard_count gets only its slice of every batch (see train_iterator).
   """
   tokenizer, trained = _cached_tokenizer(data_config, vocab_size, seed, workdir)
   if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
@@ -442,8 +461,10 @@ def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workd
   return Data(
       tokenizer=tokenizer,
       train_iter=train_iterator(train_rows, batch_size=batch_size, seed=seed,
-                                bos_id=tokenizer.bos_id),
+                                bos_id=tokenizer.bos_id, shard_index=shard_index,
+                                shard_count=shard_count),
       eval_batches=lambda n: eval_batches(eval_rows, n, batch_size=batch_size,
-                                          bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id),
+                                          bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id,
+                                          shard_index=shard_index, shard_count=shard_count),
       token_bytes=tokenizer.token_bytes(),
       stats=stats)

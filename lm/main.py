@@ -34,10 +34,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
 
   if config.mode == 'train':
-    from lm import train  # pylint: disable=g-import-not-at-top
+    from lm import checkpoint, distributed, train  # pylint: disable=g-import-not-at-top
     try:
       _, metrics = train.train(config, _WORKDIR.value)
-    except (train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    except (train.NonFiniteLossError, checkpoint.CheckpointError, distributed.DistributedError,
+            ValueError, FileNotFoundError) as e:  # ShardingError and data errors are ValueErrors.
       sys.exit(f'error: {e}')
     logging.info('done: %s', metrics)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import attention as attention_lib
+from lm import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,9 @@ class Attention(nnx.Module):
     q_BTHQ = jnp.einsum('btd,dhq->bthq', x_BTD, self.w_q[...].astype(dt))
     k_BTKQ = jnp.einsum('btd,dkq->btkq', x_BTD, self.w_k[...].astype(dt))
     v_BTKQ = jnp.einsum('btd,dkq->btkq', x_BTD, self.w_v[...].astype(dt))
+    q_BTHQ = sharding.constrain(q_BTHQ, ('act_batch', 'act_seq', 'act_heads', None))
+    k_BTKQ = sharding.constrain(k_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
+    v_BTKQ = sharding.constrain(v_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
     if cfg.block == 'gpt2':
       q_BTHQ += self.b_q[...].astype(dt)
       k_BTKQ += self.b_k[...].astype(dt)
@@ -160,6 +164,7 @@ class MLP(nnx.Module):
       hidden_BTF = jax.nn.silu(gate_BTF) * up_BTF
     else:
       hidden_BTF = jax.nn.gelu(up_BTF + self.b_up[...].astype(dt), approximate=True)
+    hidden_BTF = sharding.constrain(hidden_BTF, ('act_batch', 'act_seq', 'act_mlp'))
     out_BTD = jnp.einsum('btf,fd->btd', hidden_BTF, self.w_down[...].astype(dt))
     if self.cfg.block == 'gpt2':
       out_BTD += self.b_down[...].astype(dt)
@@ -177,7 +182,9 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT):
     x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    x_BTD = sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed'))
+    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed'))
 
 
 class Transformer(nnx.Module):
@@ -213,7 +220,7 @@ class Transformer(nnx.Module):
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
     if cfg.block == 'gpt2':
       x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0)
-    x_BTD = x_BTD.astype(cfg.dtype)
+    x_BTD = sharding.constrain(x_BTD.astype(cfg.dtype), ('act_batch', 'act_seq', 'act_embed'))
 
     block_graph, block_params = nnx.split(self.blocks)
 
@@ -230,15 +237,25 @@ class Transformer(nnx.Module):
 
     x_BTD = self.final_norm(x_BTD)
     unembed_DV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-    return jnp.einsum('btd,dv->btv', x_BTD, unembed_DV.astype(cfg.dtype),
-                      preferred_element_type=jnp.float32)
+    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, unembed_DV.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BTV, ('act_batch', 'act_seq', 'act_vocab'))
 
 
 def init(cfg: ModelConfig, seed: int):
   """Builds the model; returns (graphdef, params) with params a plain nested dict of arrays."""
-  model = Transformer(cfg, rngs=nnx.Rngs(params=seed))
-  graphdef, state = nnx.split(model)
-  return graphdef, nnx.to_pure_dict(state)
+  return graphdef(cfg), init_params(cfg, seed)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+  """Freshly initialised parameters (jittable, so they can be created already sharded)."""
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=seed))))
+
+
+def graphdef(cfg: ModelConfig):
+  """The model's static structure, which `apply` combines with a params dict."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+  return nnx.graphdef(abstract)
 
 
 def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None):

@@ -17,6 +17,8 @@ import time
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
@@ -25,9 +27,11 @@ from tqdm import tqdm
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
 from lm import data as data_lib
+from lm import distributed
 from lm import flops
 from lm import metrics as metrics_lib
 from lm import model as model_lib
+from lm import sharding
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,8 +101,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collectio
   if t.grad_accum_steps == 1:
     grads, sums = grad_fn(state.params, batch)
   else:
+    # Micro-batch j takes rows j, j + k, j + 2k, ...: every device holds a share of each one.
     micro_batches = jax.tree.map(
-        lambda x: x.reshape(t.grad_accum_steps, -1, *x.shape[1:]), batch)
+        lambda x: x.reshape(-1, t.grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(carry, micro_batch):
       grads, sums = grad_fn(state.params, micro_batch)
@@ -142,12 +147,41 @@ def evaluate(eval_fn, params, batches, token_bytes) -> dict:
   }
 
 
-def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int):
-  graphdef, params = model_lib.init(cfg, seed)
-  state = TrainState(
+def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int) -> TrainState:
+  """A fresh train state; pure, so jit with out_shardings creates it already sharded."""
+  params = model_lib.init_params(cfg, seed)
+  return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
       rng=jax.random.key_data(jax.random.key(seed)))
-  return graphdef, state
+
+
+def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules) -> TrainState:
+  """Where each leaf of the train state lives: parameters by their logical axes (raising
+  ShardingError for a split that does not divide), optimizer moments like their parameters,
+  and everything else replicated."""
+  abstract = jax.eval_shape(functools.partial(init_state, cfg, optimizer, 0))
+  params = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract.params, mesh, rules)
+  replicated = NamedSharding(mesh, P())
+  opt_state = optax.tree_map_params(
+      optimizer, lambda _, param_sharding: param_sharding, abstract.opt_state, params,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+
+
+def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict, optimizer,
+                       mesh, rules):
+  """(jitted train_step, state shardings, batch sharding) for a mesh.
+
+  Call the step inside `sharding.active(mesh, rules)` so the model's activation constraints
+  apply when it is traced.
+  """
+  shardings = state_shardings(cfg, optimizer, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef=model_lib.graphdef(cfg), optimizer=optimizer, t=t),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
+  return step_fn, shardings, batch_sharding
 
 
 class StepLog:
@@ -245,38 +279,59 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   stop_after: end this run (with a checkpoint) after this many steps, as a preempted job would.
   """
   config_lib.validate(config)
+  distributed.initialize(config.distributed)  # Before anything touches a device.
   t = config.train
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.parse_rules(config.mesh.rules)
   dtype = flops.resolve_dtype(config.model.dtype)
   cfg = model_lib.ModelConfig.from_config(config.model, dtype)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-  data = data_lib.make_data(config.data, vocab_size=cfg.vocab_size, batch_size=t.batch_size,
-                            seed=t.seed, workdir=workdir)
-
   optimizer = make_optimizer(t, model_lib.logical_axes(cfg))
-  graphdef, state = init_state(cfg, optimizer, t.seed)
-  num_params = model_lib.count_params(state.params)
-  flops_per_token = flops.flops_per_token(cfg, config.data.seq_len)
-  peak = flops.peak_flops_per_device(dtype)
-  peak = peak * jax.device_count() if peak else None
-  logging.info('model: %s params, %.3g FLOPs/token, compute dtype %s', f'{num_params:,}',
-               flops_per_token, dtype)
+  shardings = state_shardings(cfg, optimizer, mesh, rules)  # Checks the mesh fits the model.
+  graphdef = model_lib.graphdef(cfg)
+  sharding.check_batch(t.batch_size // t.grad_accum_steps, mesh, rules,
+                       'config.train.batch_size / config.train.grad_accum_steps')
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  data = data_lib.make_data(config.data, vocab_size=cfg.vocab_size, batch_size=t.batch_size,
+                            seed=t.seed, workdir=workdir, shard_index=jax.process_index(),
+                            shard_count=jax.process_count())
 
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
-  restored = checkpointer.restore_latest(state)
+  abstract_state = jax.tree.map(
+      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+      jax.eval_shape(functools.partial(init_state, cfg, optimizer, t.seed)), shardings)
+  restored = checkpointer.restore_latest(abstract_state)
   if restored is not None:
     state, data_state = restored
     data.train_iter.set_state(data_state)
     logging.info('resumed from step %d', int(state.step))
+  else:
+    state = jax.jit(functools.partial(init_state, cfg, optimizer, t.seed),
+                    out_shardings=shardings)()
 
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, t=t),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
-  token_bytes = jnp.asarray(data.token_bytes)
+  num_params = model_lib.count_params(state.params)
+  flops_per_token = flops.flops_per_token(cfg, config.data.seq_len)
+  peak = flops.peak_flops_per_device(dtype)
+  peak = peak * jax.device_count() if peak else None
+  logging.info('model: %s params, %.3g FLOPs/token, compute dtype %s, mesh %s',
+               f'{num_params:,}', flops_per_token, dtype, dict(mesh.shape))
+
+  step_fn, _, batch_sharding = sharded_train_step(cfg, t, optimizer, mesh, rules)
+  replicated = NamedSharding(mesh, P())
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                    in_shardings=(shardings.params, batch_sharding, replicated),
+                    out_shardings=replicated)
+  token_bytes = jax.device_put(data.token_bytes, replicated)
+
+  def global_batch(local_batch):
+    """This process's rows of a batch -> one array over all devices."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local_batch)
+
   writer = metrics_lib.MetricsWriter(workdir)
 
   step = first_step = int(state.step)
@@ -291,9 +346,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   progress = tqdm(total=t.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   try:
-    with _StopRequested() as stop:
+    with _StopRequested() as stop, sharding.active(mesh, rules):
       while step < last_step and not stop.requested:
-        state, step_metrics = step_fn(state, next(data.train_iter))
+        state, step_metrics = step_fn(state, global_batch(next(data.train_iter)))
         step += 1
         step_log.add(step, step_metrics)
         if step == first_step + 1:  # Keep compilation out of the throughput window.
@@ -312,8 +367,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         if step % t.eval_every == 0 or step == t.steps:
           step_log.check()
           with step_log.paused():
-            eval_metrics = evaluate(eval_fn, state.params, data.eval_batches(t.eval_batches),
-                                    token_bytes)
+            eval_batches = [global_batch(b) for b in data.eval_batches(t.eval_batches)]
+            eval_metrics = evaluate(eval_fn, state.params, eval_batches, token_bytes)
           writer.write(step, eval_metrics)
           last.update(eval_metrics)
           logging.info('step %d: %s', step, json.dumps(eval_metrics))

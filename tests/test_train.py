@@ -42,7 +42,7 @@ def _train_config(**overrides):
 
 def _run_steps(t, batches, cfg=CFG):
   optimizer = train_lib.make_optimizer(t, model_lib.logical_axes(cfg))
-  graphdef, state = train_lib.init_state(cfg, optimizer, seed=0)
+  graphdef, state = model_lib.graphdef(cfg), train_lib.init_state(cfg, optimizer, seed=0)
   step = jax.jit(functools.partial(
       train_lib.train_step, graphdef=graphdef, optimizer=optimizer, t=t))
   for batch in batches:
