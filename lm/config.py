@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Training (lm/train.py).
   config.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # Total optimizer steps; the cosine schedule decays over exactly these.
+  # End this run, with a checkpoint, after this many steps (e.g. to fit a job's time limit);
+  # the next run resumes the same schedule. 0: run to train.steps.
+  t.steps_per_run = 0
   t.batch_size = 32  # Global batch size in sequences per optimizer step.
   t.grad_accum_steps = 1  # Micro-batches per step (batch_size must be divisible by it).
   t.learning_rate = 3e-4  # Peak learning rate, reached after warmup.
@@ -152,7 +155,8 @@ _POSITIVE = (
     'distributed.num_processes', 'distributed.initialization_timeout')
 _NON_NEGATIVE = (
     'train.warmup_steps', 'train.learning_rate', 'train.weight_decay', 'train.grad_clip',
-    'train.z_loss', 'train.label_smoothing', 'train.min_lr_ratio', 'data.max_chars')
+    'train.z_loss', 'train.label_smoothing', 'train.min_lr_ratio', 'data.max_chars',
+    'train.steps_per_run')
 
 
 def _get(config, dotted):

@@ -273,11 +273,8 @@ class _StopRequested:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None):
-  """Trains (resuming from workdir/checkpoints if there is one); returns (state, last metrics).
-
-  stop_after: end this run (with a checkpoint) after this many steps, as a preempted job would.
-  """
+def train(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (resuming from workdir/checkpoints if there is one); returns (state, last metrics)."""
   config_lib.validate(config)
   distributed.initialize(config.distributed)  # Before anything touches a device.
   t = config.train
@@ -335,7 +332,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
   writer = metrics_lib.MetricsWriter(workdir)
 
   step = first_step = int(state.step)
-  last_step = t.steps if stop_after is None else min(t.steps, step + stop_after)
+  last_step = min(t.steps, step + t.steps_per_run) if t.steps_per_run else t.steps
   step_log = StepLog(
       tokens_per_step=t.batch_size * config.data.seq_len,
       flops_per_token=flops_per_token, peak_flops=peak,

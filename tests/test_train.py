@@ -159,7 +159,9 @@ def test_loss_on_real_text_falls_well_below_log_vocab(tmp_path, stdlib_tokenizer
 def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, stdlib_tokenizer):
   config = _loop_config(stdlib_tokenizer)
   straight, _ = train_lib.train(config, str(tmp_path / 'straight'))
-  first, _ = train_lib.train(config, str(tmp_path / 'resumed'), stop_after=5)
+  config.train.steps_per_run = 5
+  first, _ = train_lib.train(config, str(tmp_path / 'resumed'))
+  config.train.steps_per_run = 0
   assert int(first.step) == 5
   resumed, _ = train_lib.train(config, str(tmp_path / 'resumed'))
   assert int(resumed.step) == int(straight.step) == 12

@@ -199,8 +199,8 @@ def test_train_loop_on_2x2x2_matches_pure_data_parallel(tmp_path, stdlib_tokeniz
 def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, stdlib_tokenizer):
   straight, _ = train_lib.train(
       _loop_config(stdlib_tokenizer, dict(data=2, fsdp=2, tensor=2)), str(tmp_path / 'straight'))
-  train_lib.train(_loop_config(stdlib_tokenizer, dict(fsdp=8)), str(tmp_path / 'moved'),
-                  stop_after=4)
+  train_lib.train(_loop_config(stdlib_tokenizer, dict(fsdp=8), steps_per_run=4),
+                  str(tmp_path / 'moved'))
   resumed, _ = train_lib.train(
       _loop_config(stdlib_tokenizer, dict(data=2, fsdp=2, tensor=2)), str(tmp_path / 'moved'))
   assert int(resumed.step) == 8
