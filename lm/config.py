@@ -103,10 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.rules = ''
 
   # ---------------------------------------------------------------------------------------------
-  # Multiple processes (hosts) via jax.distributed (lm/distributed.py). With coordinator_address
-  # empty, a single process runs unless JAX detects a cluster itself (Cloud TPU, SLURM, ...).
+  # Multiple processes (hosts) via jax.distributed (lm/distributed.py).
   config.distributed = dist = ml_collections.ConfigDict()
-  dist.coordinator_address = ''  # 'HOST:PORT' of process 0, e.g. '10.0.0.2:1234'.
+  # 'HOST:PORT' of process 0 (with num_processes and process_id below); 'auto' to let JAX find
+  # the cluster itself (Cloud TPU pods, SLURM, Open MPI); empty: one process, unless SLURM or
+  # Open MPI report several tasks.
+  dist.coordinator_address = ''
   dist.num_processes = 1  # Processes in the job (with coordinator_address).
   dist.process_id = 0  # This process's index in [0, num_processes).
   dist.initialization_timeout = 300  # Seconds to wait for all processes before giving up.

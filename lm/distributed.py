@@ -28,18 +28,20 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
     return
   if not dist.coordinator_address and not cluster_detected():
     return
+  auto = dist.coordinator_address in ('', 'auto')
   # CPU devices need a collectives backend to talk across processes (GPUs/TPUs have their own).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
-    if dist.coordinator_address:
+    if not auto:
       jax.distributed.initialize(
           coordinator_address=dist.coordinator_address, num_processes=dist.num_processes,
           process_id=dist.process_id, initialization_timeout=dist.initialization_timeout)
     else:
       jax.distributed.initialize(initialization_timeout=dist.initialization_timeout)
   except Exception as e:  # pylint: disable=broad-except
-    where = (f'coordinator {dist.coordinator_address} as process {dist.process_id} of '
-             f'{dist.num_processes}' if dist.coordinator_address else 'the detected cluster')
+    where = ('the cluster JAX detects (Cloud TPU, SLURM, Open MPI, ...)' if auto else
+             f'coordinator {dist.coordinator_address} as process {dist.process_id} of '
+             f'{dist.num_processes}')
     raise DistributedError(
         f'could not join {where} within config.distributed.initialization_timeout='
         f'{dist.initialization_timeout}s: {type(e).__name__}: {str(e).splitlines()[0]}') from e
