@@ -7,6 +7,7 @@ Configs under configs/ start from `base_config()` and change numbers. Run one wi
 
 import importlib.util
 import os
+import sys
 
 import ml_collections
 
@@ -42,11 +43,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Parameters, logits, norms and the loss stay in float32 regardless.
   m.dtype = 'auto'
   m.param_dtype = 'float32'  # Storage dtype of parameters and optimizer state.
-  m.remat = False  # Recompute each block's activations in the backward pass (saves memory).
-  m.scan_layers = False  # Run the blocks with lax.scan (faster compiles for deep models).
-  # Attention kernel: 'auto' (jax.nn.dot_product_attention; cuDNN flash attention on GPUs),
-  # 'xla' (jax.nn.dot_product_attention, XLA implementation), 'einsum' (plain einsum + softmax,
-  # computing only the causal lower half in blocks; fastest on CPU).
+  # Recompute each block's activations in the backward pass, keeping only its input. Pair it
+  # with scan_layers=True: with unrolled layers XLA:CPU was seen to merge the recomputation back
+  # into the forward pass and save nothing. `python -m lm.memory` shows what it saves.
+  m.remat = False
+  # Run the blocks with lax.scan: faster compiles for deep models, and with FSDP only one
+  # block's gathered weights live at a time (unrolled, XLA keeps every block's).
+  m.scan_layers = False
+  # Attention kernel (lm/attention.py): 'auto' ('blocked' on CPU, jax.nn.dot_product_attention
+  # elsewhere: cuDNN flash attention on GPUs), 'xla' (jax.nn.dot_product_attention, XLA
+  # implementation), 'einsum' (plain einsum + softmax over the full [T, T] scores), 'blocked'
+  # (einsum + softmax computing only the causal lower triangle, in blocks; fastest on CPU).
   m.attention = 'auto'
 
   # ---------------------------------------------------------------------------------------------
@@ -138,6 +145,20 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def parse_flags(argv):
+  """absl's flag parser for the CLIs, with a misspelled --config.a.b override reported as one
+  clear line instead of a traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    reason = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    sys.exit(f'error: no such config field ({reason}); overrides given: {overrides}')
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+
+
 class ConfigError(ValueError):
   """A config field holds a value `lm` cannot run with; the message names the field."""
 
@@ -147,7 +168,7 @@ _CHOICES = {
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.attention': ('auto', 'xla', 'einsum'),
+    'model.attention': ('auto', 'xla', 'einsum', 'blocked'),
 }
 _POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',

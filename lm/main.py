@@ -43,20 +43,8 @@ def main(argv):
     logging.info('done: %s', metrics)
 
 
-def parse_flags(argv):
-  """absl's parser, with a misspelled --config.a.b override reported as one clear line."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    reason = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
-    sys.exit(f'error: no such config field ({reason}); overrides given: {overrides}')
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
-
-
 def run():
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == '__main__':
