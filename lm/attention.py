@@ -1,8 +1,10 @@
 """Causal self-attention kernels with packed-document (segment id) masking.
 
 q_BTHQ, k_BSKQ, v_BSKQ -> out_BTHQ, with H = K * G query heads sharing each key/value head.
-'auto' and 'xla' call jax.nn.dot_product_attention (cuDNN flash attention on GPUs under 'auto');
-'einsum' is a plain einsum + fp32 softmax that groups query heads without repeating k/v.
+'xla' calls jax.nn.dot_product_attention; 'einsum' is a plain einsum + fp32 softmax that groups
+query heads without repeating k/v (the reference the others are tested against); 'blocked'
+computes only the causal lower triangle, in blocks of query rows (fastest on CPU). 'auto' is
+'blocked' on CPU and jax.nn.dot_product_attention elsewhere (cuDNN flash attention on GPUs).
 """
 
 import jax
@@ -18,6 +20,8 @@ def segment_causal_mask(segment_ids_BT):
 
 
 def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='auto'):
+  if implementation == 'blocked' or (implementation == 'auto' and jax.default_backend() == 'cpu'):
+    return blocked_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT)
   mask_B1TS = segment_causal_mask(segment_ids_BT)
   if implementation in ('auto', 'xla'):
     return jax.nn.dot_product_attention(
@@ -38,3 +42,32 @@ def einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ, mask_B1TS):
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKQ.dtype)
   out_BTKGQ = jnp.einsum('bkgts,bskq->btkgq', probs_BKGTS, v_BSKQ)
   return out_BTKGQ.reshape(B, T, H, Q)
+
+
+def blocked_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, block_size: int = 64):
+  """Causal attention computed block row by block row, skipping the blocks above the diagonal.
+
+  Query block i (rows i*b .. i*b + b) attends to keys 0 .. i*b + b only, with an exact softmax
+  over that whole prefix, so no online-softmax rescaling is needed and every slice is static.
+  That skips (n - 1) / 2n of the score and value matmuls and of the softmax for n blocks
+  (37.5% at T = 4b). Heads are moved next to batch ([B, K, G, T, Q]) so each matmul is a batch
+  of [G*b, Q] x [Q, S] products, the layout XLA:CPU runs fastest. T need not divide by b.
+  """
+  B, T, H, Q = q_BTHQ.shape
+  K = k_BSKQ.shape[2]
+  q_BKGTQ = (q_BTHQ * Q ** -0.5).reshape(B, T, K, H // K, Q).transpose(0, 2, 3, 1, 4)
+  k_BKSQ = k_BSKQ.transpose(0, 2, 1, 3)
+  v_BKSQ = v_BSKQ.transpose(0, 2, 1, 3)
+  out_blocks = []
+  for start in range(0, T, block_size):
+    stop = min(start + block_size, T)  # This block's queries see keys [0, stop).
+    logits_BKGtS = jnp.einsum('bkgtq,bksq->bkgts', q_BKGTQ[:, :, :, start:stop],
+                              k_BKSQ[:, :, :stop], preferred_element_type=jnp.float32)
+    same_doc_BtS = segment_ids_BT[:, start:stop, None] == segment_ids_BT[:, None, :stop]
+    causal_tS = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
+    mask_B11tS = (same_doc_BtS & causal_tS)[:, None, None]
+    logits_BKGtS = jnp.where(mask_B11tS, logits_BKGtS, jnp.finfo(jnp.float32).min)
+    probs_BKGtS = jax.nn.softmax(logits_BKGtS, axis=-1).astype(v_BSKQ.dtype)
+    out_blocks.append(jnp.einsum('bkgts,bksq->bkgtq', probs_BKGtS, v_BKSQ[:, :, :stop]))
+  out_BKGTQ = jnp.concatenate(out_blocks, axis=3)
+  return out_BKGTQ.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Q)

@@ -70,6 +70,20 @@ def _param(rngs, shape, axes, cfg: ModelConfig, std=None, init=None) -> nnx.Para
   return nnx.Param(value, logical_axes=axes)
 
 
+def dense(x, w, axes: int = 1, preferred_element_type=None):
+  """Contracts x's last `axes` axes with w's first `axes` axes, e.g. 'btd,dhq->bthq'.
+
+  Computed as one 2-D matmul over flattened rows: XLA:CPU turns a 3-D einsum's weight gradient
+  (contracting b and t) into a transposing copy and a slow dot, while a 2-D matmul's backward is
+  two plain matmuls (SwiGLU MLP forward+backward 1.5x faster on CPU); elsewhere the reshapes
+  are free.
+  """
+  rows, out_shape = x.shape[:-axes], w.shape[axes:]
+  x_NI = x.reshape(math.prod(rows), -1)
+  out_NO = jnp.dot(x_NI, w.reshape(x_NI.shape[1], -1), preferred_element_type=preferred_element_type)
+  return out_NO.reshape(*rows, *out_shape)
+
+
 class Norm(nnx.Module):
   """RMSNorm (llama) or LayerNorm (gpt2), computed in fp32."""
 
@@ -91,14 +105,21 @@ class Norm(nnx.Module):
 
 
 def rotary(x_BTNQ, positions_BT, theta: float):
-  """Rotary position embedding, in the rotate-half layout used by Llama checkpoints."""
+  """Rotary position embedding, in the rotate-half layout used by Llama checkpoints.
+
+  With x = [x1, x2] (halves of the head dim): [x1 cos - x2 sin, x2 cos + x1 sin]. Written as
+  x * [cos, cos] + swap(x) * [-sin, sin] on a [..., 2, half] view, which XLA fuses into one
+  elementwise pass; split + concatenate took twice as long on CPU, forward and backward.
+  """
   half = x_BTNQ.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  sin, cos = jnp.sin(angle_BTF)[:, :, None, :], jnp.cos(angle_BTF)[:, :, None, :]
-  x1, x2 = jnp.split(x_BTNQ.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNQ.dtype)
+  sin_BTF, cos_BTF = jnp.sin(angle_BTF), jnp.cos(angle_BTF)
+  cos_BT12F = jnp.stack([cos_BTF, cos_BTF], axis=-2)[:, :, None]
+  sin_BT12F = jnp.stack([-sin_BTF, sin_BTF], axis=-2)[:, :, None]
+  x_BTN2F = x_BTNQ.astype(jnp.float32).reshape(*x_BTNQ.shape[:-1], 2, half)
+  out_BTN2F = x_BTN2F * cos_BT12F + x_BTN2F[..., ::-1, :] * sin_BT12F
+  return out_BTN2F.reshape(x_BTNQ.shape).astype(x_BTNQ.dtype)
 
 
 class Attention(nnx.Module):
@@ -120,9 +141,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT):
     cfg, dt = self.cfg, self.cfg.dtype
-    q_BTHQ = jnp.einsum('btd,dhq->bthq', x_BTD, self.w_q[...].astype(dt))
-    k_BTKQ = jnp.einsum('btd,dkq->btkq', x_BTD, self.w_k[...].astype(dt))
-    v_BTKQ = jnp.einsum('btd,dkq->btkq', x_BTD, self.w_v[...].astype(dt))
+    q_BTHQ = dense(x_BTD, self.w_q[...].astype(dt))  # 'btd,dhq->bthq'
+    k_BTKQ = dense(x_BTD, self.w_k[...].astype(dt))  # 'btd,dkq->btkq'
+    v_BTKQ = dense(x_BTD, self.w_v[...].astype(dt))
     q_BTHQ = sharding.constrain(q_BTHQ, ('act_batch', 'act_seq', 'act_heads', None))
     k_BTKQ = sharding.constrain(k_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
     v_BTKQ = sharding.constrain(v_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
@@ -135,7 +156,7 @@ class Attention(nnx.Module):
       k_BTKQ = rotary(k_BTKQ, positions_BT, cfg.rope_theta)
     out_BTHQ = attention_lib.causal_attention(
         q_BTHQ, k_BTKQ, v_BTKQ, segment_ids_BT, implementation=cfg.attention)
-    out_BTD = jnp.einsum('bthq,hqd->btd', out_BTHQ, self.w_o[...].astype(dt))
+    out_BTD = dense(out_BTHQ, self.w_o[...].astype(dt), axes=2)  # 'bthq,hqd->btd'
     if cfg.block == 'gpt2':
       out_BTD += self.b_o[...].astype(dt)
     return out_BTD
@@ -158,14 +179,14 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BTD):
     dt = self.cfg.dtype
-    up_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_up[...].astype(dt))
+    up_BTF = dense(x_BTD, self.w_up[...].astype(dt))
     if self.cfg.block == 'llama':
-      gate_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_gate[...].astype(dt))
+      gate_BTF = dense(x_BTD, self.w_gate[...].astype(dt))
       hidden_BTF = jax.nn.silu(gate_BTF) * up_BTF
     else:
       hidden_BTF = jax.nn.gelu(up_BTF + self.b_up[...].astype(dt), approximate=True)
     hidden_BTF = sharding.constrain(hidden_BTF, ('act_batch', 'act_seq', 'act_mlp'))
-    out_BTD = jnp.einsum('btf,fd->btd', hidden_BTF, self.w_down[...].astype(dt))
+    out_BTD = dense(hidden_BTF, self.w_down[...].astype(dt))
     if self.cfg.block == 'gpt2':
       out_BTD += self.b_down[...].astype(dt)
     return out_BTD
@@ -237,8 +258,7 @@ class Transformer(nnx.Module):
 
     x_BTD = self.final_norm(x_BTD)
     unembed_DV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, unembed_DV.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
+    logits_BTV = dense(x_BTD, unembed_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BTV, ('act_batch', 'act_seq', 'act_vocab'))
 
 

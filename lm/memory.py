@@ -1,0 +1,479 @@
+"""Per-device memory of a training step, planned from the config alone and checked against XLA.
+
+  python -m lm.memory --config configs/llama_1b.py --num_devices 256 [--device_gb 80]
+      [--config.mesh.fsdp=8 ...]
+
+prints what each device holds during one train step (parameters, gradients, AdamW state,
+activations with and without remat) and, with --device_gb, the cheapest mesh and remat setting
+that fits. `estimate` is arithmetic on the config and the real parameter shapes: no devices and
+no compilation, so a laptop can plan a 256-device run. `xla_bytes` compiles the real sharded
+train step for a mesh (without running it) and returns XLA's own figure, which
+tests/multidevice/test_memory.py checks the estimate against (within 15%).
+
+The formula, in bytes per device. P is the parameter bytes this device holds, exactly: every
+parameter's real shape (jax.eval_shape) split the way lm/sharding.py's rules split it on this
+mesh. P_g is the same with the batch axes (data, fsdp) gathered, i.e. split by tensor only.
+
+  parameters    P                             param_dtype (fp32: 4 B/param)
+  gradients     P                             same dtype and sharding as the parameters
+  optimizer     2P                            AdamW mu and nu (fp32: 8 B/param)
+  accumulation  P if grad_accum_steps > 1     summed gradients carried across micro-batches
+  reduction     P_g if data x fsdp > 1        gradients before their all-reduce/reduce-scatter
+  weights       W                             weights sliced, cast and gathered for compute
+  activations   A                             tensors kept for the backward pass (below)
+
+  peak = parameters + optimizer + accumulation + max(gradients + reduction, activations + weights)
+
+Gradients fill up while the backward pass frees activations: activations peak as the backward
+pass starts, gradients (with their reduction buffers) as it ends, so the peak holds the larger
+of the two rather than their sum. "4 bytes of weights plus 20 more per parameter" is the
+unsharded rule of thumb; parameters + gradients + optimizer alone are 16 B/param in fp32.
+
+Activations. b = train.batch_size / grad_accum_steps / (data x fsdp) sequences per device,
+T = data.seq_len, c bytes of the compute dtype (model.dtype; 'auto' is planned as bfloat16, what
+it resolves to on GPUs and TPUs), D, F, H, K, Q, V, L the model sizes, /t the split by tensor
+of heads, kv heads, d_ff and vocab (by the act_* rules):
+
+  block         b·T·c·(6D + 2(H/t + K/t)Q + 5F/t)   residual stream and norm outputs, q, k, v,
+                                                    attention output; gate, up and product of
+                                                    SwiGLU (gpt2: 9D and 3F: LayerNorm, GELU)
+              + b·(H/t)·T²·(4 + c)                  attention scores in fp32 and probabilities
+                                                    ('xla', 'einsum', and 'auto' planned as the
+                                                    XLA path; cuDNN flash attention on GPUs
+                                                    would not keep these). 'blocked': only the
+                                                    causal triangle's blocks of scores, plus
+                                                    each block's copy of k and v
+  head          b·T·(3D·c + 2·4·V/t)                embedding output, final norm; fp32 logits
+                                                    and their softmax
+  out_grad      4·V·D/t                             the output projection's gradient: made
+                                                    first in the backward pass, kept to the end
+  remat off     L·block + head + out_grad
+  remat on      L·b·T·D·c + max(block, head)        each block keeps only its input; the logits
+                + out_grad                          are freed before the first block is
+                                                    recomputed, then one block at a time
+
+With scan_layers=True the scan's stacked gradients of all blocks (P of them) are allocated when
+the backward pass starts, so they count with the activations; and a scan reduce-scatters each
+block's gradients over fsdp inside the loop, so the reduction term holds one block's.
+
+Weights W: with scan_layers=False every block's weights are sliced out of the stacked
+parameters (and gathered over fsdp) and XLA keeps them all for the backward pass; with
+scan_layers=True one block's at a time. The output projection adds its gathered copy when fsdp
+splits it or the compute dtype differs from param_dtype. All in the compute dtype.
+
+Where the counts come from, and how close they are. The per-block counts (6D, 5F, two T²
+tensors) and the other terms are the buffers XLA keeps live at its peak, read from its buffer
+assignment (--xla_dump_to; jax 0.10.2, XLA:CPU, fp32), not constants fitted to a total. Against
+memory_analysis over 40 fp32 (config, mesh) pairs the plan is 11% low to 9% high: unrolled
+layers 4% low to 9% high on 2-8 devices and 4-10% low on one device (XLA keeps a third T²
+buffer there); scan_layers=True 1-11% low, because XLA:CPU packs a while loop's temporaries
+loosely (it allocates 5-30% more than the live bytes at its own peak, which this plan tracks).
+bf16 cannot be checked on CPU: XLA:CPU computes bf16 matmuls and elementwise ops in fp32, ~20%
+above this plan. remat=True needs scan_layers=True: with unrolled layers XLA merged the
+recomputation back into the forward pass and saved nothing (seen in the optimized HLO schedule
+on XLA:CPU), so remat=True with scan_layers=False is planned as remat off, and 'remat on' in
+the table and the fit search means remat with scan_layers.
+
+Fit search (--device_gb): every data x fsdp x tensor factorization of --num_devices whose
+tensor size divides the heads, kv heads, d_ff and vocab (and whose data x fsdp divides the
+micro-batch), with remat off and on, in this order of preference: remat off before on (no
+recompute), then less tensor parallelism (its activations all-reduce every block), then more
+data and less fsdp (fsdp gathers weights every step). The first that fits is printed.
+--device_gb is in GiB (2^30 bytes) of what the process may use: JAX on a GPU preallocates 75%
+of the device's memory unless told otherwise (XLA_PYTHON_CLIENT_MEM_FRACTION).
+"""
+
+import dataclasses
+import functools
+import inspect
+import math
+import sys
+import types
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+
+from lm import attention as attention_lib
+from lm import config as config_lib
+from lm import model as model_lib
+from lm import sharding
+
+GIB = 2 ** 30
+RULE_OF_THUMB_BYTES_PER_PARAM = 24  # 4 B of fp32 weights + 20 B more to train with AdamW.
+
+# Per block, the tensors XLA keeps for the backward pass in units of [b, T, width] in the
+# compute dtype (d_model-wide, d_ff-wide); q, k, v, attention output and the T x T scores come
+# on top (see the module docstring).
+_KEPT_PER_BLOCK = {'llama': (6, 5), 'gpt2': (9, 3)}
+_KEPT_OUTSIDE_BLOCKS = 3  # d_model-wide: embedding output, final norm input and output.
+_LOGITS_COPIES = 2  # fp32 [b, T, V]: the logits and their softmax (which becomes the gradient).
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """Bytes per device of one training step on one mesh (see the module docstring)."""
+  mesh: tuple  # (data, fsdp, tensor)
+  remat: bool  # Whether `activations` are the remat ones (remat=True with scan_layers=True).
+  num_params: int
+  micro_batch: int  # Sequences per device per micro-batch.
+  parameters: int
+  gradients: int
+  optimizer: int
+  accumulation: int
+  reduction: int
+  weights: int
+  activations: int
+  logits: int  # Part of `activations`.
+
+  @property
+  def total(self) -> int:
+    return (self.parameters + self.optimizer + self.accumulation
+            + max(self.gradients + self.reduction, self.activations + self.weights))
+
+
+def compute_dtype(model_config) -> str:
+  """model.dtype, with 'auto' planned as bfloat16 (what it resolves to on GPUs and TPUs)."""
+  return 'bfloat16' if model_config.dtype == 'auto' else model_config.dtype
+
+
+def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
+  return model_lib.ModelConfig.from_config(config.model, compute_dtype(config.model))
+
+
+@functools.cache
+def _parameters(cfg: model_lib.ModelConfig) -> tuple:
+  """(dotted name, shape, itemsize, logical axes) of every parameter; abstract, so no memory."""
+  shapes = jax.eval_shape(functools.partial(model_lib.init_params, cfg, 0))
+  axes = model_lib.logical_axes(cfg)
+  flat_axes = jax.tree_util.tree_flatten_with_path(
+      axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  flat_shapes = jax.tree.leaves(shapes)
+  return tuple(
+      ('.'.join(str(getattr(k, 'key', k)) for k in path), tuple(s.shape),
+       jnp.dtype(s.dtype).itemsize, names)
+      for (path, names), s in zip(flat_axes, flat_shapes))
+
+
+def _mesh_sizes(mesh) -> dict:
+  return dict(zip(sharding.MESH_AXES, mesh))
+
+
+def _shard_bytes(params, sizes: dict, rules: dict) -> int:
+  """Bytes of `params` one device holds on a mesh of these sizes (no devices needed).
+
+  Raises sharding.ShardingError naming the parameter whose dimension a split does not divide.
+  """
+  mesh = types.SimpleNamespace(shape=sizes)
+  total = 0
+  for name, shape, itemsize, axes in params:
+    spec = sharding.spec(axes, rules, mesh, shape, name)
+    elements = 1
+    for dim, part in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+      parts = () if part is None else (part,) if isinstance(part, str) else part
+      elements *= dim // math.prod(sizes[a] for a in parts)
+    total += elements * itemsize
+  return total
+
+
+def _ways(logical: str, sizes: dict, rules: dict) -> int:
+  return math.prod(sizes[a] for a in rules.get(logical, ()))
+
+
+def micro_batch_per_device(config: ml_collections.ConfigDict, sizes: dict, rules: dict) -> int:
+  """Sequences each device runs per micro-batch; raises ShardingError if they do not divide."""
+  t = config.train
+  ways = _ways('act_batch', sizes, rules)
+  if t.batch_size % t.grad_accum_steps or (t.batch_size // t.grad_accum_steps) % ways:
+    splits = ' x '.join(f'{a}={sizes[a]}' for a in rules['act_batch'])
+    raise sharding.ShardingError(
+        f'config.train.batch_size={t.batch_size} / config.train.grad_accum_steps='
+        f'{t.grad_accum_steps} is not divisible by {splits} = {ways}')
+  return t.batch_size // t.grad_accum_steps // ways
+
+
+def _attention_elements(T: int, attention: str) -> tuple[int, int]:
+  """(attention scores per head, key/value rows per kv head) kept per sequence.
+
+  T x T scores for the XLA and einsum paths ('auto' is planned as jax.nn.dot_product_attention's
+  XLA path). 'blocked' keeps only the causal triangle's blocks of scores, but also each block's
+  slice of k and v: for query block [start, stop), keys [0, stop).
+  """
+  if attention != 'blocked':
+    return T * T, 0
+  size = inspect.signature(attention_lib.blocked_attention).parameters['block_size'].default
+  stops = [min(start + size, T) for start in range(0, T, size)]
+  return sum((stop - start) * stop for start, stop in zip(range(0, T, size), stops)), sum(stops)
+
+
+def _activations(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict, rules: dict,
+                 remat: bool) -> tuple[int, int]:
+  """(activation bytes per device, of which logits): the formula in the module docstring."""
+  c = jnp.dtype(cfg.dtype).itemsize
+  D, Q, L = cfg.d_model, cfg.head_dim, cfg.num_layers
+  H = cfg.num_heads / _ways('act_heads', sizes, rules)
+  K = cfg.num_kv_heads / _ways('act_kv_heads', sizes, rules)
+  F = cfg.d_ff / _ways('act_mlp', sizes, rules)
+  V = cfg.vocab_size / _ways('act_vocab', sizes, rules)
+  kept_D, kept_F = _KEPT_PER_BLOCK[cfg.block]
+  scores, kv_rows = _attention_elements(T, cfg.attention)
+  block = (b * T * c * (kept_D * D + 2 * (H + K) * Q + kept_F * F)
+           + b * H * scores * (4 + c) + b * 2 * K * Q * kv_rows * c)
+  logits = b * T * _LOGITS_COPIES * 4 * V
+  head = b * T * _KEPT_OUTSIDE_BLOCKS * D * c + logits
+  output_gradient = jnp.dtype(cfg.param_dtype).itemsize * V * D  # Kept from first to last.
+  if remat:  # The logits are gone before the first block is recomputed.
+    return int(L * b * T * D * c + max(block, head) + output_gradient), int(logits)
+  return int(L * block + head + output_gradient), int(logits)
+
+
+def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
+             num_devices: int | None = None) -> Estimate:
+  """Per-device bytes of a train step for `config` on `mesh` = (data, fsdp, tensor).
+
+  mesh defaults to config.mesh resolved for num_devices (default: jax.device_count()).
+  Raises sharding.ShardingError when the mesh does not divide the model or the batch.
+  """
+  if mesh is None:
+    mesh = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
+  mesh = tuple(int(s) for s in mesh)
+  sizes, gathered = _mesh_sizes(mesh), _mesh_sizes((1, 1, mesh[2]))
+  rules = sharding.parse_rules(config.mesh.rules)
+  cfg = model_config(config)
+  b = micro_batch_per_device(config, sizes, rules)
+  params = _parameters(dataclasses.replace(
+      cfg, dtype='float32', remat=False, scan_layers=False, attention='einsum'))
+  blocks = [p for p in params if p[0].startswith('blocks.')]
+  output = [p for p in params if p[0] == ('embed' if cfg.tie_embeddings else 'unembed')]
+  P, P_gathered = _shard_bytes(params, sizes, rules), _shard_bytes(params, gathered, rules)
+  blocks_gathered = _shard_bytes(blocks, gathered, rules)
+  L = cfg.num_layers
+  remat = cfg.remat and cfg.scan_layers  # Unrolled, XLA merges the recomputation away.
+  activations, logits = _activations(cfg, b, config.data.seq_len, sizes, rules, remat)
+
+  # Weights sliced out of the stacked blocks, cast and gathered: all blocks' unrolled, one
+  # block's in a scan; and the output projection when it is gathered or cast.
+  cast = jnp.dtype(cfg.dtype).itemsize / jnp.dtype(cfg.param_dtype).itemsize
+  weights = blocks_gathered / (L if cfg.scan_layers else 1)
+  output_gathered = _shard_bytes(output, gathered, rules)
+  if output_gathered != _shard_bytes(output, sizes, rules) or cast != 1:
+    weights += output_gathered
+  weights *= cast
+
+  # Gradients before their cross-device reduction: XLA reduces them all together at the end,
+  # except that a scan reduce-scatters each block's over fsdp inside the loop.
+  reduction = 0
+  if sizes['data'] * sizes['fsdp'] > 1:
+    reduction = P_gathered
+    if cfg.scan_layers and sizes['fsdp'] > 1:
+      reduction += blocks_gathered // L - blocks_gathered + (P if sizes['data'] > 1 else 0)
+  if cfg.scan_layers:  # The scan's stacked block gradients exist from the backward's start.
+    activations += _shard_bytes(blocks, sizes, rules)
+
+  return Estimate(
+      mesh=mesh, remat=remat, num_params=sum(math.prod(p[1]) for p in params), micro_batch=b,
+      parameters=P, gradients=P, optimizer=2 * P,
+      accumulation=P if config.train.grad_accum_steps > 1 else 0, reduction=reduction,
+      weights=int(weights), activations=activations, logits=logits)
+
+
+def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
+  """XLA's own per-device bytes for the real sharded train step, compiled but never run.
+
+  The state and batch are jax.ShapeDtypeStructs with their shardings, so nothing is allocated.
+  On XLA:CPU the temporaries live in one preallocated block whose size (temp) the heap
+  simulator sets, arguments and outputs in their own buffers, and outputs donated into their
+  arguments (the train state) are counted once: total = argument + output - alias + temp
+  (+ generated code, 0 on CPU).
+  """
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  devices = jax.devices() if devices is None else devices
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.parse_rules(config.mesh.rules)
+  cfg = model_config(config)
+  t = config.train
+  optimizer = train_lib.make_optimizer(t, model_lib.logical_axes(cfg))
+  step_fn, shardings, batch_sharding = train_lib.sharded_train_step(cfg, t, optimizer, mesh, rules)
+  state = jax.tree.map(
+      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+      jax.eval_shape(functools.partial(train_lib.init_state, cfg, optimizer, 0)), shardings)
+  shape = (t.batch_size, config.data.seq_len)
+  batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
+           for name in ('inputs', 'targets', 'segment_ids', 'positions')}
+  batch['loss_mask'] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)
+  with sharding.active(mesh, rules):
+    stats = step_fn.lower(state, batch).compile().memory_analysis()
+  out = {
+      'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
+      'alias': stats.alias_size_in_bytes, 'temp': stats.temp_size_in_bytes,
+      'generated_code': stats.generated_code_size_in_bytes}
+  out['total'] = (out['argument'] + out['output'] - out['alias'] + out['temp']
+                  + out['generated_code'])
+  return out
+
+
+def _with_model(config: ml_collections.ConfigDict, **model) -> ml_collections.ConfigDict:
+  """An unlocked copy of config with config.model fields replaced."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(model)
+  return config
+
+
+def remat_options(config: ml_collections.ConfigDict) -> dict:
+  """{'remat off': config, 'remat on': config} as the table and the fit search compare them.
+
+  'remat on' also sets scan_layers=True: without it XLA saves nothing (module docstring).
+  """
+  return {'remat off': _with_model(config, remat=False),
+          'remat on': _with_model(config, remat=True, scan_layers=True)}
+
+
+def meshes(num_devices: int) -> list[tuple[int, int, int]]:
+  """Every (data, fsdp, tensor) with product num_devices, in the fit search's order of
+  preference: less tensor parallelism first, then less fsdp (more data)."""
+  divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+  return [(num_devices // tensor // fsdp, fsdp, tensor)
+          for tensor in divisors for fsdp in divisors if (num_devices // tensor) % fsdp == 0]
+
+
+def search(config: ml_collections.ConfigDict, num_devices: int, device_bytes: float):
+  """(first estimate that fits, or None; the smallest estimate of all) over meshes x remat.
+
+  Order of preference: remat off, then less tensor, then less fsdp (module docstring).
+  Raises sharding.ShardingError when no mesh of num_devices divides the model and batch.
+  """
+  candidates = []
+  for remat_config in remat_options(config).values():
+    for mesh in meshes(num_devices):
+      try:
+        candidates.append(estimate(remat_config, mesh))
+      except sharding.ShardingError:
+        continue  # The model's heads, d_ff or vocab, or the batch, do not divide this mesh.
+  if not candidates:
+    raise sharding.ShardingError(
+        f'no data x fsdp x tensor mesh of {num_devices} devices divides this model and batch '
+        f'(config.train.batch_size={config.train.batch_size}, config.train.grad_accum_steps='
+        f'{config.train.grad_accum_steps}, config.model.num_heads={config.model.num_heads}, '
+        f'num_kv_heads={config.model.num_kv_heads}, d_ff={config.model.d_ff}, vocab_size='
+        f'{config.model.vocab_size})')
+  fitting = [e for e in candidates if e.total <= device_bytes]
+  return (fitting[0] if fitting else None), min(candidates, key=lambda e: e.total)
+
+
+def _gib(n: float) -> str:
+  return f'{n / GIB:.2f}'
+
+
+def _describe_mesh(mesh) -> str:
+  return ' '.join(f'{a}={s}' for a, s in zip(sharding.MESH_AXES, mesh))
+
+
+def _describe_setting(e: Estimate) -> str:
+  return 'remat on (with scan_layers)' if e.remat else 'remat off'
+
+
+def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'config') -> str:
+  """The per-device table for config.mesh on num_devices: remat off and on, side by side."""
+  mesh = sharding.mesh_shape(config.mesh, num_devices)
+  off, on = (estimate(c, mesh) for c in remat_options(config).values())
+  rows = [
+      ('parameters', 'parameters'),
+      ('gradients', 'gradients'),
+      ('optimizer state (AdamW mu, nu)', 'optimizer'),
+      ('gradient accumulation', 'accumulation'),
+      ('gradients before reduction', 'reduction'),
+      ('weights cast/gathered for compute', 'weights'),
+      ('activations', 'activations'),
+      ('  of which logits (fp32)', 'logits'),
+  ]
+  dtype = compute_dtype(config.model)
+  unit, scale = ('GiB', GIB) if off.total >= GIB else ('MiB', 2 ** 20)  # Tiny models in MiB.
+  lines = [
+      f'{name}: {off.num_params:,} parameters on {num_devices} devices as '
+      f'{_describe_mesh(mesh)}; {off.micro_batch} x {config.data.seq_len} tokens per device per '
+      f'micro-batch; compute {dtype}'
+      + (" (model.dtype='auto' planned as bfloat16)" if config.model.dtype == 'auto' else ''),
+      '',
+      f'{unit + " per device":<36}{"remat off":>11}{"remat on":>11}',
+  ]
+  for label, field in rows:
+    lines.append(f'  {label:<34}{getattr(off, field) / scale:>11.2f}'
+                 f'{getattr(on, field) / scale:>11.2f}')
+  lines.append(f'  {"total (peak)":<34}{off.total / scale:>11.2f}{on.total / scale:>11.2f}')
+  lines.append('')
+  lines.append('total = parameters + optimizer + accumulation + max(gradients + reduction, '
+               'activations + weights)')
+  lines.append("'remat on' is remat=True with scan_layers=True. This config: "
+               + ('remat on' if config.model.remat and config.model.scan_layers else 'remat off')
+               + '.')
+  if config.model.remat and not config.model.scan_layers:
+    lines.append('note: config.model.remat=True with scan_layers=False saves no memory (XLA '
+                 'merges the recomputation into the forward pass); set '
+                 'config.model.scan_layers=True.')
+  one = estimate(remat_options(config)['remat off'], (1, 1, 1))
+  state = one.parameters + one.gradients + one.optimizer
+  lines.append(
+      f'rule of thumb, unsharded: {RULE_OF_THUMB_BYTES_PER_PARAM} B/param = '
+      f'{_gib(RULE_OF_THUMB_BYTES_PER_PARAM * one.num_params)} GiB; this estimate, unsharded: '
+      f'parameters + gradients + AdamW {state / one.num_params:g} B/param = {_gib(state)} GiB, '
+      f'total {_gib(one.total)} GiB with activations (remat off)')
+  return '\n'.join(lines)
+
+
+def fit_report(config: ml_collections.ConfigDict, num_devices: int,
+               device_gb: float) -> tuple[str, bool]:
+  """(what to print, whether anything fits) for the search over meshes and remat."""
+  best, smallest = search(config, num_devices, device_gb * GIB)
+  if best is None:
+    return (f'nothing fits in {device_gb:g} GiB per device on {num_devices} devices: the '
+            f'smallest is {_describe_mesh(smallest.mesh)}, {_describe_setting(smallest)}, at '
+            f'{_gib(smallest.total)} GiB per device, {_gib(smallest.total - device_gb * GIB)} '
+            'GiB more than there is. Use more devices, a smaller config.train.batch_size (or '
+            'more config.train.grad_accum_steps), or a smaller model.'), False
+  flags_ = ' '.join(f'--config.mesh.{a}={s}' for a, s in zip(sharding.MESH_AXES, best.mesh))
+  flags_ += ' --config.model.remat=True --config.model.scan_layers=True' if best.remat else (
+      ' --config.model.remat=False')
+  return (f'fits in {device_gb:g} GiB per device on {num_devices} devices: '
+          f'{_describe_mesh(best.mesh)}, {_describe_setting(best)}, {_gib(best.total)} GiB per '
+          f'device ({_gib(device_gb * GIB - best.total)} GiB spare)\n  {flags_}'), True
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).')
+_DEVICE_GB = flags.DEFINE_float(
+    'device_gb', None, 'Memory of one device in GiB: print the cheapest mesh and remat setting '
+    'that fits.')
+_NUM_DEVICES = flags.DEFINE_integer(
+    'num_devices', None, 'Devices to plan for (default: jax.device_count()); they need not exist.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
+    sys.exit(f'error: {e}')
+  num_devices = _NUM_DEVICES.value or jax.device_count()
+  failed = False
+  try:
+    print(table(config, num_devices, config_flags.get_config_filename(flags.FLAGS['config'])))
+  except sharding.ShardingError as e:
+    print(f'error: {e}', file=sys.stderr)
+    failed = True
+  if _DEVICE_GB.value is not None:
+    try:
+      text, fits = fit_report(config, num_devices, _DEVICE_GB.value)
+    except sharding.ShardingError as e:
+      text, fits = f'error: {e}', False
+    print(('\n' if not failed else '') + text)
+    failed = failed or not fits
+  sys.exit(1 if failed else 0)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main, flags_parser=config_lib.parse_flags)

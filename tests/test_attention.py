@@ -1,0 +1,79 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import attention
+
+# (B, T, H, K, Q): MHA, GQA and MQA; T = 37 and 100 do not divide by the block sizes used below.
+SHAPES = [(2, 37, 4, 4, 8), (2, 37, 4, 2, 8), (1, 100, 6, 1, 16), (3, 64, 2, 2, 4)]
+
+
+def _inputs(B, T, H, K, Q, seed=0):
+  """Random q, k, v and packed segment ids: 1-4 documents per row, of random lengths."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (B, T, H, Q))
+  k = jax.random.normal(keys[1], (B, T, K, Q))
+  v = jax.random.normal(keys[2], (B, T, K, Q))
+  rng = np.random.default_rng(seed)
+  segment_ids = np.ones((B, T), np.int32)
+  for b in range(B):
+    for start in rng.choice(np.arange(1, T), rng.integers(0, 4), replace=False):
+      segment_ids[b, start:] += 1
+  return q, k, v, jnp.asarray(segment_ids)
+
+
+def _reference(q, k, v, segment_ids):
+  return attention.einsum_attention(q, k, v, attention.segment_causal_mask(segment_ids))
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('block_size', [16, 64])
+def test_blocked_equals_einsum_forward_and_gradients(shape, block_size):
+  q, k, v, segment_ids = _inputs(*shape)
+  blocked = functools.partial(attention.blocked_attention, block_size=block_size)
+  np.testing.assert_allclose(blocked(q, k, v, segment_ids), _reference(q, k, v, segment_ids),
+                             atol=1e-5, rtol=1e-5)
+
+  cotangent = jax.random.normal(jax.random.key(1), q.shape)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v, segment_ids) * cotangent)
+
+  grads = jax.grad(functools.partial(loss, blocked), argnums=(0, 1, 2))(q, k, v)
+  expected = jax.grad(functools.partial(loss, _reference), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('implementation', ['auto', 'xla', 'einsum', 'blocked'])
+def test_every_implementation_equals_the_reference(implementation):
+  q, k, v, segment_ids = _inputs(2, 37, 4, 2, 8, seed=3)
+  out = attention.causal_attention(q, k, v, segment_ids, implementation=implementation)
+  np.testing.assert_allclose(out, _reference(q, k, v, segment_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_keeps_documents_apart_and_is_causal():
+  q, k, v, _ = _inputs(1, 40, 2, 2, 8, seed=4)
+  segment_ids = jnp.array([[1] * 25 + [2] * 15])
+  out = attention.blocked_attention(q, k, v, segment_ids, block_size=16)
+  # The second document alone, from position 0, gives the same outputs.
+  alone = attention.blocked_attention(q[:, 25:], k[:, 25:], v[:, 25:], segment_ids[:, 25:] * 0,
+                                      block_size=16)
+  np.testing.assert_allclose(out[:, 25:], alone, atol=1e-5, rtol=1e-5)
+  # Changing a later key or value never changes an earlier output.
+  changed = attention.blocked_attention(q, k.at[:, 30].add(1.0), v.at[:, 30].add(1.0),
+                                        segment_ids, block_size=16)
+  np.testing.assert_array_equal(out[:, :30], changed[:, :30])
+  assert not np.allclose(out[:, 30:], changed[:, 30:])
+
+
+def test_blocked_bf16_close_to_fp32():
+  q, k, v, segment_ids = _inputs(2, 37, 4, 2, 8, seed=5)
+  fp32 = attention.blocked_attention(q, k, v, segment_ids, block_size=16)
+  bf16 = attention.blocked_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                     v.astype(jnp.bfloat16), segment_ids, block_size=16)
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(bf16.astype(jnp.float32), fp32, atol=5e-2, rtol=5e-2)

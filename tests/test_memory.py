@@ -1,0 +1,196 @@
+"""The memory planner's arithmetic, fit search, table and CLI (one device; nothing compiles).
+
+tests/multidevice/test_memory.py checks the same estimates against XLA's compiled train step.
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lm import config as config_lib
+from lm import memory
+from lm import model as model_lib
+from lm import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D, H, K, F, V, L, T = 32, 4, 2, 64, 64, 2, 16
+
+
+def _config(mesh=(1, 1, 1), B=16, accum=1, **model):
+  config = config_lib.base_config()
+  config.model.update(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=K,
+                      d_ff=F, max_seq_len=T, dtype='float32')
+  config.model.update(model)
+  config.train.update(batch_size=B, grad_accum_steps=accum)
+  config.data.seq_len = T
+  config.mesh.update(dict(zip(sharding.MESH_AXES, mesh)))
+  return config
+
+
+def _num_params(config):
+  cfg = memory.model_config(config)
+  return model_lib.count_params(jax.eval_shape(lambda: model_lib.init_params(cfg, 0)))
+
+
+def test_unsharded_parameters_gradients_and_adam_are_16_bytes_per_param_in_fp32():
+  config = _config()
+  e = memory.estimate(config, (1, 1, 1))
+  n = _num_params(config)
+  assert e.num_params == n
+  assert e.parameters == e.gradients == 4 * n
+  assert e.optimizer == 8 * n
+  assert e.parameters + e.gradients + e.optimizer == 16 * n
+  assert e.accumulation == e.reduction == 0  # One micro-batch, one device.
+  bf16 = memory.estimate(_config(param_dtype='bfloat16'), (1, 1, 1))
+  assert bf16.parameters + bf16.gradients + bf16.optimizer == 8 * n
+
+
+def test_parameter_bytes_are_split_as_the_sharding_rules_say():
+  config = _config(B=64)
+  n = _num_params(config)
+  norms = (2 * L + 1) * D  # Norm scales: the only parameters without a tensor-split axis.
+  assert memory.estimate(config, (8, 1, 1)).parameters == 4 * n  # Replicated.
+  assert memory.estimate(config, (1, 8, 1)).parameters == 4 * n // 8  # All have 'embed'.
+  assert memory.estimate(config, (4, 1, 2)).parameters == 4 * ((n - norms) // 2 + norms)
+  assert memory.estimate(config, (2, 2, 2)).parameters == 4 * ((n - norms) // 4 + norms // 2)
+
+
+def test_activations_follow_the_documented_formula():
+  config = _config(B=4)  # b = 4 sequences of T tokens on one device, fp32.
+  Q, b, c = D // H, 4, 4
+  block = b * T * c * (6 * D + 2 * (H + K) * Q + 5 * F) + b * H * T * T * (4 + c)
+  logits = b * T * 2 * 4 * V
+  head = b * T * 3 * D * c + logits
+  e = memory.estimate(config, (1, 1, 1))
+  assert e.logits == logits
+  assert e.activations == L * block + head + 4 * V * D
+  # Remat (with scan_layers) keeps each block's input, recomputes one block at a time, and the
+  # scan's stacked block gradients exist throughout the backward pass.
+  remat = memory.estimate(memory.remat_options(config)['remat on'], (1, 1, 1))
+  blocks = remat.parameters - 4 * (2 * V * D + D)  # Everything but embeddings and final norm.
+  assert remat.activations == L * b * T * D * c + max(block, head) + 4 * V * D + blocks
+
+
+def test_blocked_attention_keeps_the_causal_triangle_and_slices_of_k_and_v():
+  elements = memory._attention_elements  # pylint: disable=protected-access
+  assert elements(128, 'xla') == elements(128, 'einsum') == (128 * 128, 0)
+  # Blocks of 64 query rows: rows 0-63 see keys 0-63, rows 64-127 see keys 0-127.
+  assert elements(128, 'blocked') == (64 * 64 + 64 * 128, 64 + 128)
+  # At T = 16 (one block) the scores are the same; each layer adds its copies of k and v.
+  xla, blocked = (memory.estimate(_config(B=1, attention=a), (1, 1, 1))
+                  for a in ('xla', 'blocked'))
+  assert blocked.activations - xla.activations == L * 2 * K * (D // H) * T * 4
+
+
+def test_activations_grow_with_the_micro_batch_and_shrink_with_tensor_parallelism():
+  small, large = (memory.estimate(_config(B=B), (1, 1, 1)) for B in (4, 8))
+  output_gradient = 4 * V * D  # The only activation-phase buffer not per token.
+  assert large.activations - output_gradient == 2 * (small.activations - output_gradient)
+  assert large.micro_batch == 2 * small.micro_batch == 8
+  data, tensor = (memory.estimate(_config(B=16), mesh) for mesh in [(2, 1, 1), (1, 1, 2)])
+  assert data.micro_batch == 8 and tensor.micro_batch == 16
+  assert tensor.activations < 2 * data.activations  # Heads, d_ff and vocab are split by 2.
+
+
+def test_peak_holds_the_larger_of_gradients_and_activations_not_their_sum():
+  # Many parameters, one short sequence per device: the gradients' all-reduce is the peak.
+  e = memory.estimate(_config(B=8, d_ff=1024), (8, 1, 1))
+  assert e.reduction == e.gradients == e.parameters  # Replicated gradients, all-reduced.
+  assert e.gradients + e.reduction > e.activations + e.weights
+  assert e.total == e.parameters + e.optimizer + e.gradients + e.reduction
+  big = memory.estimate(_config(B=64), (1, 1, 1))
+  assert big.total == big.parameters + big.optimizer + big.activations + big.weights
+  accum = memory.estimate(_config(B=64, accum=2), (1, 1, 1))
+  assert accum.accumulation == accum.parameters
+
+
+def test_remat_without_scan_layers_is_planned_as_no_remat():
+  unrolled = memory.estimate(_config(remat=True, scan_layers=False), (1, 1, 1))
+  off = memory.estimate(_config(remat=False, scan_layers=False), (1, 1, 1))
+  on = memory.estimate(_config(remat=True, scan_layers=True), (1, 1, 1))
+  assert not unrolled.remat and unrolled.total == off.total
+  assert on.remat and on.activations < off.activations
+
+
+def test_meshes_come_in_order_of_preference():
+  assert memory.meshes(8) == [
+      (8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2),
+      (2, 1, 4), (1, 2, 4), (1, 1, 8)]
+
+
+def test_search_prefers_no_remat_then_less_tensor_then_data_over_fsdp():
+  config = _config(B=64, num_heads=8, num_kv_heads=8)
+  everything = [memory.estimate(c, m) for c in memory.remat_options(config).values()
+                for m in memory.meshes(8)]
+  best, _ = memory.search(config, 8, device_bytes=math.inf)
+  assert best.mesh == (8, 1, 1) and not best.remat
+  # Just below the data=8 plan, fsdp (which splits parameters and AdamW) must take over.
+  data8 = memory.estimate(config, (8, 1, 1))
+  best, _ = memory.search(config, 8, device_bytes=data8.total - 1)
+  assert best.mesh == (4, 2, 1) and not best.remat
+  # Below every remat-off plan, remat turns on.
+  budget = min(e.total for e in everything if not e.remat) - 1
+  best, _ = memory.search(config, 8, device_bytes=budget)
+  assert best.remat and best.total <= budget
+  best, smallest = memory.search(config, 8, device_bytes=1)
+  assert best is None and smallest.total == min(e.total for e in everything)
+
+
+def test_a_mesh_or_batch_that_does_not_divide_is_a_clear_error():
+  with pytest.raises(sharding.ShardingError,
+                     match=r'blocks.attention.w_k: dimension 2 \(kv_heads=2\) is not divisible '
+                           r'by tensor=4'):
+    memory.estimate(_config(B=16), (2, 1, 4))
+  with pytest.raises(sharding.ShardingError,
+                     match=r'config.train.batch_size=12 / config.train.grad_accum_steps=1 is not '
+                           r'divisible by data=8 x fsdp=1 = 8'):
+    memory.estimate(_config(B=12), (8, 1, 1))
+  with pytest.raises(sharding.ShardingError, match='the product 3 is not the device count 8'):
+    memory.estimate(_config(mesh=(3, 1, 1)), num_devices=8)
+  with pytest.raises(sharding.ShardingError, match='no data x fsdp x tensor mesh of 7 devices'):
+    memory.search(_config(B=16), 7, device_bytes=math.inf)
+
+
+def test_plans_for_devices_that_do_not_exist():
+  config = config_lib.load_config('configs/llama_7b.py')
+  text, fits = memory.fit_report(config, 256, device_gb=1e6)
+  assert fits and 'fits in 1e+06 GiB per device on 256 devices: data=256 fsdp=1 tensor=1' in text
+  e = memory.estimate(config, (32, 8, 1))
+  assert e.parameters == pytest.approx(4 * e.num_params / 8, rel=1e-3)
+
+
+def _cli(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'lm.memory', '--config', 'configs/tiny.py', '--num_devices', '8',
+       *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_the_table_and_the_cheapest_mesh_that_fits():
+  result = _cli('--device_gb', '1')
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert 'MiB per device' in out and 'remat off' in out and 'remat on' in out
+  for row in ('parameters', 'gradients', 'optimizer state (AdamW mu, nu)', 'activations',
+              'total (peak)'):
+    assert f'\n  {row} ' in out
+  assert 'rule of thumb, unsharded: 24 B/param' in out and 'AdamW 16 B/param' in out
+  assert 'fits in 1 GiB per device on 8 devices: data=8 fsdp=1 tensor=1, remat off' in out
+  assert '--config.mesh.data=8 --config.mesh.fsdp=1 --config.mesh.tensor=1' in out
+
+
+def test_cli_says_when_nothing_fits_and_how_much_is_missing():
+  result = _cli('--device_gb', '0.001')
+  assert result.returncode == 1
+  assert 'nothing fits in 0.001 GiB per device on 8 devices: the smallest is' in result.stdout
+  assert 'GiB more than there is' in result.stdout
+
+
+def test_cli_names_the_parameter_a_mesh_does_not_divide():
+  result = _cli('--config.mesh.data=2', '--config.mesh.tensor=4')
+  assert result.returncode == 1
+  assert ('blocks.attention.w_k: dimension 2 (kv_heads=2) is not divisible by tensor=4'
+          in result.stderr)
