@@ -5,6 +5,8 @@ every process, and each process feeds only its own slice of every batch.
 """
 
 import os
+import socket
+import time
 
 import jax
 import ml_collections
@@ -29,6 +31,8 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
   if not dist.coordinator_address and not cluster_detected():
     return
   auto = dist.coordinator_address in ('', 'auto')
+  if not auto and dist.process_id != 0:
+    _wait_for_coordinator(dist)
   # CPU devices need a collectives backend to talk across processes (GPUs/TPUs have their own).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
@@ -45,3 +49,28 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
     raise DistributedError(
         f'could not join {where} within config.distributed.initialization_timeout='
         f'{dist.initialization_timeout}s: {type(e).__name__}: {str(e).splitlines()[0]}') from e
+
+
+def _wait_for_coordinator(dist: ml_collections.ConfigDict) -> None:
+  """Waits until the coordinator accepts connections, or raises DistributedError.
+
+  JAX's own client aborts the whole process (no Python exception) when it cannot reach the
+  coordinator in time, so the reachability check happens here first.
+  """
+  where = (f'coordinator {dist.coordinator_address} as process {dist.process_id} of '
+           f'{dist.num_processes}')
+  host, _, port = dist.coordinator_address.rpartition(':')
+  if not host or not port.isdigit():
+    raise DistributedError(
+        f'config.distributed.coordinator_address={dist.coordinator_address!r}: expected HOST:PORT')
+  deadline = time.monotonic() + dist.initialization_timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise DistributedError(
+            f'could not join {where} within config.distributed.initialization_timeout='
+            f'{dist.initialization_timeout}s: nothing accepted a connection there ({e})') from e
+      time.sleep(0.5)
