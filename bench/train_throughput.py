@@ -36,13 +36,16 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
 
-def load_config(name: str):
-  """configs/NAME.py's get_config()."""
+def load_config(name: str, grad_accum_steps: int = 0):
+  """configs/NAME.py's get_config(), with train.grad_accum_steps overridden unless 0."""
   path = os.path.join(_ROOT, 'configs', f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'configs.{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  config = module.get_config()
+  if grad_accum_steps:
+    config.train.grad_accum_steps = grad_accum_steps
+  return config
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
@@ -131,12 +134,12 @@ def _warm(step, warmup: int) -> float:
   return first
 
 
-def jax_setup(config_name: str, dtype: str, attention: str, warmup: int):
+def jax_setup(config_name: str, grad_accum_steps: int, dtype: str, attention: str, warmup: int):
   """lm's own sharded, jitted, donated train_step (as train.train builds it), warmed up."""
   import jax  # pylint: disable=g-import-not-at-top
   from lm import flops, model as model_lib, sharding, train  # pylint: disable=g-import-not-at-top
 
-  config = load_config(config_name)
+  config = load_config(config_name, grad_accum_steps)
   if attention:
     config.model.attention = attention
   t = config.train
@@ -164,7 +167,7 @@ def jax_setup(config_name: str, dtype: str, attention: str, warmup: int):
                     flops_per_token=flops.flops_per_token(cfg, config.data.seq_len))
 
 
-def torch_setup(config_name: str, warmup: int):
+def torch_setup(config_name: str, grad_accum_steps: int, warmup: int):
   """transformers' LlamaForCausalLM (sdpa, fp32) with torch AdamW, warmed up.
 
   The same work per step as lm's train_step: forward, masked cross-entropy, backward (over
@@ -176,7 +179,7 @@ def torch_setup(config_name: str, warmup: int):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  config = load_config(config_name)
+  config = load_config(config_name, grad_accum_steps)
   m, t = config.model, config.train
   if m.block != 'llama':
     raise ValueError(f'config {config_name}: model.block={m.block!r}; the peer is llama only')
@@ -269,6 +272,8 @@ def main():
   parser.add_argument('--dtype', default='',
                       help="JAX compute dtype; default the config's (usually 'auto')")
   parser.add_argument('--attention', default='', help='override config.model.attention')
+  parser.add_argument('--grad_accum_steps', type=int, default=0,
+                      help='override config.train.grad_accum_steps on both sides (0: keep)')
   parser.add_argument('--out', default=os.path.join(_ROOT, 'bench', 'results',
                                                     'train_throughput.json'))
   args = parser.parse_args()
@@ -290,17 +295,19 @@ def main():
   }
   rows = []
   for name in args.configs.split(','):
-    config = load_config(name)
+    config = load_config(name, args.grad_accum_steps)
     tokens_per_step = config.train.batch_size * config.data.seq_len
-    workers = {'jax': _Worker(jax_setup, name, args.dtype, args.attention, args.warmup)}
+    workers = {'jax': _Worker(jax_setup, name, args.grad_accum_steps, args.dtype, args.attention,
+                              args.warmup)}
     if not args.skip_torch:
-      workers['torch'] = _Worker(torch_setup, name, args.warmup)
+      workers['torch'] = _Worker(torch_setup, name, args.grad_accum_steps, args.warmup)
     try:
       timed = _measure(workers, args.steps, min(args.rounds, args.steps))
     finally:
       for worker in workers.values():
         worker.close()
     entry = {'batch_size': config.train.batch_size, 'seq_len': config.data.seq_len,
+             'grad_accum_steps': config.train.grad_accum_steps,
              'model': config.model.to_dict()}
     j = entry['jax'] = _summary(workers['jax'].info, timed['jax'], tokens_per_step)
     j['peak_flops'] = peaks['used'][j['dtype']]
