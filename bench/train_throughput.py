@@ -29,6 +29,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -99,7 +100,11 @@ def _time_steps(step, n: int) -> dict:
 
 def _serve(conn, setup, args):
   """Worker process: builds and warms up a step once, then times steps on request."""
-  step, info = setup(*args)
+  try:
+    step, info = setup(*args)
+  except Exception:  # pylint: disable=broad-except
+    conn.send(RuntimeError(f'{setup.__name__}{args} failed:\n{traceback.format_exc()}'))
+    return
   conn.send(info)
   while (n := conn.recv()) is not None:
     conn.send(_time_steps(step, n))
@@ -114,6 +119,8 @@ class _Worker:
     self._process = context.Process(target=_serve, args=(child, setup, args), daemon=True)
     self._process.start()
     self.info = self._conn.recv()
+    if isinstance(self.info, Exception):
+      raise self.info
 
   def time_steps(self, n: int) -> dict:
     self._conn.send(n)
@@ -254,9 +261,9 @@ def _measure(workers: dict, steps: int, rounds: int) -> dict:
 
 def _summary(info: dict, timed: dict, tokens_per_step: int) -> dict:
   step_s = statistics.median(timed['times'])
-  return {**info, 'times': timed['times'], 'step_s': step_s, 'tokens_per_s': tokens_per_step / step_s,
-          'step_s_min': min(timed['times']), 'step_s_max': max(timed['times']),
-          'others_cpu_share': max(timed['others_cpu_share'])}
+  return {**info, 'times': timed['times'], 'step_s': step_s,
+          'tokens_per_s': tokens_per_step / step_s, 'step_s_min': min(timed['times']),
+          'step_s_max': max(timed['times']), 'others_cpu_share': max(timed['others_cpu_share'])}
 
 
 def main():
@@ -285,12 +292,13 @@ def main():
   peaks = _measure_peaks()
   report = {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
-      'machine': {'cpu': flops._cpu_model(), 'cores': os.cpu_count(),  # pylint: disable=protected-access
-                  'platform': platform.platform(), 'jax_backend': jax.default_backend(),
-                  'load_avg_at_start': os.getloadavg()},
+      'machine': {'cpu': flops._cpu_model(),  # pylint: disable=protected-access
+                  'cores': os.cpu_count(), 'platform': platform.platform(),
+                  'jax_backend': jax.default_backend(), 'load_avg_at_start': os.getloadavg()},
       'versions': _versions(),
       'peak_flops': peaks,
-      'warmup_steps': args.warmup, 'timed_steps': args.steps, 'rounds': min(args.rounds, args.steps),
+      'warmup_steps': args.warmup, 'timed_steps': args.steps,
+      'rounds': min(args.rounds, args.steps),
       'results': {},
   }
   rows = []

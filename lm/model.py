@@ -80,7 +80,8 @@ def dense(x, w, axes: int = 1, preferred_element_type=None):
   """
   rows, out_shape = x.shape[:-axes], w.shape[axes:]
   x_NI = x.reshape(math.prod(rows), -1)
-  out_NO = jnp.dot(x_NI, w.reshape(x_NI.shape[1], -1), preferred_element_type=preferred_element_type)
+  w_IO = w.reshape(x_NI.shape[1], -1)
+  out_NO = jnp.dot(x_NI, w_IO, preferred_element_type=preferred_element_type)
   return out_NO.reshape(*rows, *out_shape)
 
 
