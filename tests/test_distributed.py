@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 (jax.distributed, gloo CPU collectives), 4 fake devices each."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from lm import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKPOINTS = 'checkpoints'  # train.train's checkpoint directory inside a workdir.
 
 
 def _free_port():
@@ -87,37 +89,38 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory, tokenizer):
-  """One process, 8 devices, mesh data=2 x fsdp=4, 6 steps."""
+  """One process, 8 devices, mesh data=2 x fsdp=4, 6 steps; checkpoints at steps 4 and 6."""
   workdir = tmp_path_factory.mktemp('reference')
   _one_process(workdir, tokenizer, 6, {'data': 2, 'fsdp': 4})
-  return _losses(workdir)
+  return workdir
 
 
-def test_two_processes_train_like_one_process_with_8_devices(tmp_path, tokenizer, reference):
-  outputs = _two_processes(tmp_path, tokenizer, 6, {'data': 2, 'fsdp': 4})
+def test_two_processes_train_like_one_process_and_hand_over_to_one(tmp_path, tokenizer, reference):
+  expected = _losses(reference)
+  outputs = _two_processes(tmp_path, tokenizer, 6, {'data': 2, 'fsdp': 4},
+                           '--config.train.steps_per_run=4')
   losses = _losses(tmp_path)
   # Step 1 includes compilation, so its metrics only start the throughput window.
-  assert sorted(losses) == sorted(reference) == list(range(2, 7))
-  for step in range(2, 7):
-    assert losses[step]['loss'] == pytest.approx(reference[step]['loss'], rel=1e-5), step
-  assert losses[4]['eval_loss'] == pytest.approx(reference[4]['eval_loss'], rel=1e-5)
+  assert sorted(losses) == [2, 3, 4]
+  for step in range(2, 5):
+    assert losses[step]['loss'] == pytest.approx(expected[step]['loss'], rel=1e-5), step
+  assert losses[4]['eval_loss'] == pytest.approx(expected[4]['eval_loss'], rel=1e-5)
   # Process 0 alone logs: one metrics row per step (checked above), one progress bar.
   assert 'loss=' in outputs[0][1] and 'loss=' not in outputs[1][1]
 
-
-def test_checkpoints_move_between_two_processes_and_one(tmp_path, tokenizer, reference):
-  # Two processes (fsdp over both) save step 4; one process on another mesh resumes to 6.
-  _two_processes(tmp_path / 'a', tokenizer, 6, {'data': 1, 'fsdp': 8},
-                 '--config.train.steps_per_run=4')
-  resumed = _one_process(tmp_path / 'a', tokenizer, 6, {'data': 2, 'fsdp': 2, 'tensor': 2})
+  # One process on another mesh resumes the two processes' step-4 checkpoint.
+  resumed = _one_process(tmp_path, tokenizer, 6, {'data': 2, 'fsdp': 2, 'tensor': 2})
   assert 'resumed from step 4' in resumed.stderr
-  # And the reverse: one process saves, two processes resume.
-  _one_process(tmp_path / 'b', tokenizer, 6, {'data': 8}, '--config.train.steps_per_run=4')
-  outputs = _two_processes(tmp_path / 'b', tokenizer, 6, {'data': 2, 'fsdp': 4})
+  np.testing.assert_allclose(_losses(tmp_path)[6]['loss'], expected[6]['loss'], rtol=1e-5)
+
+
+def test_two_processes_resume_a_one_process_checkpoint(tmp_path, tokenizer, reference):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(workdir / CHECKPOINTS / '6')  # Leaves the one-process step-4 checkpoint.
+  outputs = _two_processes(workdir, tokenizer, 6, {'data': 1, 'fsdp': 8})
   assert 'resumed from step 4' in outputs[0][1]
-  for workdir in (tmp_path / 'a', tmp_path / 'b'):
-    losses = _losses(workdir)
-    np.testing.assert_allclose(losses[6]['loss'], reference[6]['loss'], rtol=1e-5)
+  np.testing.assert_allclose(_losses(workdir)[6]['loss'], _losses(reference)[6]['loss'], rtol=1e-5)
 
 
 def test_an_unreachable_coordinator_is_a_clear_error(tmp_path, tokenizer):
