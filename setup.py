@@ -23,6 +23,8 @@ setuptools.setup(
         'tqdm>=4.66',
         'tensorboardX>=2.6.2',
         'matplotlib>=3.9',
+        'protobuf>=5',  # SentencePiece's ModelProto, edited by `lm.tokenizer merge`.
+        'scipy>=1.17',  # The Chinchilla fits in lm/scaling.py.
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'nbclient>=0.10', 'nbformat>=5.10',
