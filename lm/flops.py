@@ -40,17 +40,24 @@ _CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'cpu_matmul_peak.
 
 
 def matmul_params(cfg) -> int:
-  """Parameters that take part in a matmul: N in 6N (excludes embedding/position lookups)."""
+  """Parameters that take part in a matmul: N in 6N (excludes embedding/position lookups).
+
+  `cfg` is a lm.model.ModelConfig or the config.model ConfigDict (same field names).
+  """
   D, F, L = cfg.d_model, cfg.d_ff, cfg.num_layers
-  attention = D * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  attention = D * _head_dim(cfg) * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = (3 if cfg.block == 'llama' else 2) * D * F
   return L * (attention + mlp) + D * cfg.vocab_size
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
   """Training FLOPs (forward + backward) per token, PaLM appendix B."""
-  attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
   return 6 * matmul_params(cfg) + attention
+
+
+def _head_dim(cfg) -> int:
+  return cfg.d_model // cfg.num_heads  # config.model has no head_dim property.
 
 
 def _cpu_key() -> str:

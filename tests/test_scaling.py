@@ -1,0 +1,256 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm import config as config_lib
+from lm import flops
+from lm import model as model_lib
+from lm import scaling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Chinchilla's fitted law (Hoffmann et al. 2022, eq. 10), the truth of the synthetic runs.
+TRUTH = {'E': 1.69, 'A': 406.4, 'B': 410.7, 'alpha': 0.34, 'beta': 0.28}
+TRUE_A = 0.28 / (0.34 + 0.28)  # N_opt exponent beta / (alpha + beta) = 0.4516
+TRUE_G = (0.34 * 406.4 / (0.28 * 410.7)) ** (1 / 0.62)  # (alpha A / (beta B))^(1/(alpha+beta))
+
+
+def _model(**fields):
+  model = config_lib.base_config().model
+  model.update(fields)
+  return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounting.
+
+
+def test_param_counts_by_hand_llama_tied_gqa():
+  model = config_lib.load_config('configs/tiny.py').model  # V 2048, D 128, L 4, H 4, K 2, F 384
+  attention = 128 * 4 * 32 + 2 * 128 * 2 * 32 + 4 * 32 * 128  # w_q, w_k + w_v, w_o = 49152
+  mlp = 3 * 128 * 384  # gate, up, down = 147456
+  block = attention + mlp + 2 * 128  # + two RMSNorm scales = 196864
+  non_embedding = 4 * block + 128  # + final norm; the tied output is the embedding
+  assert scaling.param_counts(model) == {
+      'total': 2048 * 128 + non_embedding, 'non_embedding': 787_584, 'embedding': 262_144}
+  assert 2048 * 128 + non_embedding == 1_049_728
+
+
+def test_param_counts_by_hand_gpt2_untied():
+  model = _model(block='gpt2', vocab_size=100, d_model=16, num_layers=2, num_heads=4,
+                 num_kv_heads=4, d_ff=64, max_seq_len=32, tie_embeddings=False)
+  attention = 4 * 16 * 16 + (3 * 16 + 16)  # w_q, w_k, w_v, w_o; b_q, b_k, b_v (H*Q), b_o (D)
+  mlp = 2 * 16 * 64 + 64 + 16  # w_up, w_down; b_up, b_down
+  block = attention + mlp + 2 * (16 + 16)  # two LayerNorms (scale, bias) = 3280
+  non_embedding = 2 * block + 32 + 16 * 100  # + final LayerNorm + unembed = 8192
+  embedding = 100 * 16 + 32 * 16  # tokens + learned positions = 2112
+  assert scaling.param_counts(model) == {
+      'total': 10_304, 'non_embedding': non_embedding, 'embedding': embedding}
+
+
+@pytest.mark.parametrize('block,tie,kv_heads', [
+    ('llama', False, 4), ('llama', True, 2), ('llama', False, 1),
+    ('gpt2', False, 4), ('gpt2', True, 2), ('gpt2', False, 1)])
+def test_param_counts_match_the_model_tree(block, tie, kv_heads):
+  model = _model(block=block, tie_embeddings=tie, num_kv_heads=kv_heads, vocab_size=101,
+                 d_model=64, num_layers=3, num_heads=4, d_ff=96, max_seq_len=40)
+  cfg = model_lib.ModelConfig.from_config(model, dtype='float32')
+  tree = jax.eval_shape(lambda: model_lib.init_params(cfg, 0))
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  embedding = sum(x.size for path, x in leaves if path[-1].key in ('embed', 'pos_embed'))
+  counts = scaling.param_counts(model)
+  assert counts['total'] == model_lib.count_params(tree)
+  assert counts['embedding'] == embedding
+  assert counts['non_embedding'] == counts['total'] - embedding
+
+
+def test_flops_per_token_by_hand():
+  model = config_lib.load_config('configs/tiny.py').model
+  assert scaling.flops_per_token(model, 128, '6N') == 6 * 787_584
+  # Chinchilla appendix F, forward pass per token at T = 128 (H 4, K 2, Q 32, swiglu):
+  embedding = 2 * 2048 * 128
+  qkv = 2 * 128 * 32 * (4 + 2 * 2)
+  logits = 2 * 128 * 32 * 4  # attention logits; the reduction over values costs the same
+  softmax = 3 * 4 * 128
+  projection = 2 * 4 * 32 * 128
+  mlp = 2 * 3 * 128 * 384
+  layer = qkv + 2 * logits + softmax + projection + mlp  # 460288
+  output = 2 * 128 * 2048
+  forward = embedding + 4 * layer + output  # 2889728
+  assert scaling.flops_per_token(model, 128, 'chinchilla') == 3 * forward == 8_669_184
+  assert scaling.tokens_for_budget(1e18, model, 128) == 1e18 / (6 * 787_584)
+  assert scaling.tokens_for_budget(1e18, model, 128, 'chinchilla') == 1e18 / 8_669_184
+
+
+def test_chinchilla_count_is_the_mfu_count_plus_embedding_and_softmax():
+  model = config_lib.load_config('configs/llama_1b.py').model
+  cfg = model_lib.ModelConfig.from_config(model, dtype='float32')
+  extra = 3 * (2 * 32000 * 2048 + 3 * 22 * 32 * 2048)
+  assert scaling.flops_per_token(model, 2048, 'chinchilla') == (
+      flops.flops_per_token(cfg, 2048) + extra)
+  with pytest.raises(ValueError, match='method'):
+    scaling.flops_per_token(model, 2048, 'palm')
+
+
+# ---------------------------------------------------------------------------------------------
+# Fits, on runs drawn from TRUTH.
+
+
+def _synthetic_runs(budgets=np.logspace(18, 21, 6), points=7, span=8.0, noise=0.0, seed=0):
+  """`points` model sizes per budget, log-spaced within `span`x of the true N_opt; D = C/(6N)."""
+  rng = np.random.default_rng(seed)
+  params, flops_ = [], []
+  for budget in budgets:
+    n_opt = TRUE_G * (budget / 6) ** TRUE_A
+    params += list(n_opt * np.geomspace(1 / span, span, points))
+    flops_ += [budget] * points
+  params, flops_ = np.array(params), np.array(flops_)
+  tokens = flops_ / (6 * params)
+  loss = scaling.parametric_loss(TRUTH, params, tokens) * np.exp(
+      noise * rng.standard_normal(len(params)))
+  return {'run': np.array([f'r{i}' for i in range(len(params))]), 'params': params,
+          'tokens': tokens, 'flops': flops_, 'loss': loss}
+
+
+def _write_csv(path, runs, losses=None):
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['run', 'params', 'non_embedding_params', 'tokens', 'flops', 'loss'])
+    for i, run in enumerate(runs['run']):
+      loss = runs['loss'][i] if losses is None else losses[i]
+      writer.writerow([run, runs['params'][i], 0.9 * runs['params'][i], runs['tokens'][i],
+                       runs['flops'][i], loss])
+
+
+def test_load_results_excludes_failed_runs_with_a_warning(tmp_path):
+  runs = _synthetic_runs(budgets=[1e18], points=5)
+  path = tmp_path / 'results.csv'
+  _write_csv(path, runs, losses=[2.5, 'nan', '', 'failed', 2.4])
+  with pytest.warns(UserWarning, match=r'excluded 3 run\(s\).*r1, r2, r3'):
+    loaded = scaling.load_results(str(path))
+  assert list(loaded['run']) == ['r0', 'r4']
+  np.testing.assert_allclose(loaded['loss'], [2.5, 2.4])
+  with open(path, 'w') as f:
+    f.write('run,params,tokens,loss,status\nok,100,2000,3.5,done\nbad,100,2000,3.6,failed\n')
+  with pytest.warns(UserWarning, match=r'excluded 1 run\(s\).*: bad'):
+    loaded = scaling.load_results(str(path))
+  np.testing.assert_allclose(loaded['flops'], [6 * 100 * 2000])  # no flops column: C = 6ND
+  with pytest.raises(ValueError, match='no column'):
+    scaling.load_results(str(path), params_column='non_embedding_params')
+
+
+def test_isoflop_groups_tolerate_small_differences():
+  labels, budgets = scaling.isoflop_groups([1e18, 1.04e18, 3e18, 0.98e18, 3.1e18], rtol=0.1)
+  assert list(labels) == [0, 0, 1, 0, 1]
+  np.testing.assert_allclose(budgets, [1e18, 3.05e18])  # medians
+
+
+def test_approach1_per_budget_minimum():
+  fit = scaling.fit_approach1(_synthetic_runs(points=21, span=4.0))
+  # Minima snap to a grid of ratio 4^(1/10) = 1.15, so the exponent is only roughly recovered.
+  assert abs(fit['a'] - TRUE_A) < 0.05
+  assert fit['a'] + fit['b'] == pytest.approx(1)  # C = 6ND at every point
+  assert len(fit['minima']) == 6
+
+
+def test_approach2_recovers_the_exponent_from_noisy_isoflops():
+  fit = scaling.fit_approach2(_synthetic_runs(noise=0.005))
+  assert abs(fit['a'] - TRUE_A) < 0.03
+  assert fit['a'] + fit['b'] == pytest.approx(1)
+  at = scaling.optimal_allocation(fit, 1e21)
+  assert at['tokens'] == pytest.approx(1e21 / (6 * at['params']), rel=1e-6)
+
+
+def test_approach2_skips_and_flags_budgets_without_a_minimum():
+  runs = _synthetic_runs(budgets=[1e18, 1e19, 1e20], points=5)
+  extra = {'run': ['few0', 'few1', 'cap0', 'cap1', 'cap2', 'cap3', 'edge0', 'edge1', 'edge2'],
+           'params': [1e8, 2e8] + [1e8, 2e8, 4e8, 8e8] + [1e8, 2e8, 4e8],
+           'flops': [1e22] * 2 + [1e23] * 4 + [1e24] * 3,
+           'loss': [2.0, 2.1] + [1.0, 1.2, 1.2, 1.0] + [3.0, 2.5, 2.2]}
+  runs = {k: np.concatenate([runs[k], extra[k]]) for k in extra}
+  runs['tokens'] = runs['flops'] / (6 * runs['params'])
+  with pytest.warns(UserWarning) as caught:
+    fit = scaling.fit_approach2(runs)
+  messages = [str(w.message) for w in caught]
+  assert any('1e+22' in m and 'need 3 for a parabola; skipped' in m for m in messages)
+  assert any('1e+23' in m and 'opens downward' in m for m in messages)
+  assert any('1e+24' in m and 'outside the grid' in m for m in messages)
+  assert len(fit['skipped']) == 3
+  assert [p['flops'] for p in fit['profiles'] if 'params' in p] == pytest.approx([1e18, 1e19, 1e20])
+
+
+def test_approach3_recovers_a_noise_free_law():
+  fit = scaling.fit_approach3(_synthetic_runs(), starts=2)
+  for key, value in TRUTH.items():
+    assert fit[key] == pytest.approx(value, rel=1e-3), key
+  assert fit['a'] == pytest.approx(TRUE_A, rel=1e-3)
+  assert fit['G'] == pytest.approx(TRUE_G, rel=1e-2)
+  n_opt = scaling.optimal_allocation(fit, 5.76e23)['params']
+  assert n_opt == pytest.approx(TRUE_G * (5.76e23 / 6) ** TRUE_A, rel=1e-2)
+
+
+def test_bootstrap_is_seeded_and_drops_failed_refits():
+  runs = _synthetic_runs(budgets=[1e18, 1e19, 1e20], points=4, noise=0.01)
+  first = scaling.bootstrap(runs, scaling.fit_approach2, resamples=20, seed=3)
+  again = scaling.bootstrap(runs, scaling.fit_approach2, resamples=20, seed=3)
+  np.testing.assert_array_equal(first['a'], again['a'])
+  assert 0 < len(first['a']) < 20  # resamples with < 3 sizes in a budget cannot be fitted
+  low, high = scaling.interval(first['a'])
+  assert low <= np.median(first['a']) <= high
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI, end to end: one run shared by the tests below.
+
+
+@pytest.fixture(scope='module')
+def cli_fit(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('scaling')
+  runs = _synthetic_runs(noise=0.005, seed=1)
+  _write_csv(folder / 'results.csv', runs,
+             losses=[*runs['loss'][:-1], 'nan'])  # a failed run, excluded with a warning
+  out = folder / 'out'
+  result = subprocess.run(
+      [sys.executable, '-m', 'lm.scaling', 'fit', '--results', str(folder / 'results.csv'),
+       '--out', str(out), '--budget', '5.76e23', '1e21', '--resamples', '20'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': ROOT, 'OPENBLAS_NUM_THREADS': '1'})
+  assert result.returncode == 0, result.stderr
+  with open(out / 'fit.json') as f:
+    return json.load(f), out, result
+
+
+def test_cli_writes_fit_json_table_and_plots(cli_fit):
+  report, out, result = cli_fit
+  assert 'excluded 1 run(s)' in result.stderr
+  assert 'approach3: parametric L(N, D)' in result.stdout and 'D/N' in result.stdout
+  assert report['runs'] == 41
+  for name in ('approach1', 'approach2', 'approach3'):
+    assert [row['flops'] for row in report[name]['budgets']] == [5.76e23, 1e21]
+    row = report[name]['budgets'][0]
+    assert row['tokens_per_param']['value'] == pytest.approx(
+        row['tokens']['value'] / row['params']['value'])
+  for png in ('isoflops.png', 'allocation.png', 'parametric.png'):
+    with open(out / png, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert sorted(os.listdir(out)) == ['allocation.png', 'fit.json', 'isoflops.png',
+                                     'parametric.png']  # no temporary files left
+
+
+def test_cli_approach3_recovers_the_law_and_its_intervals_cover_it(cli_fit):
+  fit = cli_fit[0]['approach3']['fit']
+  assert fit['E']['value'] == pytest.approx(TRUTH['E'], abs=0.05)
+  assert fit['A']['value'] == pytest.approx(TRUTH['A'], rel=0.3)
+  assert fit['B']['value'] == pytest.approx(TRUTH['B'], rel=0.3)
+  assert fit['alpha']['value'] == pytest.approx(TRUTH['alpha'], abs=0.03)
+  assert fit['beta']['value'] == pytest.approx(TRUTH['beta'], abs=0.03)
+  for key, value in {**TRUTH, 'a': TRUE_A}.items():
+    assert fit[key]['low'] <= value <= fit[key]['high'], key
+  approach2 = cli_fit[0]['approach2']['fit']['a']
+  assert approach2['low'] <= TRUE_A <= approach2['high']
