@@ -6,7 +6,7 @@ setuptools.setup(
     name='lm',
     version='0.1.0',
     description='Transformer language models in JAX/Flax: training, tokenizers, scaling studies.',
-    packages=setuptools.find_packages(include=['lm', 'lm.*']),
+    packages=setuptools.find_packages(include=['lm', 'lm.*', 'launch', 'launch.*']),
     python_requires='>=3.10',
     install_requires=[
         # Lower bounds are the versions this code is tested with.
@@ -28,7 +28,9 @@ setuptools.setup(
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29'],
+                 'ipykernel>=6.29', 'ray>=2.50'],
+        # The sweep launcher's Ray backend (python -m launch.sweep --backend ray).
+        'ray': ['ray>=2.50'],
         # The PyTorch peer of bench/train_throughput.py (a CPU wheel at exactly this version).
         'bench': ['torch==2.13.0', 'transformers>=5.0'],
     },

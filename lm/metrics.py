@@ -6,6 +6,7 @@ Only process 0 writes, so multi-host runs produce one copy.
 import json
 import math
 import os
+import sys
 
 import jax
 
@@ -18,8 +19,7 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tensorboard = _summary_writer_class()(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self._active:
@@ -36,6 +36,23 @@ class MetricsWriter:
     if self._active:
       self._jsonl.close()
       self._tensorboard.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch when it is installed, only to accept torch tensors; that costs
+  2-10 s at every start of a run. Hiding torch during the import makes it fall back to numpy.
+  """
+  hide_torch = 'torch' not in sys.modules
+  if hide_torch:
+    sys.modules['torch'] = None  # `import torch` now raises ImportError.
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if hide_torch:
+      del sys.modules['torch']
+  return SummaryWriter
 
 
 def _jsonable(value):
