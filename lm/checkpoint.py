@@ -4,12 +4,17 @@ Each checkpoint is a step directory with two items: 'state' (params, optimizer s
 RNG) and 'data' (the iterator's JSON state). Orbax writes a step into a temporary directory and
 renames it only once complete, so a run killed mid-save leaves the previous checkpoints intact
 and the next run resumes from the newest complete one.
+
+Parameters alone (`save_params`, `restore_params`) start other runs (config.init_from): they are
+read from a directory holding a 'params' item (lm/vocab.py writes those) or from the 'state' of
+a training checkpoint.
 """
 
 import logging
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -70,3 +75,76 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def save_params(directory: str, params) -> None:
+  """Writes `params` as the item directory/params (synchronously)."""
+  ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(directory), 'params'),
+                                args=ocp.args.PyTreeSave(params))
+
+
+def params_shapes(path: str) -> dict:
+  """The stored parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), read from metadata."""
+  item, key = _params_item(path)
+  try:
+    tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+    tree = tree[key] if key else tree
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'cannot read the parameters in {item}: {type(e).__name__}: {e}') from e
+
+
+def restore_params(path: str, target) -> dict:
+  """Parameters of the checkpoint at `path` with the shapes, dtypes and shardings of `target`
+  (numpy arrays where a leaf has no sharding); CheckpointError names every leaf that differs."""
+  differences = _shape_differences(params_shapes(path), target)
+  if differences:
+    raise CheckpointError(f'the parameters in {path} do not fit the model: '
+                          + '; '.join(differences))
+  item, key = _params_item(path)
+  restore_args = jax.tree.map(_restore_args, target)
+  if key:
+    target, restore_args = {key: target}, {key: restore_args}
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=bool(key)))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f'cannot restore the parameters in {item}: {type(e).__name__}: {e}') from e
+  return restored[key] if key else restored
+
+
+def _params_item(path: str) -> tuple[str, str | None]:
+  """(orbax item directory, key of the params in it) for a params directory, a training
+  workdir, its checkpoints/ folder (newest step) or one step directory."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f'checkpoint directory {path} does not exist')
+  if os.path.isdir(os.path.join(path, 'params')):
+    return os.path.join(path, 'params'), None
+  if os.path.isdir(os.path.join(path, 'state')):
+    return os.path.join(path, 'state'), 'params'
+  for directory in (os.path.join(path, 'checkpoints'), path):
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    steps = [int(n) for n in names if n.isdigit()]  # Orbax's unfinished saves end in '.tmp...'.
+    if steps:
+      return os.path.join(directory, str(max(steps)), 'state'), 'params'
+  raise CheckpointError(
+      f'{path} holds no lm checkpoint: expected a params/ item (an extended checkpoint), a '
+      'state/ item (one step), or numbered steps (a workdir or its checkpoints/ folder)')
+
+
+def _restore_args(leaf) -> ocp.RestoreArgs:
+  sharding = getattr(leaf, 'sharding', None)
+  if sharding is None:
+    return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+  return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+
+def _shape_differences(stored, wanted) -> list[str]:
+  """"params['embed'] is (384, 64), the model wants (256, 64)" for each leaf that differs."""
+  stored, wanted = ({jax.tree_util.keystr(k): tuple(x.shape) for k, x in
+                     jax.tree.leaves_with_path(tree)} for tree in (stored, wanted))
+  return [f'params{name} is {stored.get(name, "missing")}, ' + (
+              f'the model wants {wanted[name]}' if name in wanted else 'not in the model')
+          for name in sorted(set(stored) | set(wanted)) if stored.get(name) != wanted.get(name)]

@@ -6,6 +6,7 @@ Configs under configs/ start from `base_config()` and change numbers. Run one wi
 """
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -17,8 +18,15 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # What lm.main does with this config. 'train': train (resuming from DIR/checkpoints if present)
-  # and evaluate on held-out text.
+  # and evaluate on held-out text. 'sample': print completions of config.sample's prompts by the
+  # newest checkpoint in DIR/checkpoints (the model fields must match the trained run's).
   config.mode = 'train'
+  # Start a new run (no checkpoint in the workdir yet) from the parameters of this checkpoint: a
+  # directory written by lm.vocab.extend_checkpoint, a training workdir, its checkpoints/ folder
+  # or one step in it. Only parameters are taken: step, optimizer state and data position start
+  # afresh, and the shapes must fit config.model. Once the run has saved a checkpoint it resumes
+  # from its own. Empty: parameters are initialised randomly.
+  config.init_from = ''
 
   # ---------------------------------------------------------------------------------------------
   # Model: a decoder-only transformer (lm/model.py).
@@ -26,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Block family. 'llama': RMSNorm, rotary positions, SwiGLU MLP, no biases.
   # 'gpt2': LayerNorm, learned absolute positions, GELU MLP, biases everywhere.
   m.block = 'llama'
-  m.vocab_size = 8192  # Rows of the embedding; must equal the tokenizer's vocabulary size.
+  # Rows of the embedding: the tokenizer's vocabulary size, or that rounded up to a multiple of
+  # 128 (lm/vocab.py pads extended vocabularies so; the extra rows are never used).
+  m.vocab_size = 8192
   m.d_model = 512  # Width of the residual stream.
   m.num_layers = 8  # Number of transformer blocks.
   m.num_heads = 8  # Query heads; d_model must be divisible by it (head_dim = d_model // num_heads).
@@ -73,6 +83,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.b2 = 0.95  # AdamW second-moment decay.
   t.eps = 1e-8  # AdamW epsilon.
   t.grad_clip = 1.0  # Clip gradients to this global norm (0 disables).
+  # Parameter groups to train, comma-separated names from PARAM_GROUPS below ('all',
+  # 'embeddings'); the others stay bit-for-bit unchanged (weight decay too) and get no optimizer
+  # state. Clipping then measures the trained parameters' gradients only.
+  t.trainable = 'all'
   t.z_loss = 0.0  # Weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1 (PaLM: 1e-4).
   t.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
   t.seed = 0  # Seeds parameter init, data shuffling and every other random choice.
@@ -119,6 +133,25 @@ def base_config() -> ml_collections.ConfigDict:
   dist.num_processes = 1  # Processes in the job (with coordinator_address).
   dist.process_id = 0  # This process's index in [0, num_processes).
   dist.initialization_timeout = 300  # Seconds to wait for all processes before giving up.
+
+  # ---------------------------------------------------------------------------------------------
+  # Sampling (mode='sample'; lm/generate.py, KV-cached).
+  config.sample = s = ml_collections.ConfigDict()
+  s.prompt = ''  # Text to complete (BOS is prepended). Empty: only the prompts_file's.
+  s.prompts_file = ''  # A text file with one more prompt per line (backslash escapes like \n work).
+  s.max_new_tokens = 64  # Tokens to generate at most per completion (prompt + this <= max_seq_len).
+  s.temperature = 1.0  # Softmax temperature; 0 is greedy decoding (deterministic).
+  s.top_k = 0  # Sample among the k most likely tokens only; 0: no limit.
+  s.top_p = 1.0  # Nucleus sampling: the most likely tokens holding this much probability; 1: all.
+  s.num_samples = 1  # Completions per prompt (each with its own seed; with beam search, the best).
+  s.seed = 0  # Seed of the first completion; the others count up from it.
+  # Beam search with this many beams instead of sampling (temperature, top_k, top_p unused).
+  # 0: sample.
+  s.beam_size = 0
+  s.length_alpha = 1.0  # Beam search ranks by sum(log p) / length**length_alpha.
+  # Cut each completion before the first of these strings, '|'-separated, backslash escapes
+  # understood (e.g. '\n\n|\ndef '). Generation also stops at the tokenizer's EOS.
+  s.stop_strings = ''
   return config
 
 
@@ -145,6 +178,25 @@ def load_config(path: str, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def config_from_json(path: str) -> ml_collections.ConfigDict:
+  """A run's saved config.json over base_config(), so fields added since keep their defaults."""
+  with open(path) as f:
+    values = json.load(f)
+  config = base_config()
+  _update(config, values, f'{path}: config')
+  return config
+
+
+def _update(config: ml_collections.ConfigDict, values: dict, where: str) -> None:
+  for name, value in values.items():
+    if name not in config:
+      raise ConfigError(f'{where}.{name} is not a field of lm.config.base_config()')
+    if isinstance(value, dict):
+      _update(config[name], value, f'{where}.{name}')
+    else:
+      config[name] = value
+
+
 def parse_flags(argv):
   """absl's flag parser for the CLIs, with a misspelled --config.a.b override reported as one
   clear line instead of a traceback."""
@@ -164,28 +216,52 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'mode': ('train',),
+    'mode': ('train', 'sample'),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.attention': ('auto', 'xla', 'einsum', 'blocked'),
+}
+# Groups of parameters config.train.trainable can name, each a test on a parameter's logical axes
+# (lm/model.py): 'embeddings' is the token embedding and the untied output projection.
+PARAM_GROUPS = {
+    'all': lambda axes: True,
+    'embeddings': lambda axes: 'vocab' in axes,
 }
 _POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
     'model.num_kv_heads', 'model.d_ff', 'model.max_seq_len', 'train.steps', 'train.batch_size',
     'train.grad_accum_steps', 'train.log_every', 'train.eval_every', 'train.eval_batches',
     'train.checkpoint_every', 'train.keep_checkpoints', 'data.seq_len',
-    'distributed.num_processes', 'distributed.initialization_timeout')
+    'distributed.num_processes', 'distributed.initialization_timeout', 'sample.max_new_tokens',
+    'sample.num_samples')
 _NON_NEGATIVE = (
     'train.warmup_steps', 'train.learning_rate', 'train.weight_decay', 'train.grad_clip',
     'train.z_loss', 'train.label_smoothing', 'train.min_lr_ratio', 'data.max_chars',
-    'train.steps_per_run')
+    'train.steps_per_run', 'sample.temperature', 'sample.top_k', 'sample.beam_size',
+    'sample.length_alpha')
 
 
 def _get(config, dotted):
   for name in dotted.split('.'):
     config = config[name]
   return config
+
+
+def _validate_sample(config: ml_collections.ConfigDict) -> None:
+  s = config.sample
+  if not 0 < s.top_p <= 1:
+    raise ConfigError(f'config.sample.top_p={s.top_p!r}: must be in (0, 1] (1: no nucleus filter)')
+  if s.beam_size and s.num_samples > s.beam_size:
+    raise ConfigError(f'config.sample.num_samples={s.num_samples} exceeds '
+                      f'config.sample.beam_size={s.beam_size}: beam search returns its best beams')
+  if config.mode == 'sample' and s.max_new_tokens >= config.model.max_seq_len:
+    raise ConfigError(f'config.sample.max_new_tokens={s.max_new_tokens} leaves no room for a '
+                      f'prompt in config.model.max_seq_len={config.model.max_seq_len}')
+  if config.mode == 'sample' and not (s.prompt or s.prompts_file):
+    raise ConfigError('config.mode=sample needs config.sample.prompt or config.sample.prompts_file')
+  if s.prompts_file and not os.path.isfile(s.prompts_file):
+    raise ConfigError(f'config.sample.prompts_file={s.prompts_file!r} does not exist')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -231,3 +307,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'[0, config.distributed.num_processes={config.distributed.num_processes})')
   if t.min_lr_ratio > 1:
     raise ConfigError(f'config.train.min_lr_ratio={t.min_lr_ratio}: must be <= 1')
+  unknown = [g for g in t.trainable.split(',') if g.strip() not in PARAM_GROUPS]
+  if unknown:
+    raise ConfigError(f'config.train.trainable={t.trainable!r}: {unknown} not among the groups '
+                      f'{tuple(PARAM_GROUPS)}; separate several with commas')
+  if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f'config.init_from={config.init_from!r}: no such directory')
+  _validate_sample(config)
+

@@ -285,15 +285,22 @@ def _cached_tokens(data_config, tokenizer: tokenizer_lib.Tokenizer, seed: int,
   return np.load(tokens_path, mmap_mode='r'), manifest, False
 
 
+def padded_vocab_size(pieces: int) -> int:
+  """Embedding rows for a tokenizer of `pieces` pieces, rounded up to a multiple of 128 so the
+  vocab dimension tiles evenly in matmuls; the extra rows are never inputs or targets."""
+  return -(-pieces // 128) * 128
+
+
 def _cached_tokenizer(data_config, vocab_size: int, seed: int,
                       workdir: str) -> tuple[tokenizer_lib.Tokenizer, bool]:
   """(tokenizer, whether it was trained now): data.tokenizer, or one trained on the corpus."""
   if data_config.tokenizer:
     tokenizer = tokenizer_lib.Tokenizer(data_config.tokenizer)
-    if tokenizer.vocab_size != vocab_size:
+    if vocab_size not in (tokenizer.vocab_size, padded_vocab_size(tokenizer.vocab_size)):
       raise ValueError(
           f'model.vocab_size={vocab_size} but data.tokenizer={data_config.tokenizer!r} has '
-          f'{tokenizer.vocab_size} pieces; set model.vocab_size={tokenizer.vocab_size}.')
+          f'{tokenizer.vocab_size} pieces; set model.vocab_size={tokenizer.vocab_size} (or '
+          f'{padded_vocab_size(tokenizer.vocab_size)}, padded for faster matmuls).')
     return tokenizer, False
   model_path = os.path.join(workdir, 'tokenizer', 'spm.model')
   manifest_path = os.path.join(workdir, 'tokenizer', 'manifest.json')

@@ -57,15 +57,24 @@ def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.Gradient
   """AdamW with global-norm clipping; weight decay only on matrices (not norms or biases).
 
   A parameter is a matrix when it has two or more axes besides the stacked 'layers' axis.
+  Parameters outside t.trainable's groups get zero updates and no optimizer state
+  (optax.set_to_zero under multi_transform).
   """
+  is_axes = lambda x: isinstance(x, tuple)
   decay_mask = jax.tree.map(
-      lambda axes: len([a for a in axes if a != 'layers']) >= 2, logical_axes,
-      is_leaf=lambda x: isinstance(x, tuple))
+      lambda axes: len([a for a in axes if a != 'layers']) >= 2, logical_axes, is_leaf=is_axes)
   adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
                       weight_decay=t.weight_decay, mask=decay_mask)
   # Always chained, so turning clipping on or off keeps the optimizer state's structure.
   clip = optax.clip_by_global_norm(t.grad_clip if t.grad_clip > 0 else float('inf'))
-  return optax.chain(clip, adamw)
+  optimizer = optax.chain(clip, adamw)
+  groups = [name.strip() for name in t.trainable.split(',')]
+  if 'all' in groups:
+    return optimizer  # The same state layout as before t.trainable existed.
+  trained = lambda axes: any(config_lib.PARAM_GROUPS[g](axes) for g in groups)
+  labels = jax.tree.map(lambda axes: 'train' if trained(axes) else 'freeze', logical_axes,
+                        is_leaf=is_axes)
+  return optax.multi_transform({'train': optimizer, 'freeze': optax.set_to_zero()}, labels)
 
 
 def loss_sums(params, batch, *, graphdef, z_loss: float = 0.0, label_smoothing: float = 0.0):
@@ -147,9 +156,11 @@ def evaluate(eval_fn, params, batches, token_bytes) -> dict:
   }
 
 
-def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int) -> TrainState:
-  """A fresh train state; pure, so jit with out_shardings creates it already sharded."""
-  params = model_lib.init_params(cfg, seed)
+def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int, params=None) -> TrainState:
+  """A fresh train state, from `params` if given (config.init_from's); pure, so jit with
+  out_shardings creates it already sharded."""
+  if params is None:
+    params = model_lib.init_params(cfg, seed)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
       rng=jax.random.key_data(jax.random.key(seed)))
@@ -162,9 +173,10 @@ def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules) -> Train
   abstract = jax.eval_shape(functools.partial(init_state, cfg, optimizer, 0))
   params = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract.params, mesh, rules)
   replicated = NamedSharding(mesh, P())
+  frozen = lambda x: isinstance(x, optax.MaskedNode)  # No state for a frozen parameter.
   opt_state = optax.tree_map_params(
-      optimizer, lambda _, param_sharding: param_sharding, abstract.opt_state, params,
-      transform_non_params=lambda _: replicated)
+      optimizer, lambda leaf, param_sharding: leaf if frozen(leaf) else param_sharding,
+      abstract.opt_state, params, transform_non_params=lambda _: replicated, is_leaf=frozen)
   return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
 
 
@@ -307,8 +319,12 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     data.train_iter.set_state(data_state)
     logging.info('resumed from step %d', int(state.step))
   else:
+    params = None
+    if config.init_from:
+      params = checkpoint_lib.restore_params(config.init_from, abstract_state.params)
+      logging.info('parameters from config.init_from=%s', config.init_from)
     state = jax.jit(functools.partial(init_state, cfg, optimizer, t.seed),
-                    out_shardings=shardings)()
+                    out_shardings=shardings, donate_argnums=0)(params)
 
   num_params = model_lib.count_params(state.params)
   flops_per_token = flops.flops_per_token(cfg, config.data.seq_len)

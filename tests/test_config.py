@@ -1,4 +1,5 @@
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def test_the_contract_fields_exist():
     ('data.seq_len', 4096, 'config.data.seq_len=4096 exceeds config.model.max_seq_len=1024'),
     ('train.learning_rate', -1.0, 'config.train.learning_rate=-1.0: must be >= 0'),
     ('mode', 'serve', "config.mode='serve'"),
+    ('train.trainable', 'embeddings,norms', "config.train.trainable='embeddings,norms': ['norms']"),
+    ('init_from', '/no/such/run', "config.init_from='/no/such/run': no such directory"),
 ])
 def test_invalid_values_name_the_field(field, value, message):
   config = config_lib.base_config()
@@ -91,3 +94,16 @@ def test_load_config_finds_repo_configs_from_anywhere_and_applies_overrides(tmp_
     config_lib.load_config('configs/tiny.py', train={'stepz': 7})
   with pytest.raises(FileNotFoundError, match='configs/nope.py'):
     config_lib.load_config('configs/nope.py')
+
+
+def test_a_saved_config_json_loads_back_with_fields_added_since_at_their_defaults(tmp_path):
+  config = config_lib.base_config()
+  config.model.vocab_size = 320
+  values = json.loads(config.to_json_best_effort())
+  del values['train']['trainable']  # Saved before the field existed.
+  (tmp_path / 'config.json').write_text(json.dumps(values))
+  assert config_lib.config_from_json(str(tmp_path / 'config.json')).to_dict() == config.to_dict()
+  values['model']['vocab'] = 320
+  (tmp_path / 'config.json').write_text(json.dumps(values))
+  with pytest.raises(config_lib.ConfigError, match='config.model.vocab is not a field'):
+    config_lib.config_from_json(str(tmp_path / 'config.json'))

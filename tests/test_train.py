@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
 from lm import model as model_lib
 from lm import train as train_lib
@@ -40,9 +41,9 @@ def _train_config(**overrides):
   return t
 
 
-def _run_steps(t, batches, cfg=CFG):
+def _run_steps(t, batches, cfg=CFG, params=None):
   optimizer = train_lib.make_optimizer(t, model_lib.logical_axes(cfg))
-  graphdef, state = model_lib.graphdef(cfg), train_lib.init_state(cfg, optimizer, seed=0)
+  graphdef, state = model_lib.graphdef(cfg), train_lib.init_state(cfg, optimizer, 0, params)
   step = jax.jit(functools.partial(
       train_lib.train_step, graphdef=graphdef, optimizer=optimizer, t=t))
   for batch in batches:
@@ -110,6 +111,36 @@ def test_train_step_is_deterministic_and_reduces_loss_on_a_repeated_batch():
   state_b, _ = _run_steps(t, [batch] * 30)
   jax.tree.map(np.testing.assert_array_equal, state_a.params, state_b.params)
   assert metrics_a['loss'] < 0.7 * np.log(CFG.vocab_size)
+
+
+def test_training_only_the_embeddings_leaves_every_other_parameter_bit_identical(tmp_path):
+  t = _train_config(trainable='embeddings', weight_decay=0.5)
+  rng = np.random.default_rng(0)  # Quicker than compiling init.
+  start = jax.tree.map(lambda x: rng.normal(0, 0.02, x.shape).astype(x.dtype),
+                       jax.eval_shape(lambda: model_lib.init_params(CFG, 0)))
+  state, _ = _run_steps(t, [_batch(seed=i) for i in range(3)], params=start)
+  for name in ('embed', 'unembed'):
+    assert not np.array_equal(state.params[name], start[name])
+  frozen = lambda params: {k: v for k, v in params.items() if k not in ('embed', 'unembed')}
+  jax.tree.map(np.testing.assert_array_equal, frozen(state.params), frozen(start))
+  moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]  # Adam's mu and nu.
+  assert sorted(moments) == sorted([start['embed'].shape, start['unembed'].shape] * 2)
+
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), async_save=False)
+  checkpointer.save(3, state, {})  # A state without moments for the frozen parameters...
+  restored, _ = checkpointer.restore_latest(state)  # ...resumes as it was.
+  checkpointer.close()
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert _leaves_equal(restored, state)
+
+
+def test_trainable_all_keeps_the_optimizer_state_of_every_parameter():
+  params = jax.eval_shape(lambda: model_lib.init_params(CFG, 0))
+  states = [train_lib.make_optimizer(_train_config(trainable=trainable),
+                                     model_lib.logical_axes(CFG)).init(params)
+            for trainable in ('all', 'embeddings, all')]
+  assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+  assert len([x for x in jax.tree.leaves(states[0]) if x.ndim]) == 2 * len(jax.tree.leaves(params))
 
 
 # -------------------------------------------------------------------------------------------

@@ -1,0 +1,208 @@
+"""Growing a trained model's vocabulary to a merged tokenizer's (OpenHathi-style extension).
+
+A tokenizer merged from a base model and one trained on a new language keeps every base piece at
+its id and appends the new ones. `extend_checkpoint` gives a model trained with the base tokenizer
+embedding rows (and, when untied, output columns) for the new pieces, padded to a multiple of 128.
+The base rows stay bit-identical, so on text that the merged tokenizer splits as the base did the
+old vocabulary's logits do not change.
+
+New rows, by `init`:
+  mean          the base rows' mean. Its logit is the mean of the old logits, so (Jensen) no new
+                piece gets more probability than the average old piece, and all of them together
+                at most n_new / (n_old + n_new): predictions barely move (Hewitt, 2021).
+  normal        per dimension from the base rows' mean and std (seeded): like a random old row.
+  subword_mean  the mean of the rows of the base pieces that spell the new piece (FVT, Gee et al.
+                2022): '▁नमस्ते' starts as the average of the base's pieces for ' नमस्ते'.
+Padding rows past the merged vocabulary get the base rows' mean whatever `init` is: they are never
+inputs or targets, the mean's logit is never dominant (above), and training only lowers it. Zeros
+would give them logit 0, which can top a trained model's logits, as the model has no output bias.
+
+The extended checkpoint is a directory:
+  params/          the parameters (an orbax item; lm.checkpoint.restore_params reads it)
+  tokenizer.model  the merged SentencePiece model
+  config.json      the source run's config, with model.vocab_size, data.tokenizer and init_from
+                   pointing here
+  config.py        get_config() of that config.json, pointing wherever the directory now is, for
+                   `python -m lm.main --config OUT/config.py --workdir NEW [--config.a.b=...]`
+  extension.json   what was done (extend_checkpoint's summary)
+It holds no optimizer state, step or data position: AdamW's moments no longer fit the shapes, and
+the new run reads a stream tokenized differently. A run from it (config.init_from) starts at step
+0 with fresh moments and warmup; config.train.trainable='embeddings' first trains only the
+embedding matrices, as OpenHathi did.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import sentencepiece as spm
+
+from lm import checkpoint as checkpoint_lib
+from lm import config as config_lib
+from lm import data as data_lib
+from lm import tokenizer as tokenizer_lib
+
+INITS = ('mean', 'normal', 'subword_mean')
+
+_CONFIG_PY = '''"""The config of the extended checkpoint in this directory (written by lm.vocab):
+python -m lm.main --config THIS_FILE --workdir NEW_WORKDIR [--config.train.trainable=embeddings]"""
+
+import os
+
+from lm import config as config_lib
+
+
+def get_config():
+  here = os.path.dirname(os.path.abspath(__file__))  # Wherever this directory has moved to.
+  config = config_lib.config_from_json(os.path.join(here, 'config.json'))
+  config.init_from, config.data.tokenizer = here, os.path.join(here, 'tokenizer.model')
+  return config
+'''
+
+
+def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: str,
+                      seed: int = 0) -> dict:
+  """Writes the extended checkpoint `out` (see above); returns what it did.
+
+  `checkpoint` is a training workdir, its checkpoints/ folder, one step in it, or an extended
+  checkpoint; `base` the SentencePiece model it was trained with, `merged` one that extends it.
+  Raises ValueError for an unknown init or tokenizers that do not fit, FileExistsError when `out`
+  holds anything, CheckpointError for a missing or unreadable checkpoint. `out` appears whole or
+  not at all.
+  """
+  if init not in INITS:
+    raise ValueError(f'init={init!r}: expected one of {INITS}')
+  out = os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise FileExistsError(f'{out} already exists and is not empty; choose a new output directory')
+  base_pieces, merged_pieces = _pieces(base), _pieces(merged)
+  _check_extends(base_pieces, merged_pieces, base, merged)
+  shapes = checkpoint_lib.params_shapes(checkpoint)
+  old_vocab = shapes['embed'].shape[0]
+  config = _source_config(checkpoint)
+  _check_vocab(old_vocab, len(base_pieces), checkpoint, base, config.data.tokenizer)
+
+  new_pieces = merged_pieces[len(base_pieces):]
+  new_vocab = data_lib.padded_vocab_size(len(merged_pieces))
+  params = extend_params(
+      checkpoint_lib.restore_params(checkpoint, shapes), base_size=len(base_pieces),
+      merged_size=len(merged_pieces), vocab_size=new_vocab, init=init, seed=seed,
+      spellings=subword_ids(base, new_pieces) if init == 'subword_mean' else None)
+  config.model.vocab_size = new_vocab
+  config.data.tokenizer = os.path.join(out, 'tokenizer.model')
+  config.init_from = out
+  summary = dict(
+      checkpoint=os.path.abspath(checkpoint), base=os.path.abspath(base),
+      merged=os.path.abspath(merged), old_vocab_size=old_vocab, new_vocab_size=new_vocab,
+      rows_added=len(new_pieces), padding_rows=new_vocab - len(merged_pieces), init=init,
+      seed=seed, out=out)
+  _write_directory(out, params, merged, {
+      'config.json': config.to_json_best_effort(indent=2), 'config.py': _CONFIG_PY,
+      'extension.json': json.dumps(summary, indent=2)})
+  return summary
+
+
+def extend_params(params: dict, *, base_size: int, merged_size: int, vocab_size: int, init: str,
+                  spellings: list[list[int]] | None = None, seed: int = 0) -> dict:
+  """params with embed [V, D] -> [vocab_size, D] and, if untied, unembed [D, V] -> [D, vocab_size]
+
+  Rows below base_size are kept as they are, rows up to merged_size come from `init` (spellings:
+  each new piece's base ids, for subword_mean), and the rest are padding (the base rows' mean).
+  """
+  rng = np.random.default_rng(seed)
+  grow = lambda table_VxD: extend_rows(table_VxD, base_size, merged_size, vocab_size, init,
+                                       spellings, rng)
+  extended = dict(params, embed=grow(params['embed']))
+  if 'unembed' in params:
+    extended['unembed'] = grow(params['unembed'].T).T
+  return extended
+
+
+def extend_rows(table_VxD: np.ndarray, base_size: int, merged_size: int, vocab_size: int,
+                init: str, spellings: list[list[int]] | None,
+                rng: np.random.Generator) -> np.ndarray:
+  """One vocab-by-D matrix grown to vocab_size rows (see extend_params)."""
+  old_VxD = np.asarray(table_VxD[:base_size])
+  mean_D = old_VxD.mean(0, dtype=np.float64)
+  N, D = merged_size - base_size, old_VxD.shape[1]
+  if init == 'mean':
+    new_NxD = np.broadcast_to(mean_D, (N, D))
+  elif init == 'normal':
+    new_NxD = mean_D + old_VxD.std(0, dtype=np.float64) * rng.standard_normal((N, D))
+  elif init == 'subword_mean':
+    new_NxD = np.array([old_VxD[ids].mean(0, dtype=np.float64) if ids else mean_D
+                        for ids in spellings]).reshape(N, D)
+  else:
+    raise ValueError(f'init={init!r}: expected one of {INITS}')
+  padding_PxD = np.broadcast_to(mean_D, (vocab_size - merged_size, D))
+  return np.concatenate([old_VxD, new_NxD.astype(old_VxD.dtype),
+                         padding_PxD.astype(old_VxD.dtype)])
+
+
+def subword_ids(base: str, pieces: list[str]) -> list[list[int]]:
+  """The base tokenizer's ids spelling each piece ('▁' as a space, and no '▁' put in front),
+  leaving out unknown pieces (a base without byte fallback cannot spell every character)."""
+  proto = tokenizer_lib.read_model_proto(base)
+  proto.normalizer_spec.add_dummy_prefix = False
+  proto.normalizer_spec.remove_extra_whitespaces = False
+  sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+  return [[i for i in sp.EncodeAsIds(piece.replace('▁', ' ')) if i != sp.unk_id()]
+          for piece in pieces]
+
+
+def _pieces(path: str) -> list[str]:
+  return [p.piece for p in tokenizer_lib.read_model_proto(path).pieces]
+
+
+def _check_extends(base_pieces: list[str], merged_pieces: list[str], base: str, merged: str):
+  differ = [i for i, (b, m) in enumerate(zip(base_pieces, merged_pieces)) if b != m]
+  if differ:
+    i = differ[0]
+    raise ValueError(
+        f'the merged tokenizer {merged} does not extend the base {base}: piece {i} is '
+        f'{merged_pieces[i]!r} there but {base_pieces[i]!r} in the base ({len(differ)} ids '
+        'differ); a merged model keeps every base piece at its id and appends the new ones')
+  if len(merged_pieces) < len(base_pieces):
+    raise ValueError(f'the merged tokenizer {merged} has {len(merged_pieces)} pieces, fewer than '
+                     f'the base {base} ({len(base_pieces)}): it does not extend it')
+
+
+def _check_vocab(old_vocab: int, base_size: int, checkpoint: str, base: str, trained_with: str):
+  if old_vocab not in (base_size, data_lib.padded_vocab_size(base_size)):
+    raise ValueError(
+        f'{checkpoint} has model.vocab_size={old_vocab} but the base tokenizer {base} has '
+        f'{base_size} pieces (expected {base_size} or {data_lib.padded_vocab_size(base_size)}, '
+        f'padded): is it the tokenizer the model was trained with (data.tokenizer='
+        f'{trained_with!r}, or WORKDIR/tokenizer/spm.model when that is empty)?')
+
+
+def _source_config(checkpoint: str):
+  """The checkpoint's run config: config.json in it or up to two directories above (a step
+  directory is WORKDIR/checkpoints/STEP)."""
+  directory = os.path.abspath(checkpoint)
+  for _ in range(3):
+    if os.path.isfile(os.path.join(directory, 'config.json')):
+      return config_lib.config_from_json(os.path.join(directory, 'config.json'))
+    directory = os.path.dirname(directory)
+  raise checkpoint_lib.CheckpointError(
+      f'no config.json in {checkpoint} or the two directories above it (lm.train writes one into '
+      'its workdir): the extended checkpoint needs the config the model was trained with')
+
+
+def _write_directory(out: str, params: dict, merged: str, files: dict[str, str]) -> None:
+  """Writes params, the merged model and `files` into a temporary sibling, then renames it."""
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f'.{os.path.basename(out)}.tmp-')
+  try:
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise stay on `out`.
+    checkpoint_lib.save_params(tmp, params)
+    shutil.copyfile(merged, os.path.join(tmp, 'tokenizer.model'))
+    for name, text in files.items():
+      with open(os.path.join(tmp, name), 'w') as f:
+        f.write(text)
+    os.rename(tmp, out)  # Fails, rather than mixing files, if `out` filled up meanwhile.
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
