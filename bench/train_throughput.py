@@ -266,6 +266,15 @@ def _summary(info: dict, timed: dict, tokens_per_step: int) -> dict:
           'step_s_max': max(timed['times']), 'others_cpu_share': max(timed['others_cpu_share'])}
 
 
+def write_report(report: dict, path: str) -> None:
+  """Writes a bench's JSON report (creating its folder) and says where."""
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=1)
+  print(f'wrote {path}')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--configs', default='tiny,llama_20m',
@@ -348,11 +357,7 @@ def main():
           f'{j["tokens_per_s"]:>10,.0f} {j["mfu"]:>6.1%} {torch_cols} {others:>6.0%}')
   print('others: the largest share of the CPUs other processes used while a side was timed; '
         'above ~10%, treat the numbers as disturbed and rerun.')
-  if os.path.dirname(args.out):
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(report, f, indent=1)
-  print(f'wrote {args.out}')
+  write_report(report, args.out)
 
 
 if __name__ == '__main__':

@@ -32,6 +32,19 @@ def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='aut
   raise ValueError(f'unknown attention implementation {implementation!r}')
 
 
+def cached_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, kv_segment_ids_BS, index):
+  """T new queries, at slots index .. index + T - 1 of a KV cache of S slots, attend to every
+  slot up to their own that holds their segment (lm/kv_cache.py; padding is segment 0).
+
+  index is one slot shared by every row (a dense cache) or one per row, [B] (a paged cache,
+  whose rows are sequences of different lengths)."""
+  T, S = q_BTHQ.shape[1], k_BSKQ.shape[1]
+  query_slot_BT = jnp.reshape(index, (-1, 1)) + jnp.arange(T)
+  causal_BTS = query_slot_BT[:, :, None] >= jnp.arange(S)
+  same_doc_BTS = segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  return einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ, (same_doc_BTS & causal_BTS)[:, None])
+
+
 def einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ, mask_B1TS):
   B, T, H, Q = q_BTHQ.shape
   K = k_BSKQ.shape[2]

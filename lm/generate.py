@@ -1,33 +1,444 @@
-"""Greedy decoding, the simplest sampler: enough to look at what a model has learned.
+"""Text generation with a KV cache: sampling (greedy, temperature, top-k, top-p) and beam search.
 
-Each new token re-runs the model over a fixed-length buffer (causal attention makes the
-unfilled tail irrelevant), all inside one jitted fori_loop. Cost is quadratic in length; a
-KV-cached decoder replaces this for real generation.
+`sample` and `beam_search` take prompts (strings with a tokenizer, or token ids) and return one
+`Completion` per result. Prompts of different lengths are left-padded into one batch
+(lm/kv_cache.py explains why): the prompt runs through the model once (prefill), then one token
+per step is decoded inside a jitted while_loop that stops when every row has emitted a stop
+token. Each row draws its random numbers from its own seed, so a row's output never depends on
+which other prompts share its batch. `load` restores a trained model from a workdir.
 """
 
+import dataclasses
 import functools
+import json
+import os
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lm import kv_cache
 from lm import model as model_lib
+from lm import tokenizer as tokenizer_lib
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'num_tokens'))
-def _greedy(graphdef, params, buffer_1L, prompt_len, num_tokens):
-  def body(i, buffer_1L):
-    logits_1LV = model_lib.apply(graphdef, params, buffer_1L)
-    position = prompt_len + i
-    next_token = jnp.argmax(logits_1LV[0, position - 1]).astype(buffer_1L.dtype)
-    return buffer_1L.at[0, position].set(next_token)
-  return jax.lax.fori_loop(0, num_tokens, body, buffer_1L)
+@dataclasses.dataclass
+class Completion:
+  tokens: list[int]  # Generated tokens (prompt excluded), up to and including a stop token.
+  logprobs: list[float]  # The model's log-probability of each token (unscaled, unfiltered).
+  text: str | None  # The tokens decoded (stop token excluded, cut before a stop string).
+  finish_reason: str  # 'stop_token', 'stop_string' or 'length'.
+  score: float | None = None  # Beam search: sum(logprobs) / len(tokens) ** length_alpha.
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the next token.
+
+def filter_logits(logits_BV, temperature, top_k, top_p):
+  """Logits divided by temperature, -inf outside the top k and outside the nucleus.
+
+  The nucleus is the smallest set of most likely tokens whose probability (after top-k) reaches
+  top_p; top_k=0 and top_p=1 disable those filters. The arguments may be traced scalars, so one
+  compilation serves every setting.
+  """
+  logits_BV = logits_BV.astype(jnp.float32) / temperature
+  V = logits_BV.shape[-1]
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+  in_top_k_BV = sorted_BV >= sorted_BV[:, k - 1][:, None]
+  probs_BV = jax.nn.softmax(jnp.where(in_top_k_BV, sorted_BV, -jnp.inf), axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  keep_BV = in_top_k_BV & ((mass_before_BV < top_p) | (top_p >= 1))
+  smallest_kept_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), -1, keepdims=True)
+  return jnp.where(logits_BV < smallest_kept_B1, -jnp.inf, logits_BV)
+
+
+def choose_tokens(logits_BV, keys_B, temperature, top_k, top_p, *, greedy: bool = False):
+  """Next token per row: the argmax if greedy, else a draw with the row's own key."""
+  if greedy:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  filtered_BV = filter_logits(logits_BV, temperature, top_k, top_p)
+  return jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching prompts.
+
+def left_pad(prompts: list[list[int]], multiple: int = 16, pad_id: int = 0):
+  """Prompts right-aligned in one [B, P] batch: (tokens, segment_ids, positions), numpy int32.
+
+  Padding is segment 0, which real tokens (segment 1) never attend to; positions count from each
+  prompt's first token, so every row sees exactly what it would alone. P is the longest prompt
+  rounded up to a multiple of `multiple`, so prompts of similar lengths share one compilation.
+  """
+  P = -(-max(len(p) for p in prompts) // multiple) * multiple
+  tokens_BP = np.full((len(prompts), P), pad_id, np.int32)
+  segment_ids_BP = np.zeros((len(prompts), P), np.int32)
+  positions_BP = np.zeros((len(prompts), P), np.int32)
+  for row, prompt in enumerate(prompts):
+    start = P - len(prompt)
+    tokens_BP[row, start:] = prompt
+    segment_ids_BP[row, start:] = 1
+    positions_BP[row, start:] = np.arange(len(prompt))
+  return tokens_BP, segment_ids_BP, positions_BP
+
+
+def _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, cache_len: int):
+  """Runs the prompts into a fresh cache of cache_len slots; returns (last logits_BV, cache)."""
+  cfg = nnx.merge(graphdef, params).cfg
+  cache = kv_cache.init(cfg, tokens_BP.shape[0], cache_len)
+  logits_BPV, cache = model_lib.apply(
+      graphdef, params, tokens_BP, segment_ids_BP, positions_BP, cache)
+  return logits_BPV[:, -1], cache
+
+
+def _decode_step(graphdef, params, tokens_B, positions_B, cache):
+  """One token per row through the model: (logits_BV, cache)."""
+  tokens_B1, positions_B1 = tokens_B[:, None], positions_B[:, None]
+  logits_B1V, cache = model_lib.apply(
+      graphdef, params, tokens_B1, jnp.ones_like(tokens_B1), positions_B1, cache)
+  return logits_B1V[:, 0], cache
+
+
+def _token_logprobs(logits_BV, tokens_B):
+  return jnp.take_along_axis(jax.nn.log_softmax(logits_BV), tokens_B[:, None], -1)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling.
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'greedy'))
+def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, stop_tokens_N,
+            temperature, top_k, top_p, *, max_new_tokens, greedy):
+  """Generated tokens_BN and logprobs_BN (N = max_new_tokens) and each row's count until and
+  including its first stop token (N if none)."""
+  B, P = tokens_BP.shape
+  logits_BV, cache = _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
+                              P + max_new_tokens)
+  keys_B = jax.vmap(jax.random.key)(seeds_B)
+
+  def body(state):
+    step, logits_BV, cache, out_BN, logprobs_BN, done_B, lengths_B = state
+    step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
+    token_B = choose_tokens(logits_BV, step_keys_B, temperature, top_k, top_p, greedy=greedy)
+    token_B = jnp.where(done_B, 0, token_B)
+    out_BN = out_BN.at[:, step].set(token_B)
+    logprobs_BN = logprobs_BN.at[:, step].set(_token_logprobs(logits_BV, token_B))
+    lengths_B = lengths_B + ~done_B
+    done_B = done_B | jnp.isin(token_B, stop_tokens_N)
+    position_B = jnp.max(positions_BP, axis=1) + 1 + step
+    logits_BV, cache = _decode_step(graphdef, params, token_B, position_B, cache)
+    return step + 1, logits_BV, cache, out_BN, logprobs_BN, done_B, lengths_B
+
+  def cond(state):
+    step, done_B = state[0], state[5]
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  zeros_BN = jnp.zeros((B, max_new_tokens), jnp.int32)
+  init = (0, logits_BV, cache, zeros_BN, zeros_BN.astype(jnp.float32),
+          jnp.zeros(B, bool), jnp.zeros(B, jnp.int32))
+  _, _, _, out_BN, logprobs_BN, _, lengths_B = jax.lax.while_loop(cond, body, init)
+  return out_BN, logprobs_BN, lengths_B
+
+
+def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           stop_tokens=None, stop_strings=(), seed=0, add_bos: bool = True) -> list[Completion]:
+  """One completion per prompt, all decoded together in one batch.
+
+  prompts: strings (encoded with `tokenizer`, after BOS unless add_bos=False) or token-id lists.
+  temperature=0 is greedy and deterministic; top_k / top_p restrict sampling to the k most
+  likely tokens / the nucleus of probability mass top_p (both together: top-k first).
+  stop_tokens default to the tokenizer's EOS. seed: an int (row i uses seed + i) or one seed per
+  prompt; a prompt's completion depends only on its own seed.
+  """
+  _check_sampling(temperature, top_k, top_p)
+  token_prompts = _encode(prompts, tokenizer, add_bos)
+  cfg = _check_lengths(graphdef, params, token_prompts, max_new_tokens)
+  seeds = _seeds(seed, len(token_prompts))
+  stop_tokens = _stop_tokens(stop_tokens, tokenizer, stop_strings)
+  tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts)
+  out_BN, logprobs_BN, lengths_B = _sample(
+      graphdef, params, tokens_BP, segment_ids_BP, positions_BP, np.asarray(seeds, np.uint32),
+      _stop_array(stop_tokens), np.float32(temperature), np.int32(min(top_k, cfg.vocab_size)),
+      np.float32(top_p), max_new_tokens=max_new_tokens, greedy=temperature == 0)
+  out_BN, logprobs_BN, lengths_B = jax.device_get((out_BN, logprobs_BN, lengths_B))
+  return [_completion(out_BN[b, :lengths_B[b]], logprobs_BN[b, :lengths_B[b]], stop_tokens,
+                      stop_strings, tokenizer) for b in range(len(token_prompts))]
 
 
 def greedy(graphdef, params, prompt: list[int], num_tokens: int) -> list[int]:
-  """The prompt followed by num_tokens greedily chosen tokens."""
+  """The prompt followed by num_tokens greedily chosen tokens (no stop tokens)."""
   if not prompt:
     raise ValueError('greedy decoding needs a non-empty prompt (e.g. [tokenizer.bos_id])')
-  length = len(prompt) + num_tokens
-  buffer_1L = jnp.zeros((1, length), jnp.int32).at[0, :len(prompt)].set(jnp.array(prompt))
-  out_1L = _greedy(graphdef, params, buffer_1L, len(prompt), num_tokens)
-  return [int(t) for t in out_1L[0]]
+  [completion] = sample(graphdef, params, [prompt], max_new_tokens=num_tokens, temperature=0.0,
+                        stop_tokens=[])
+  return list(prompt) + completion.tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search.
+
+@functools.partial(jax.jit, static_argnames=(
+    'graphdef', 'max_new_tokens', 'num_beams', 'length_alpha'))
+def _beam_search(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, stop_tokens_N, *,
+                 max_new_tokens, num_beams, length_alpha):
+  """W = num_beams beams per prompt, best first: tokens_BWN, logprobs_BWN, lengths_BW and
+  normalised scores_BW.
+
+  Every step extends each live beam by every token and keeps the W best of the W x V candidates
+  by score / length^alpha; a finished beam (it emitted a stop token) competes with its final
+  normalised score by continuing with a 0-cost padding token that does not count in its length.
+  """
+  B, P = tokens_BP.shape
+  W, N = num_beams, max_new_tokens
+  logits_BV, cache = _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, P + N)
+  rows_R = jnp.repeat(jnp.arange(B), W)  # Beam rows R = B * W, prompt-major.
+  cache = kv_cache.gather_rows(cache, rows_R)
+  logits_RV = logits_BV[rows_R]
+  next_position_R = jnp.max(positions_BP, axis=1)[rows_R] + 1
+
+  def normalised(score, length):
+    return score / jnp.maximum(length, 1).astype(jnp.float32) ** length_alpha
+
+  def body(state):
+    step, logits_RV, cache, out_BWN, logprobs_BWN, score_BW, length_BW, done_BW = state
+    V = logits_RV.shape[-1]
+    logprobs_BWV = jax.nn.log_softmax(logits_RV).reshape(B, W, V)
+    pad_only_V = jnp.where(jnp.arange(V) == 0, 0.0, -jnp.inf)
+    logprobs_BWV = jnp.where(done_BW[..., None], pad_only_V, logprobs_BWV)
+    candidate_BWV = score_BW[..., None] + logprobs_BWV
+    candidate_length_BW1 = (length_BW + ~done_BW)[..., None]
+    ranked_BWV = normalised(candidate_BWV, candidate_length_BW1)
+    _, best_BW = jax.lax.top_k(ranked_BWV.reshape(B, W * V), W)
+    beam_BW, token_BW = best_BW // V, (best_BW % V).astype(jnp.int32)
+
+    def take(x_BW):
+      return jnp.take_along_axis(x_BW, beam_BW.reshape(B, W, *[1] * (x_BW.ndim - 2)), axis=1)
+    was_done_BW = take(done_BW)
+    out_BWN = take(out_BWN).at[:, :, step].set(token_BW)
+    token_logprob_BW = jnp.take_along_axis(
+        take(logprobs_BWV), token_BW[..., None], -1)[..., 0]
+    logprobs_BWN = take(logprobs_BWN).at[:, :, step].set(token_logprob_BW)
+    score_BW = take(score_BW) + token_logprob_BW
+    length_BW = take(length_BW) + ~was_done_BW
+    done_BW = was_done_BW | jnp.isin(token_BW, stop_tokens_N)
+    source_rows_R = (jnp.arange(B)[:, None] * W + beam_BW).reshape(-1)
+    cache = kv_cache.gather_rows(cache, source_rows_R)
+    logits_RV, cache = _decode_step(graphdef, params, token_BW.reshape(-1),
+                                    next_position_R + step, cache)
+    return step + 1, logits_RV, cache, out_BWN, logprobs_BWN, score_BW, length_BW, done_BW
+
+  def cond(state):
+    return (state[0] < N) & ~jnp.all(state[-1])
+
+  first_beam_only_BW = jnp.where(jnp.arange(W) == 0, 0.0, -jnp.inf) * jnp.ones((B, 1))
+  init = (0, logits_RV, cache, jnp.zeros((B, W, N), jnp.int32), jnp.zeros((B, W, N)),
+          first_beam_only_BW, jnp.zeros((B, W), jnp.int32), jnp.zeros((B, W), bool))
+  state = jax.lax.while_loop(cond, body, init)
+  out_BWN, logprobs_BWN, score_BW, length_BW = state[3], state[4], state[5], state[6]
+  scores_BW = normalised(score_BW, length_BW)
+  order_BW = jnp.argsort(-scores_BW, axis=1)
+
+  def take(x):
+    return jnp.take_along_axis(x, order_BW.reshape(B, W, *[1] * (x.ndim - 2)), axis=1)
+  return take(out_BWN), take(logprobs_BWN), take(length_BW), take(scores_BW)
+
+
+def beam_search(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
+                num_beams: int = 4, num_return: int = 1, length_alpha: float = 1.0,
+                stop_tokens=None, stop_strings=(), add_bos: bool = True
+                ) -> list[list[Completion]]:
+  """The num_return best of num_beams beams per prompt, best first, ranked by
+  sum(logprobs) / length^length_alpha (alpha=0: raw log-probability, favouring short outputs).
+
+  Prompts, stop tokens and stop strings as in `sample` (stop strings cut the text after the
+  search; they do not steer it).
+  """
+  if not 1 <= num_return <= num_beams:
+    raise ValueError(f'num_return={num_return} must be between 1 and num_beams={num_beams}')
+  if length_alpha < 0:
+    raise ValueError(f'length_alpha={length_alpha} must be >= 0')
+  token_prompts = _encode(prompts, tokenizer, add_bos)
+  cfg = _check_lengths(graphdef, params, token_prompts, max_new_tokens)
+  if num_beams > cfg.vocab_size:
+    raise ValueError(f'num_beams={num_beams} exceeds the vocabulary size {cfg.vocab_size}')
+  stop_tokens = _stop_tokens(stop_tokens, tokenizer, stop_strings)
+  tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts)
+  results = _beam_search(
+      graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
+      _stop_array(stop_tokens), max_new_tokens=max_new_tokens,
+      num_beams=num_beams, length_alpha=float(length_alpha))
+  out_BWN, logprobs_BWN, lengths_BW, scores_BW = jax.device_get(results)
+  return [[dataclasses.replace(
+      _completion(out_BWN[b, w, :lengths_BW[b, w]], logprobs_BWN[b, w, :lengths_BW[b, w]],
+                  stop_tokens, stop_strings, tokenizer), score=float(scores_BW[b, w]))
+           for w in range(num_return)] for b in range(len(token_prompts))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and outputs.
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+  if not temperature >= 0:
+    raise ValueError(f'temperature={temperature} must be >= 0 (0: greedy)')
+  if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+    raise ValueError(f'top_k={top_k!r} must be an integer >= 0 (0: no top-k filter)')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p={top_p} must be in (0, 1] (1: no nucleus filter)')
+
+
+def _encode(prompts, tokenizer, add_bos: bool) -> list[list[int]]:
+  if isinstance(prompts, (str, bytes)) or not prompts:
+    raise ValueError(f'prompts must be a non-empty list (of strings or token-id lists), got '
+                     f'{prompts!r}')
+  encoded = []
+  for i, prompt in enumerate(prompts):
+    if isinstance(prompt, str):
+      if tokenizer is None:
+        raise ValueError(f'prompt {i} is a string: pass tokenizer= to encode it')
+      prompt = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+      raise ValueError(f'prompt {i} is empty; start it with BOS (add_bos=True) at least')
+    encoded.append(prompt)
+  return encoded
+
+
+def _check_lengths(graphdef, params, prompts, max_new_tokens: int) -> model_lib.ModelConfig:
+  """The model config, after checking every prompt's tokens are in the vocabulary and fit."""
+  cfg = nnx.merge(graphdef, params).cfg
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
+  for i, prompt in enumerate(prompts):
+    if len(prompt) + max_new_tokens > cfg.max_seq_len:
+      raise ValueError(
+          f'prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that '
+          f'exceeds the model\'s max_seq_len={cfg.max_seq_len}')
+    if not all(0 <= t < cfg.vocab_size for t in prompt):
+      raise ValueError(f'prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})')
+  return cfg
+
+
+def _seeds(seed, count: int) -> list[int]:
+  if isinstance(seed, (int, np.integer)):
+    return [int(seed) + i for i in range(count)]
+  seeds = [int(s) for s in seed]
+  if len(seeds) != count:
+    raise ValueError(f'{len(seeds)} seeds for {count} prompts; give one per prompt or an int')
+  return seeds
+
+
+def _stop_array(stop_tokens: list[int]) -> np.ndarray:
+  """Stop tokens padded with -1 (never a token) to a multiple of 8 entries: one compilation."""
+  size = max(8, -(-len(stop_tokens) // 8) * 8)
+  return np.asarray(stop_tokens + [-1] * (size - len(stop_tokens)), np.int32)
+
+
+def _stop_tokens(stop_tokens, tokenizer, stop_strings) -> list[int]:
+  if stop_strings and tokenizer is None:
+    raise ValueError('stop_strings need tokenizer= to decode the generated tokens')
+  if stop_tokens is None:
+    return [tokenizer.eos_id] if tokenizer is not None else []
+  return [int(t) for t in stop_tokens]
+
+
+def _completion(tokens, logprobs, stop_tokens, stop_strings, tokenizer) -> Completion:
+  """Host-side finish: the reason decoding stopped, the text, cut at the first stop string."""
+  tokens, logprobs = [int(t) for t in tokens], [float(x) for x in logprobs]
+  reason = 'stop_token' if tokens and tokens[-1] in stop_tokens else 'length'
+  if tokenizer is None:
+    return Completion(tokens, logprobs, None, reason)
+  body = tokens[:-1] if reason == 'stop_token' else tokens
+  text = tokenizer.decode(body)
+  cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+  if cut < 0:
+    return Completion(tokens, logprobs, text, reason)
+  # The fewest tokens whose text reaches the stop string.
+  n = next(n for n in range(1, len(body) + 1) if len(tokenizer.decode(body[:n])) > cut)
+  return Completion(tokens[:n], logprobs[:n], text[:cut], 'stop_string')
+
+
+def load(config, workdir: str):
+  """(graphdef, params, tokenizer) from the newest checkpoint in workdir/checkpoints, with the
+  parameters placed on config.mesh (generate inside `sharding.active` to keep them there).
+
+  The model and tokenizer fields come from the run's saved workdir/config.json when there is
+  one (else from `config`); the tokenizer is data.tokenizer, or the one training put in
+  workdir/tokenizer.
+  """
+  from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from lm import flops, sharding  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise FileNotFoundError(
+        f'no checkpoint in {directory}: train first (python -m lm.main --config ... '
+        f'--workdir {workdir}) or pass the --workdir of a trained run')
+  config = _with_run_model(config, workdir)
+  tokenizer_path = config.data.tokenizer or os.path.join(workdir, 'tokenizer', 'spm.model')
+  tokenizer = tokenizer_lib.Tokenizer(tokenizer_path)
+  cfg = model_lib.ModelConfig.from_config(config.model, flops.resolve_dtype(config.model.dtype))
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = jax.eval_shape(functools.partial(model_lib.init_params, cfg, 0))
+  shardings = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract, mesh,
+                                      sharding.parse_rules(config.mesh.rules))
+  target = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
+                        abstract, shardings)
+  return model_lib.graphdef(cfg), checkpoint_lib.restore_params(directory, target), tokenizer
+
+
+def _with_run_model(config, workdir: str):
+  """config with model and data.tokenizer as the run in workdir saved them (config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return config
+  with open(path) as f:
+    saved = json.load(f)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.update(saved.get('model', {}))
+    config.data.tokenizer = saved.get('data', {}).get('tokenizer', config.data.tokenizer)
+  return config
+
+
+def read_prompts(sample_config) -> list[str]:
+  """config.sample.prompt, then one prompt per line of config.sample.prompts_file."""
+  prompts = [sample_config.prompt] if sample_config.prompt else []
+  if sample_config.prompts_file:
+    with open(sample_config.prompts_file) as f:
+      prompts += [_unescape(line.rstrip('\n')) for line in f if line.strip()]
+  return prompts
+
+
+def _unescape(text: str) -> str:
+  return text.encode('utf-8').decode('unicode_escape').encode('latin-1').decode('utf-8')
+
+
+def sample_from_config(config, workdir: str) -> list[tuple[str, list[Completion]]]:
+  """(prompt, completions) for each of config.sample's prompts, by workdir's newest checkpoint:
+  what `python -m lm.main --config.mode=sample` prints."""
+  from lm import sharding  # pylint: disable=g-import-not-at-top
+  s = config.sample
+  graphdef, params, tokenizer = load(config, workdir)
+  prompts = read_prompts(s)
+  stop_strings = [_unescape(x) for x in s.stop_strings.split('|') if x]
+  common = dict(tokenizer=tokenizer, max_new_tokens=s.max_new_tokens, stop_strings=stop_strings)
+  mesh = sharding.make_mesh(config.mesh)
+  try:
+    with sharding.active(mesh, sharding.parse_rules(config.mesh.rules)):
+      results = _run(graphdef, params, prompts, s, common)
+  except ValueError as e:
+    raise ValueError(f'config.sample: {e}') from e
+  return list(zip(prompts, results))
+
+
+def _run(graphdef, params, prompts, s, common) -> list[list[Completion]]:
+  """config.sample's beam search or sampling, num_samples completions per prompt."""
+  if s.beam_size:
+    return beam_search(graphdef, params, prompts, num_beams=s.beam_size,
+                       num_return=s.num_samples, length_alpha=s.length_alpha, **common)
+  repeated = [p for p in prompts for _ in range(s.num_samples)]
+  flat = sample(graphdef, params, repeated, temperature=s.temperature, top_k=s.top_k,
+                top_p=s.top_p, seed=s.seed, **common)
+  return [flat[i:i + s.num_samples] for i in range(0, len(flat), s.num_samples)]

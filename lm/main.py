@@ -41,6 +41,17 @@ def main(argv):
             ValueError, FileNotFoundError) as e:  # ShardingError and data errors are ValueErrors.
       sys.exit(f'error: {e}')
     logging.info('done: %s', metrics)
+  elif config.mode == 'sample':
+    from lm import checkpoint, generate  # pylint: disable=g-import-not-at-top
+    try:
+      results = generate.sample_from_config(config, _WORKDIR.value)
+    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+      sys.exit(f'error: {e}')
+    for prompt, completions in results:
+      for i, completion in enumerate(completions):
+        score = '' if completion.score is None else f', score {completion.score:.3f}'
+        print(f'=== prompt {prompt!r}, completion {i} ({completion.finish_reason}{score})')
+        print(prompt + completion.text, flush=True)
 
 
 def run():

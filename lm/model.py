@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import attention as attention_lib
+from lm import kv_cache
 from lm import sharding
 
 
@@ -140,7 +141,10 @@ class Attention(nnx.Module):
       self.b_v = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
       self.b_o = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None):
+    """Returns (out_BTD, cache). With a KV cache (decoding, lm/kv_cache.py; cache['layer'] says
+    which layer this is), the T new tokens sit at slots cache['index'] + t and attend to every
+    earlier slot of their segment; their keys and values are written into the returned cache."""
     cfg, dt = self.cfg, self.cfg.dtype
     q_BTHQ = dense(x_BTD, self.w_q[...].astype(dt))  # 'btd,dhq->bthq'
     k_BTKQ = dense(x_BTD, self.w_k[...].astype(dt))  # 'btd,dkq->btkq'
@@ -155,12 +159,17 @@ class Attention(nnx.Module):
     else:
       q_BTHQ = rotary(q_BTHQ, positions_BT, cfg.rope_theta)
       k_BTKQ = rotary(k_BTKQ, positions_BT, cfg.rope_theta)
-    out_BTHQ = attention_lib.causal_attention(
-        q_BTHQ, k_BTKQ, v_BTKQ, segment_ids_BT, implementation=cfg.attention)
+    if cache is None:
+      out_BTHQ = attention_lib.causal_attention(
+          q_BTHQ, k_BTKQ, v_BTKQ, segment_ids_BT, implementation=cfg.attention)
+    else:
+      cache, k_BSKQ, v_BSKQ = kv_cache.write(cache, k_BTKQ, v_BTKQ)
+      out_BTHQ = attention_lib.cached_attention(
+          q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, cache['segment_ids'], cache['index'])
     out_BTD = dense(out_BTHQ, self.w_o[...].astype(dt), axes=2)  # 'bthq,hqd->btd'
     if cfg.block == 'gpt2':
       out_BTD += self.b_o[...].astype(dt)
-    return out_BTD
+    return out_BTD, cache
 
 
 class MLP(nnx.Module):
@@ -202,11 +211,12 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
-    x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT)
-    x_BTD = sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed'))
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None):
+    attention_BTD, cache = self.attention(
+        self.attention_norm(x_BTD), segment_ids_BT, positions_BT, cache)
+    x_BTD = sharding.constrain(x_BTD + attention_BTD, ('act_batch', 'act_seq', 'act_embed'))
     x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-    return sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed'))
+    return sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed')), cache
 
 
 class Transformer(nnx.Module):
@@ -229,9 +239,12 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
 
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None):
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None):
     """segment_ids (1, 2, ... per packed document) keep documents from attending to each other;
-    positions restart at 0 in each document. Both default to one document per row."""
+    positions restart at 0 in each document. Both default to one document per row.
+
+    With a KV cache (lm/kv_cache.py) the tokens continue what the cache holds, and the result
+    is (logits_BTV, the cache with them appended)."""
     cfg = self.cfg
     B, T = tokens_BT.shape
     if segment_ids_BT is None:
@@ -245,22 +258,32 @@ class Transformer(nnx.Module):
     x_BTD = sharding.constrain(x_BTD.astype(cfg.dtype), ('act_batch', 'act_seq', 'act_embed'))
 
     block_graph, block_params = nnx.split(self.blocks)
+    if cache is not None:
+      cache = kv_cache.prepare(cache, segment_ids_BT)
 
-    def run_block(x_BTD, params):
-      return nnx.merge(block_graph, params)(x_BTD, segment_ids_BT, positions_BT), None
+    def run_block(x_and_cache, params_and_layer):
+      (x_BTD, cache), (params, layer) = x_and_cache, params_and_layer
+      if cache is not None:
+        cache = kv_cache.at_layer(cache, layer)
+      block = nnx.merge(block_graph, params)
+      return block(x_BTD, segment_ids_BT, positions_BT, cache), None
 
     if cfg.remat:
       run_block = jax.checkpoint(run_block, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      x_BTD, _ = jax.lax.scan(run_block, x_BTD, block_params)
+      layers = None if cache is None else jnp.arange(cfg.num_layers)
+      (x_BTD, cache), _ = jax.lax.scan(run_block, (x_BTD, cache), (block_params, layers))
     else:
       for layer in range(cfg.num_layers):
-        x_BTD, _ = run_block(x_BTD, jax.tree.map(lambda p: p[layer], block_params))
+        layer_params = jax.tree.map(lambda p: p[layer], block_params)
+        (x_BTD, cache), _ = run_block(
+            (x_BTD, cache), (layer_params, None if cache is None else layer))
 
     x_BTD = self.final_norm(x_BTD)
     unembed_DV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
     logits_BTV = dense(x_BTD, unembed_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    return sharding.constrain(logits_BTV, ('act_batch', 'act_seq', 'act_vocab'))
+    logits_BTV = sharding.constrain(logits_BTV, ('act_batch', 'act_seq', 'act_vocab'))
+    return logits_BTV if cache is None else (logits_BTV, kv_cache.advance(cache, T))
 
 
 def init(cfg: ModelConfig, seed: int):
@@ -279,9 +302,9 @@ def graphdef(cfg: ModelConfig):
   return nnx.graphdef(abstract)
 
 
-def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None):
-  """Pure forward pass: logits_BTV (fp32) from a params dict."""
-  return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT)
+def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None):
+  """Pure forward pass: logits_BTV (fp32) from a params dict; (logits_BTV, cache) with a cache."""
+  return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT, cache)
 
 
 def logical_axes(cfg: ModelConfig):
