@@ -25,6 +25,7 @@ usual, and lm.main checkpoints on SIGTERM); rerunning --mode plan lists only wha
 import collections
 import concurrent.futures
 import csv
+import functools
 import json
 import logging as std_logging
 import os
@@ -32,6 +33,7 @@ import shlex
 import shutil
 import sys
 import time
+import types
 
 from absl import app
 from absl import flags
@@ -45,15 +47,6 @@ from lm import metrics as metrics_lib
 from launch import backends
 from launch import plan as plan_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Sweep config (configs/sweeps/*.py).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the sweep: runs, results.csv.')
-_BACKEND = flags.DEFINE_enum('backend', 'local', ['local', 'ray'], 'Where jobs run.')
-_RAY_ADDRESS = flags.DEFINE_string('ray_address', None,
-                                   'Ray cluster to join; empty: start a local Ray instance.')
-_MAX_PARALLEL = flags.DEFINE_integer('max_parallel', None, 'Jobs at once.')
-_RETRIES = flags.DEFINE_integer('retries', 2, 'Attempts after the first before giving up.')
-_MODE = flags.DEFINE_enum('mode', 'run', ['run', 'plan', 'collect'], 'What to do.')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 RESULT_COLUMNS = ('run', 'budget', 'params', 'non_embedding_params', 'tokens', 'flops', 'loss',
                   'status', 'steps', 'd_model', 'num_layers', 'num_heads', 'd_ff',
@@ -313,33 +306,50 @@ srun bash -c "$line"
 """
 
 
-def main(argv):
+def define_flags() -> types.SimpleNamespace:
+  """The command's flags. Defined when it runs, not on import, so that importing this module
+  beside another command's module (tests, notebooks) does not define --config twice."""
+  names = types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file('config', None,
+                                             'Sweep config (configs/sweeps/*.py).'),
+      workdir=flags.DEFINE_string('workdir', None, 'Directory of the sweep: runs, results.csv.'),
+      backend=flags.DEFINE_enum('backend', 'local', ['local', 'ray'], 'Where jobs run.'),
+      ray_address=flags.DEFINE_string(
+          'ray_address', None, 'Ray cluster to join; empty: start a local Ray instance.'),
+      max_parallel=flags.DEFINE_integer('max_parallel', None, 'Jobs at once.'),
+      retries=flags.DEFINE_integer('retries', 2, 'Attempts after the first before giving up.'),
+      mode=flags.DEFINE_enum('mode', 'run', ['run', 'plan', 'collect'], 'What to do.'))
+  flags.mark_flags_as_required(['config', 'workdir'])
+  return names
+
+
+def main(argv, args: types.SimpleNamespace):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_NoLibraryInfo())
-  sweep, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  max_parallel = _MAX_PARALLEL.value or max(1, (os.cpu_count() or 2) // 2)
+  sweep, workdir = args.config.value, os.path.abspath(args.workdir.value)
+  max_parallel = args.max_parallel.value or max(1, (os.cpu_count() or 2) // 2)
   os.makedirs(workdir, exist_ok=True)
   try:
-    runs = prepare(sweep, workdir, write=_MODE.value != 'collect')
+    runs = prepare(sweep, workdir, write=args.mode.value != 'collect')
   except (ValueError, config_lib.ConfigError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
   logging.info('%d runs: %s', len(runs), ', '.join(r.name for r in runs))
-  if _MODE.value == 'collect':
+  if args.mode.value == 'collect':
     rows = [result_row(workdir, r, 'done' if final_eval(workdir, r) else 'unfinished', 0, 0.0)
             for r in runs]
     write_results(os.path.join(workdir, 'results.csv'), rows)
     print(f'{sum(r["status"] == "done" for r in rows)}/{len(rows)} runs done: '
           f'{workdir}/results.csv')
     return
-  if _MODE.value == 'plan':
+  if args.mode.value == 'plan':
     print('wrote ' + ', '.join(write_plan(sweep, workdir, runs, max_parallel)))
     return
   jobs = {r.name: make_job(sweep, workdir, r) for r in runs}
-  backend = backends.make_backend(_BACKEND.value, max_parallel, _RAY_ADDRESS.value)
+  backend = backends.make_backend(args.backend.value, max_parallel, args.ray_address.value)
   start = time.perf_counter()
   try:
-    status = execute(runs, jobs, backend, workdir, _RETRIES.value)
+    status = execute(runs, jobs, backend, workdir, args.retries.value)
   finally:
     backend.close()
   failed = sorted(n for n, s in status.items() if s != 'done')
@@ -357,4 +367,4 @@ class _NoLibraryInfo(std_logging.Filter):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(functools.partial(main, args=define_flags()), flags_parser=config_lib.parse_flags)

@@ -441,32 +441,40 @@ def fit_report(config: ml_collections.ConfigDict, num_devices: int,
           f'device ({_gib(device_gb * GIB - best.total)} GiB spare)\n  {flags_}'), True
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).')
-_DEVICE_GB = flags.DEFINE_float(
-    'device_gb', None, 'Memory of one device in GiB: print the cheapest mesh and remat setting '
-    'that fits.')
-_NUM_DEVICES = flags.DEFINE_integer(
-    'num_devices', None, 'Devices to plan for (default: jax.device_count()); they need not exist.')
+def define_flags() -> types.SimpleNamespace:
+  """The command's flags. Defined when it runs, not on import, so that importing this module
+  beside another command's module (tests, notebooks) does not define --config twice."""
+  names = types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file('config', None,
+                                             'Path to a config file (configs/*.py).'),
+      device_gb=flags.DEFINE_float(
+          'device_gb', None, 'Memory of one device in GiB: print the cheapest mesh and remat '
+          'setting that fits.'),
+      num_devices=flags.DEFINE_integer(
+          'num_devices', None,
+          'Devices to plan for (default: jax.device_count()); they need not exist.'))
+  flags.mark_flag_as_required('config')
+  return names
 
 
-def main(argv):
+def main(argv, args: types.SimpleNamespace):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
+  config = args.config.value
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
-  num_devices = _NUM_DEVICES.value or jax.device_count()
+  num_devices = args.num_devices.value or jax.device_count()
   failed = False
   try:
     print(table(config, num_devices, config_flags.get_config_filename(flags.FLAGS['config'])))
   except sharding.ShardingError as e:
     print(f'error: {e}', file=sys.stderr)
     failed = True
-  if _DEVICE_GB.value is not None:
+  if args.device_gb.value is not None:
     try:
-      text, fits = fit_report(config, num_devices, _DEVICE_GB.value)
+      text, fits = fit_report(config, num_devices, args.device_gb.value)
     except sharding.ShardingError as e:
       text, fits = f'error: {e}', False
     print(('\n' if not failed else '') + text)
@@ -475,5 +483,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
-  app.run(main, flags_parser=config_lib.parse_flags)
+  app.run(functools.partial(main, args=define_flags()), flags_parser=config_lib.parse_flags)
