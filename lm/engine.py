@@ -12,8 +12,9 @@ are taken one at a time as the sequence grows and all return to the pool when it
 stops included. Scheduling is first come, first served.
 
 Two jitted step functions with static shapes: `_prefill` runs one admitted prompt (padded to a
-multiple of block_size, one compilation per multiple) and `_decode` runs one token for every
-slot ([slots] tokens, [slots, max blocks per sequence] block table); idle slots write to the
+multiple of block_size, one compilation per multiple) and `_decode` runs `steps_per_call` tokens
+for every slot ([slots] tokens, [slots, max blocks per sequence] block table) in one call, so
+the host's round trip is paid once per call rather than once per token; idle slots write to the
 scratch block 0. Tokens are chosen as lm/generate.py chooses them (per-request key folded with
 the step number), so each completion equals `generate.sample` on that request alone.
 """
@@ -134,16 +135,28 @@ def _prefill(graphdef, params, pool, tokens_1P, length, block_table_1M, sampling
   return token_1, logprob_1, {'k': cache['k'], 'v': cache['v']}
 
 
-@functools.partial(jax.jit, static_argnames='graphdef', donate_argnames='pool')
-def _decode(graphdef, params, pool, tokens_B, lengths_B, block_table_BM, steps_B, sampling):
-  """Every slot's last token at position lengths_B: (next tokens_B, logprobs_B, pool)."""
-  tokens_B1 = tokens_B[:, None]
-  cache = kv_cache.paged(pool, block_table_BM, lengths_B)
-  logits_B1V, cache = model_lib.apply(
-      graphdef, quantize.dequantize(params), tokens_B1, jnp.ones_like(tokens_B1),
-      lengths_B[:, None], cache)
-  tokens_B, logprobs_B = _choose(logits_B1V[:, 0], sampling, steps_B)
-  return tokens_B, logprobs_B, {'k': cache['k'], 'v': cache['v']}
+@functools.partial(jax.jit, static_argnames=('graphdef', 'num_steps'), donate_argnames='pool')
+def _decode(graphdef, params, pool, tokens_B, lengths_B, block_table_BM, steps_B, sampling,
+            num_steps):
+  """num_steps tokens for every slot, each fed back as the next input, starting from each slot's
+  last token at position lengths_B: (tokens_BN, logprobs_BN, pool). One call per num_steps
+  tokens keeps the host's per-step round trip out of the decode loop; the host then cuts each
+  row at its stop token or max_new_tokens (tokens past that are never used)."""
+  params = quantize.dequantize(params)
+
+  def step(carry, _):
+    pool, tokens_B, lengths_B, steps_B = carry
+    tokens_B1 = tokens_B[:, None]
+    cache = kv_cache.paged(pool, block_table_BM, lengths_B)
+    logits_B1V, cache = model_lib.apply(
+        graphdef, params, tokens_B1, jnp.ones_like(tokens_B1), lengths_B[:, None], cache)
+    tokens_B, logprobs_B = _choose(logits_B1V[:, 0], sampling, steps_B)
+    pool = {'k': cache['k'], 'v': cache['v']}
+    return (pool, tokens_B, lengths_B + 1, steps_B + 1), (tokens_B, logprobs_B)
+
+  (pool, *_), (tokens_NB, logprobs_NB) = jax.lax.scan(
+      step, (pool, tokens_B, lengths_B, steps_B), None, length=num_steps)
+  return tokens_NB.T, logprobs_NB.T, pool
 
 
 class Engine:
@@ -155,8 +168,11 @@ class Engine:
   """
 
   def __init__(self, cfg: model_lib.ModelConfig, params, *, slots: int = 8,
-               block_size: int = 16, num_blocks: int | None = None):
+               block_size: int = 16, num_blocks: int | None = None, steps_per_call: int = 8):
     self.cfg, self.params, self.slots, self.block_size = cfg, params, slots, block_size
+    # Decode steps per jitted call: more saves host round trips; fewer admits waiting requests
+    # sooner and wastes fewer steps on rows that finish early in a call.
+    self.steps_per_call = steps_per_call
     self.graphdef = model_lib.graphdef(cfg)
     self.max_blocks = -(-cfg.max_seq_len // block_size)  # Per sequence: the block table's M.
     self.num_blocks = num_blocks or slots * self.max_blocks + 1
@@ -179,7 +195,7 @@ class Engine:
       self._admit(waiting, slots, blocks, results)
       if any(slots):
         self._decode_step(slots, blocks, results)
-        steps += 1
+        steps += self.steps_per_call
     self.stats = {'decode_steps': steps, 'peak_blocks_used': blocks.peak_used,
                   'block_allocations': blocks.allocations, 'free_blocks': len(blocks.free)}
     return results
@@ -231,27 +247,34 @@ class Engine:
     sequence.logprobs.append(float(logprob_1[0]))
 
   def _decode_step(self, slots, blocks: BlockPool, results) -> None:
-    """One token for every occupied slot; finished sequences leave their slots."""
+    """steps_per_call tokens for every occupied slot; finished sequences leave their slots."""
+    num_steps = self.steps_per_call
     for sequence in filter(None, slots):
-      if sequence.length == len(sequence.blocks) * self.block_size:
-        sequence.blocks.append(blocks.take())  # The next token starts a new block.
+      # Blocks for the positions this call writes, within what admission promised (positions
+      # past that belong to tokens the sequence will not keep).
+      wanted = min(-(-(sequence.length + num_steps) // self.block_size), sequence.reserved)
+      while len(sequence.blocks) < wanted:
+        sequence.blocks.append(blocks.take())
     idle = Request(prompt=[0])
-    tokens_B, logprobs_B, self.pool = _decode(
+    tokens_BN, logprobs_BN, self.pool = _decode(
         self.graphdef, self.params, self.pool,
         np.asarray([s.tokens[-1] if s else 0 for s in slots], np.int32),
         np.asarray([s.length if s else 0 for s in slots], np.int32),
         self._block_table(slots),
         np.asarray([len(s.tokens) if s else 0 for s in slots], np.int32),
-        _sampling_arrays([s.request if s else idle for s in slots], self.cfg.vocab_size))
-    tokens_B, logprobs_B = jax.device_get((tokens_B, logprobs_B))
+        _sampling_arrays([s.request if s else idle for s in slots], self.cfg.vocab_size),
+        num_steps)
+    tokens_BN, logprobs_BN = jax.device_get((tokens_BN, logprobs_BN))
     for slot, sequence in enumerate(slots):
       if sequence is None:
         continue
-      sequence.length += 1
-      sequence.tokens.append(int(tokens_B[slot]))
-      sequence.logprobs.append(float(logprobs_B[slot]))
-      if self._finished(sequence, blocks, results):
-        slots[slot] = None
+      for token, logprob in zip(tokens_BN[slot], logprobs_BN[slot]):
+        sequence.length += 1
+        sequence.tokens.append(int(token))
+        sequence.logprobs.append(float(logprob))
+        if self._finished(sequence, blocks, results):
+          slots[slot] = None
+          break
 
   def _block_table(self, sequences) -> np.ndarray:
     """[len(sequences), M] block ids, 0 (scratch) past each sequence's blocks and for idle rows."""

@@ -44,15 +44,15 @@ def _alone(params, request: engine_lib.Request) -> generate.Completion:
   return generate.Completion(completion.tokens[:n], completion.logprobs[:n], None, 'length')
 
 
-@pytest.mark.parametrize('sampling', [dict(temperature=0.0),
-                                      dict(temperature=0.9, top_k=20, top_p=0.9)],
-                         ids=['greedy', 'top_k_top_p'])
-def test_engine_equals_each_request_decoded_alone(small, sampling):
+@pytest.mark.parametrize('sampling, steps_per_call', [
+    (dict(temperature=0.0), 8), (dict(temperature=0.9, top_k=20, top_p=0.9), 8),
+    (dict(temperature=0.0), 1)], ids=['greedy', 'top_k_top_p', 'greedy_one_step_per_call'])
+def test_engine_equals_each_request_decoded_alone(small, sampling, steps_per_call):
   requests = _requests(sampling)
   # Stop request 2 at the 4th token it generates alone.
   stop = _alone(small, dataclasses.replace(requests[2], max_new_tokens=4)).tokens[-1]
   requests[2] = dataclasses.replace(requests[2], stop_tokens=(stop,))
-  engine = engine_lib.Engine(SMALL, small, slots=3, block_size=8)
+  engine = engine_lib.Engine(SMALL, small, slots=3, block_size=8, steps_per_call=steps_per_call)
   served = engine.run(requests)  # 7 requests through 3 slots.
   for request, completion in zip(requests, served):
     alone = _alone(small, request)
