@@ -314,4 +314,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r}: no such directory')
   _validate_sample(config)
-

@@ -255,7 +255,8 @@ def merge_models(base: str, add: str, out: str, check: str | None = None) -> dic
   """
   base_proto, add_proto = read_model_proto(base), read_model_proto(add)
   _check_mergeable(base, base_proto, add, add_proto)
-  protected = _normalized_lines(base_proto, check) if check else ''
+  check_lines = _read_lines(check) if check else []
+  protected = _normalized_lines(base_proto, check_lines)
   pieces, skipped = _pieces_to_add(base_proto, add_proto, protected)
   if not pieces:
     raise ValueError(f'{add} has no piece that {base} lacks (skipped: {skipped}): nothing to add.')
@@ -269,7 +270,7 @@ def merge_models(base: str, add: str, out: str, check: str | None = None) -> dic
       added_user_defined=sum(p.type == p.USER_DEFINED for p in pieces),
       **{f'skipped_{reason}': count for reason, count in skipped.items()},
       final_size=len(merged.pieces),
-      check=_check_unchanged(base_proto, merged, check) if check else 'not run')
+      check=_check_unchanged(base_proto, merged, check, check_lines) if check else 'not run')
   _write_atomically(out, merged.SerializeToString())
   return summary
 
@@ -323,14 +324,13 @@ def _processor(proto) -> spm.SentencePieceProcessor:
   return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
-def _normalized_lines(proto, path: str) -> str:
-  """The text's lines as the model sees them ('▁' for spaces...), where pieces are matched."""
+def _normalized_lines(proto, lines: list[str]) -> str:
+  """The lines as the model sees them ('▁' for spaces...), where pieces are matched."""
   sp = _processor(proto)
-  return '\n'.join(sp.Normalize(line) for line in _read_text(path).splitlines() if line)
+  return '\n'.join(sp.Normalize(line) for line in lines)
 
 
-def _check_unchanged(base_proto, merged_proto, path: str) -> str:
-  lines = [line for line in _read_text(path).splitlines() if line]
+def _check_unchanged(base_proto, merged_proto, path: str, lines: list[str]) -> str:
   threads = os.cpu_count() or 1
   before = _processor(base_proto).Encode(lines, num_threads=threads)
   after = _processor(merged_proto).Encode(lines, num_threads=threads)
@@ -351,14 +351,15 @@ def fertility(models: dict[str, str], texts: dict[str, str]) -> list[dict]:
   Each non-empty line is encoded on its own, as SentencePiece sees a sentence. Words are runs of
   non-whitespace; characters are code points, line breaks excluded; bytes their UTF-8 encoding.
   """
-  lines = {name: [line for line in _read_text(path).splitlines() if line]
-           for name, path in texts.items()}
+  lines = {name: _read_lines(path) for name, path in texts.items()}
   tokenizers = {name: Tokenizer(path) for name, path in models.items()}
-  return [_fertility_row(model, tok, text, lines[text])
+  is_byte = {name: tok.byte_fallback_mask() for name, tok in tokenizers.items()}  # Once each.
+  return [_fertility_row(model, tok, is_byte[model], text, lines[text])
           for model, tok in tokenizers.items() for text in texts]
 
 
-def _fertility_row(model: str, tok: Tokenizer, text: str, lines: list[str]) -> dict:
+def _fertility_row(model: str, tok: Tokenizer, is_byte: np.ndarray, text: str,
+                   lines: list[str]) -> dict:
   ids = np.concatenate([np.asarray(line_ids, np.int64) for line_ids in tok.encode_batch(lines)])
   words = sum(len(line.split()) for line in lines)
   chars = sum(map(len, lines))
@@ -366,7 +367,12 @@ def _fertility_row(model: str, tok: Tokenizer, text: str, lines: list[str]) -> d
   return dict(model=model, text=text, words=words, chars=chars, bytes=num_bytes, tokens=len(ids),
               tokens_per_word=len(ids) / words, tokens_per_char=len(ids) / chars,
               bytes_per_token=num_bytes / len(ids),
-              byte_fallback_share=float(tok.byte_fallback_mask()[ids].mean()))
+              byte_fallback_share=float(is_byte[ids].mean()))
+
+
+def _read_lines(path: str) -> list[str]:
+  """The non-empty lines of a UTF-8 text file (see _read_text)."""
+  return [line for line in _read_text(path).splitlines() if line]
 
 
 def _read_text(path: str) -> str:
