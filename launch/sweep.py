@@ -182,10 +182,12 @@ def make_job(sweep, workdir: str, run: plan_lib.Run) -> backends.Job:
 
 class Progress:
   """Done / running / failed counts as a tqdm bar and a log line per change; results.csv
-  rewritten after each."""
+  rewritten after each, from rows read once when their run settles."""
 
   def __init__(self, runs: list, workdir: str):
     self._runs, self._workdir = runs, workdir
+    self._by_name = {r.name: r for r in runs}
+    self._rows = {}  # name -> result_row of a settled ('done' or 'failed') run.
     self.status = {r.name: 'pending' for r in runs}
     self.attempts = collections.Counter()
     self.wall_s = collections.Counter()
@@ -195,6 +197,11 @@ class Progress:
     if status in ('done', 'failed') and self.status[name] not in ('done', 'failed'):
       self._bar.update(1)
     self.status[name] = status
+    if status in ('done', 'failed'):
+      self._rows[name] = result_row(self._workdir, self._by_name[name], status,
+                                    self.attempts[name], self.wall_s[name])
+    else:
+      self._rows.pop(name, None)
     counts = collections.Counter(self.status.values())
     summary = {k: counts[k] for k in ('done', 'running', 'failed')}
     summary['pending'] = counts['pending'] + counts['retrying']
@@ -203,9 +210,7 @@ class Progress:
     self.write_results()
 
   def write_results(self) -> None:
-    rows = [result_row(self._workdir, r, self.status[r.name], self.attempts[r.name],
-                       self.wall_s[r.name])
-            for r in self._runs if self.status[r.name] in ('done', 'failed')]
+    rows = [self._rows[r.name] for r in self._runs if r.name in self._rows]
     write_results(os.path.join(self._workdir, 'results.csv'), rows)
 
   def close(self):
