@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import lm
 from lm import config as config_lib
+from lm import files as files_lib
 from lm import metrics as metrics_lib
 from launch import backends
 from launch import plan as plan_lib
@@ -111,7 +112,8 @@ def write_run_json(sweep, workdir: str, run: plan_lib.Run) -> None:
             'budget': run.budget, 'params': run.params,
             'non_embedding_params': run.non_embedding_params, 'tokens': run.tokens,
             'flops': run.flops, 'steps': run.steps, 'flops_method': sweep.flops_method}
-  _write_atomically(os.path.join(directory, 'run.json'), lambda f: json.dump(record, f, indent=1))
+  files_lib.write_atomically(os.path.join(directory, 'run.json'),
+                             lambda f: json.dump(record, f, indent=1))
 
 
 def final_eval(workdir: str, run: plan_lib.Run) -> dict | None:
@@ -145,14 +147,7 @@ def write_results(path: str, rows: list) -> None:
     writer = csv.DictWriter(f, RESULT_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-  _write_atomically(path, write, newline='')
-
-
-def _write_atomically(path: str, write, **open_kwargs) -> None:
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w', **open_kwargs) as f:
-    write(f)
-  os.replace(tmp, path)
+  files_lib.write_atomically(path, write, newline='')
 
 
 def _base_path(sweep) -> str:

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 from typing import Any
 
 from absl import logging
@@ -30,6 +29,7 @@ import grain
 import numpy as np
 import tqdm
 
+from lm import files as files_lib
 from lm import tokenizer as tokenizer_lib
 
 _SOURCE_FORMS = ("'stdlib', 'text:GLOB', 'jsonl:GLOB', 'tfds:NAME[:SPLIT]' (e.g. 'tfds:lm1b', "
@@ -244,20 +244,6 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return None
 
 
-def _write_atomically(path: str, write: Callable[[Any], None], mode: str = 'w') -> None:
-  """Writes via a temporary file in the same directory, so readers see the old file or the new."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp-')
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.remove(tmp_path)
-    raise
-
-
 def _cached_tokens(data_config, tokenizer: tokenizer_lib.Tokenizer, seed: int,
                    workdir: str) -> tuple[np.ndarray, dict[str, Any], bool]:
   """(stream memmap, manifest, whether the cache was reused); rebuilds when the inputs changed."""
@@ -278,10 +264,10 @@ def _cached_tokens(data_config, tokenizer: tokenizer_lib.Tokenizer, seed: int,
                         max_chars=data_config.max_chars, stats=source_stats)
   stream = tokenize_documents(docs, tokenizer, seed=seed,
                               total_chars=data_config.max_chars or None)
-  _write_atomically(tokens_path, lambda f: np.save(f, stream), mode='wb')
+  files_lib.write_atomically(tokens_path, lambda f: np.save(f, stream), mode='wb')
   manifest = dict(key=key, tokenizer=tokenizer.path, tokens=len(stream),
                   **dataclasses.asdict(source_stats))
-  _write_atomically(manifest_path, lambda f: json.dump(manifest, f, indent=2))
+  files_lib.write_atomically(manifest_path, lambda f: json.dump(manifest, f, indent=2))
   return np.load(tokens_path, mmap_mode='r'), manifest, False
 
 
@@ -319,7 +305,7 @@ def _cached_tokenizer(data_config, vocab_size: int, seed: int,
                         max_chars=data_config.max_chars)
   tokenizer = tokenizer_lib.train_tokenizer(docs, vocab_size, model_path,
                                             max_chars=data_config.tokenizer_train_chars, seed=seed)
-  _write_atomically(manifest_path, lambda f: json.dump(key, f, indent=2))
+  files_lib.write_atomically(manifest_path, lambda f: json.dump(key, f, indent=2))
   return tokenizer, True
 
 

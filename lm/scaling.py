@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 import numpy as np
 from scipy import optimize
 
+from lm import files as files_lib
 from lm import flops as flops_lib
 
 # ---------------------------------------------------------------------------------------------
@@ -482,19 +483,8 @@ def plot_parametric(runs: dict, fit3: dict, path: str, budgets=(), rtol: float =
 
 
 def _save_figure(fig: Figure, path: str) -> Figure:
-  _write_atomic(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+  files_lib.write_atomically(path, lambda f: fig.savefig(f, format='png', dpi=120), mode='wb')
   return fig
-
-
-def _write_atomic(path: str, write) -> None:
-  """write(tmp) then rename onto `path`, so readers never see a half-written file."""
-  tmp = f'{path}.{os.getpid()}.tmp'
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,8 +521,8 @@ def run_fit(results: str, out: str, budgets=(), resamples: int = 200, seed: int 
     diagnostics = {k: v for k, v in fit.items() if not isinstance(v, float)}
     report[name] = {**summarize(fit, samples, budgets, confidence), **diagnostics,
                     'resamples_fitted': len(next(iter(samples.values()), []))}
-  _write_atomic(os.path.join(out, 'fit.json'),
-                lambda tmp: _write_json(tmp, _jsonable(report)))
+  files_lib.write_atomically(os.path.join(out, 'fit.json'), lambda f: json.dump(
+      _jsonable(report), f, indent=1, allow_nan=False))
   report['plots'] = _plot_all(runs, fits, out, budgets, rtol)
   return report
 
@@ -560,11 +550,6 @@ def _plot_all(runs: dict, fits: dict, out: str, budgets, rtol: float) -> list:
     paths.append(os.path.join(out, 'parametric.png'))
     plot_parametric(runs, fits['approach3'], paths[-1], budgets, rtol)
   return paths
-
-
-def _write_json(path: str, value) -> None:
-  with open(path, 'w') as f:
-    json.dump(value, f, indent=1, allow_nan=False)
 
 
 def _jsonable(value):

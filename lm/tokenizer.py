@@ -27,6 +27,8 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from lm import files as files_lib
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # SentencePiece sees one line as one sentence and silently drops sentences longer than
 # max_sentence_length bytes. Minified or generated code has lines far longer than that, so we cut
@@ -160,7 +162,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str, *, m
     raise _training_error(
         e, f'model.vocab_size={vocab_size}',
         f'the tokenizer training text ({sum(map(len, sentences))} characters)') from e
-  _write_atomically(model_path, model.getvalue())
+  files_lib.write_atomically(model_path, lambda f: f.write(model.getvalue()), mode='wb')
   return Tokenizer(model_path)
 
 
@@ -223,18 +225,6 @@ def _input_lines(path: str, input_format: str) -> Iterator[str]:
         yield line
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, prefix='.tmp-', delete=False) as f:
-    try:
-      f.write(data)
-    except BaseException:
-      os.remove(f.name)
-      raise
-  os.replace(f.name, path)
-
-
 # Merging: extend a base model (Llama-2's, say) with the pieces a model of a new language adds.
 
 _APPENDABLE = (model_pb2.ModelProto.SentencePiece.NORMAL,
@@ -271,7 +261,7 @@ def merge_models(base: str, add: str, out: str, check: str | None = None) -> dic
       **{f'skipped_{reason}': count for reason, count in skipped.items()},
       final_size=len(merged.pieces),
       check=_check_unchanged(base_proto, merged, check, check_lines) if check else 'not run')
-  _write_atomically(out, merged.SerializeToString())
+  files_lib.write_atomically(out, lambda f: f.write(merged.SerializeToString()), mode='wb')
   return summary
 
 
@@ -427,7 +417,7 @@ def plot_fertility(rows: list[dict], path: str) -> str:
   image = io.BytesIO()
   fig.savefig(image, format='png', dpi=100)
   plt.close(fig)
-  _write_atomically(path, image.getvalue())
+  files_lib.write_atomically(path, lambda f: f.write(image.getvalue()), mode='wb')
   return path
 
 
@@ -452,7 +442,8 @@ def _run_fertility(args) -> dict:
   rows = fertility(dict(args.model), dict(args.text))
   print(format_fertility(rows))
   json_path = os.path.join(args.out, 'fertility.json')
-  _write_atomically(json_path, json.dumps(rows, indent=2, ensure_ascii=False).encode('utf-8'))
+  text = json.dumps(rows, indent=2, ensure_ascii=False)
+  files_lib.write_atomically(json_path, lambda f: f.write(text), encoding='utf-8')
   return dict(json=json_path, plot=plot_fertility(rows, os.path.join(args.out, 'fertility.png')))
 
 
