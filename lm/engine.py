@@ -224,11 +224,12 @@ class Engine:
     for slot in range(self.slots):
       while slots[slot] is None and waiting:
         index, request = waiting[0]
-        if not blocks.can_promise(self.blocks_needed(request)):
+        needed = self.blocks_needed(request)
+        if not blocks.can_promise(needed):
           return
         waiting.popleft()
-        blocks.promise(self.blocks_needed(request))
-        sequence = _Sequence(index, request, self.blocks_needed(request))
+        blocks.promise(needed)
+        sequence = _Sequence(index, request, needed)
         self._prefill(sequence, blocks)
         if not self._finished(sequence, blocks, results):
           slots[slot] = sequence

@@ -117,6 +117,7 @@ def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, 
   logits_BV, cache = _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
                               P + max_new_tokens)
   keys_B = jax.vmap(jax.random.key)(seeds_B)
+  next_position_B = jnp.max(positions_BP, axis=1) + 1
 
   def body(state):
     step, logits_BV, cache, out_BN, logprobs_BN, done_B, lengths_B = state
@@ -127,8 +128,7 @@ def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, 
     logprobs_BN = logprobs_BN.at[:, step].set(_token_logprobs(logits_BV, token_B))
     lengths_B = lengths_B + ~done_B
     done_B = done_B | jnp.isin(token_B, stop_tokens_N)
-    position_B = jnp.max(positions_BP, axis=1) + 1 + step
-    logits_BV, cache = _decode_step(graphdef, params, token_B, position_B, cache)
+    logits_BV, cache = _decode_step(graphdef, params, token_B, next_position_B + step, cache)
     return step + 1, logits_BV, cache, out_BN, logprobs_BN, done_B, lengths_B
 
   def cond(state):
@@ -180,10 +180,9 @@ def greedy(graphdef, params, prompt: list[int], num_tokens: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Beam search.
 
-@functools.partial(jax.jit, static_argnames=(
-    'graphdef', 'max_new_tokens', 'num_beams', 'length_alpha'))
-def _beam_search(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, stop_tokens_N, *,
-                 max_new_tokens, num_beams, length_alpha):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'num_beams'))
+def _beam_search(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, stop_tokens_N,
+                 length_alpha, *, max_new_tokens, num_beams):
   """W = num_beams beams per prompt, best first: tokens_BWN, logprobs_BWN, lengths_BW and
   normalised scores_BW.
 
@@ -268,8 +267,8 @@ def beam_search(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: in
   tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts)
   results = _beam_search(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
-      _stop_array(stop_tokens), max_new_tokens=max_new_tokens,
-      num_beams=num_beams, length_alpha=float(length_alpha))
+      _stop_array(stop_tokens), np.float32(length_alpha), max_new_tokens=max_new_tokens,
+      num_beams=num_beams)
   out_BWN, logprobs_BWN, lengths_BW, scores_BW = jax.device_get(results)
   return [[dataclasses.replace(
       _completion(out_BWN[b, w, :lengths_BW[b, w]], logprobs_BWN[b, w, :lengths_BW[b, w]],
