@@ -246,7 +246,7 @@ def main():
   contexts = [int(c) for c in args.contexts.split(',')]
   config = train_throughput.load_config(args.config)
   cfg = dataclasses.replace(
-      model_lib.ModelConfig.from_config(config.model, 'float32'),
+      model_lib.ModelConfig.from_config(config, 'float32'),
       max_seq_len=max(contexts) + args.new_tokens)
   report = {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),

@@ -153,7 +153,7 @@ def jax_setup(config_name: str, grad_accum_steps: int, dtype: str, attention: st
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.parse_rules(config.mesh.rules)
   dtype = flops.resolve_dtype(dtype or config.model.dtype)
-  cfg = model_lib.ModelConfig.from_config(config.model, dtype)
+  cfg = model_lib.ModelConfig.from_config(config, dtype)
   optimizer = train.make_optimizer(t, model_lib.logical_axes(cfg))
   step_fn, shardings, batch_sharding = train.sharded_train_step(cfg, t, optimizer, mesh, rules)
   state = jax.jit(functools.partial(train.init_state, cfg, optimizer, t.seed),

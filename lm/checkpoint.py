@@ -8,11 +8,16 @@ and the next run resumes from the newest complete one.
 Parameters alone (`save_params`, `restore_params`) start other runs (config.init_from): they are
 read from a directory holding a 'params' item (lm/vocab.py writes those) or from the 'state' of
 a training checkpoint.
+
+A run that freezes some parameters (config.train.trainable, e.g. LoRA) saves them once, as
+WORKDIR/frozen/params, and its checkpoints hold only what it trains: a LoRA step of a 7B model
+is megabytes, not 28 GB. `restore_params` puts the two back together.
 """
 
 import logging
 import os
 
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -77,15 +82,41 @@ class Checkpointer:
     self._manager.close()
 
 
-def save_params(directory: str, params) -> None:
-  """Writes `params` as the item directory/params (synchronously)."""
+FROZEN = 'frozen'  # WORKDIR/FROZEN/params: the parameters a run does not train.
+
+
+def subtree(params: dict, paths) -> dict:
+  """The nested dict of params' leaves at `paths` (tuples of keys), in params' order."""
+  paths = set(paths)
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in paths})
+
+
+def union(*trees: dict) -> dict:
+  """One nested dict with the leaves of all `trees` (which share no leaf)."""
+  flat = {}
+  for tree in trees:
+    flat.update(traverse_util.flatten_dict(tree))
+  return traverse_util.unflatten_dict(flat)
+
+
+def leaf_paths(params: dict) -> list[tuple]:
+  return list(traverse_util.flatten_dict(params))
+
+
+def save_params(directory: str, params, force: bool = False) -> None:
+  """Writes `params` as the item directory/params (synchronously; force: replacing one)."""
   ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(directory), 'params'),
-                                args=ocp.args.PyTreeSave(params))
+                                args=ocp.args.PyTreeSave(params), force=force)
 
 
 def params_shapes(path: str) -> dict:
-  """The stored parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), read from metadata."""
-  item, key = _params_item(path)
+  """The stored parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), read from metadata
+  (a run's frozen parameters included)."""
+  return union(*(_item_shapes(item, key) for item, key in _params_sources(path)))
+
+
+def _item_shapes(item: str, key: str | None) -> dict:
   try:
     tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
     tree = tree[key] if key else tree
@@ -97,11 +128,16 @@ def params_shapes(path: str) -> dict:
 def restore_params(path: str, target) -> dict:
   """Parameters of the checkpoint at `path` with the shapes, dtypes and shardings of `target`
   (numpy arrays where a leaf has no sharding); CheckpointError names every leaf that differs."""
-  differences = _shape_differences(params_shapes(path), target)
+  sources = [(item, key, _item_shapes(item, key)) for item, key in _params_sources(path)]
+  differences = _shape_differences(union(*(shapes for _, _, shapes in sources)), target)
   if differences:
     raise CheckpointError(f'the parameters in {path} do not fit the model: '
                           + '; '.join(differences))
-  item, key = _params_item(path)
+  return union(*(_restore_item(item, key, subtree(target, leaf_paths(shapes)))
+                 for item, key, shapes in sources))
+
+
+def _restore_item(item: str, key: str | None, target: dict) -> dict:
   restore_args = jax.tree.map(_restore_args, target)
   if key:
     target, restore_args = {key: target}, {key: restore_args}
@@ -112,6 +148,19 @@ def restore_params(path: str, target) -> dict:
     raise CheckpointError(
         f'cannot restore the parameters in {item}: {type(e).__name__}: {e}') from e
   return restored[key] if key else restored
+
+
+def _params_sources(path: str) -> list[tuple[str, str | None]]:
+  """The (orbax item, key) pairs holding the parameters at `path`: one, or for a training step of
+  a run that froze some parameters, the step's state and the run's WORKDIR/frozen/params."""
+  item, key = _params_item(path)
+  sources = [(item, key)]
+  if key:  # item is WORKDIR/checkpoints/STEP/state.
+    frozen = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(item))), FROZEN,
+                          'params')
+    if os.path.isdir(frozen):
+      sources.append((frozen, None))
+  return sources
 
 
 def _params_item(path: str) -> tuple[str, str | None]:

@@ -67,6 +67,19 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention = 'auto'
 
   # ---------------------------------------------------------------------------------------------
+  # LoRA adapters (lm/lora.py): each targeted projection W computes x W + (alpha / rank) x A B,
+  # with A [in, rank] (uniform init like PEFT's) and B [rank, out] starting at zero, so training
+  # starts from the base model's exact outputs. Train them alone or with the embeddings through
+  # config.train.trainable='lora' or 'lora,embeddings'; `lm.lora.merge` folds them into W.
+  config.lora = lora = ml_collections.ConfigDict()
+  lora.rank = 0  # Rank of A and B; 0: no adapters.
+  lora.alpha = 16.0  # The update is scaled by alpha / rank, so changing rank keeps its size.
+  lora.dropout = 0.0  # Dropout on an adapter's input while training (not on the frozen path).
+  # Projections that get adapters, comma-separated among q, k, v, o (attention) and gate, up,
+  # down (MLP; gate is llama-only); 'attention', 'mlp' and 'all' name those groups.
+  lora.targets = 'all'
+
+  # ---------------------------------------------------------------------------------------------
   # Training (lm/train.py).
   config.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # Total optimizer steps; the cosine schedule decays over exactly these.
@@ -111,6 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer_train_chars = 20_000_000  # Characters of text sampled to train that tokenizer.
   d.max_chars = 0  # Use only the first this many characters of the corpus (0: all of it).
   d.eval_fraction = 0.02  # Fraction of packed rows held out for evaluation.
+  # Train on several sources at once instead of data.source: 'NAME=SOURCE@WEIGHT; ...', e.g.
+  # 'hi=text:/data/hi/*.txt@0.8; en=stdlib@0.2'. Each source is tokenized and split on its own;
+  # WEIGHT / sum(weights) of the training rows come from source NAME (interleaved in a fixed
+  # pattern, each source shuffled on its own; shares within about 1%), and evaluation
+  # reports loss, perplexity and bits per byte per source (eval_NAME_loss, ...) besides the
+  # overall ones, so forgetting of one language is visible. Empty: data.source alone.
+  d.mixture = ''
 
   # ---------------------------------------------------------------------------------------------
   # Device mesh (lm/sharding.py). The three sizes multiply to the number of devices (all
@@ -223,10 +243,12 @@ _CHOICES = {
     'model.attention': ('auto', 'xla', 'einsum', 'blocked'),
 }
 # Groups of parameters config.train.trainable can name, each a test on a parameter's logical axes
-# (lm/model.py): 'embeddings' is the token embedding and the untied output projection.
+# (lm/model.py): 'embeddings' is the token embedding and the untied output projection, 'lora' the
+# LoRA adapters (config.lora).
 PARAM_GROUPS = {
     'all': lambda axes: True,
     'embeddings': lambda axes: 'vocab' in axes,
+    'lora': lambda axes: 'lora_rank' in axes,
 }
 _POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
@@ -239,7 +261,7 @@ _NON_NEGATIVE = (
     'train.warmup_steps', 'train.learning_rate', 'train.weight_decay', 'train.grad_clip',
     'train.z_loss', 'train.label_smoothing', 'train.min_lr_ratio', 'data.max_chars',
     'train.steps_per_run', 'sample.temperature', 'sample.top_k', 'sample.beam_size',
-    'sample.length_alpha')
+    'sample.length_alpha', 'lora.rank', 'lora.alpha', 'lora.dropout')
 
 
 def _get(config, dotted):
@@ -262,6 +284,25 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('config.mode=sample needs config.sample.prompt or config.sample.prompts_file')
   if s.prompts_file and not os.path.isfile(s.prompts_file):
     raise ConfigError(f'config.sample.prompts_file={s.prompts_file!r} does not exist')
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+  from lm import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  lora, groups = config.lora, [g.strip() for g in config.train.trainable.split(',')]
+  if lora.dropout >= 1:
+    raise ConfigError(f'config.lora.dropout={lora.dropout}: must be < 1')
+  if lora.rank > 0:
+    try:
+      lora_lib.lora_targets(lora.targets, config.model.block)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    if 'all' in groups:
+      raise ConfigError(
+          f'config.lora.rank={lora.rank} with config.train.trainable={config.train.trainable!r} '
+          "would train the base weights too; use 'lora' or 'lora,embeddings'")
+  elif 'lora' in groups:
+    raise ConfigError(f'config.train.trainable={config.train.trainable!r} names lora, but '
+                      'config.lora.rank=0 adds no adapters')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -311,6 +352,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ConfigError(f'config.train.trainable={t.trainable!r}: {unknown} not among the groups '
                       f'{tuple(PARAM_GROUPS)}; separate several with commas')
+  _validate_lora(config)
+  if d.mixture:
+    from lm import data as data_lib  # pylint: disable=g-import-not-at-top
+    try:
+      data_lib.parse_mixture(d.mixture)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r}: no such directory')
   _validate_sample(config)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import kv_cache
+from lm import lora
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 
@@ -377,14 +378,20 @@ def load(config, workdir: str):
   config = _with_run_model(config, workdir)
   tokenizer_path = config.data.tokenizer or os.path.join(workdir, 'tokenizer', 'spm.model')
   tokenizer = tokenizer_lib.Tokenizer(tokenizer_path)
-  cfg = model_lib.ModelConfig.from_config(config.model, flops.resolve_dtype(config.model.dtype))
+  cfg = model_lib.ModelConfig.from_config(config, flops.resolve_dtype(config.model.dtype))
   mesh = sharding.make_mesh(config.mesh)
   abstract = jax.eval_shape(functools.partial(model_lib.init_params, cfg, 0))
   shardings = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract, mesh,
                                       sharding.parse_rules(config.mesh.rules))
   target = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
                         abstract, shardings)
-  return model_lib.graphdef(cfg), checkpoint_lib.restore_params(directory, target), tokenizer
+  params = checkpoint_lib.restore_params(directory, target)
+  if cfg.lora_rank:  # Fold the adapters in: generation then costs what the base model's does.
+    params = lora.merge(params, cfg)
+    cfg = dataclasses.replace(cfg, lora_rank=0, lora_targets=())
+    params = jax.device_put(params, sharding.tree_shardings(
+        model_lib.logical_axes(cfg), params, mesh, sharding.parse_rules(config.mesh.rules)))
+  return model_lib.graphdef(cfg), params, tokenizer
 
 
 def _with_run_model(config, workdir: str):
@@ -397,6 +404,7 @@ def _with_run_model(config, workdir: str):
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.update(saved.get('model', {}))
+    config.lora.update(saved.get('lora', {}))
     config.data.tokenizer = saved.get('data', {}).get('tokenizer', config.data.tokenizer)
   return config
 

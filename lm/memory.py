@@ -141,7 +141,7 @@ def compute_dtype(model_config) -> str:
 
 
 def model_config(config: ml_collections.ConfigDict) -> model_lib.ModelConfig:
-  return model_lib.ModelConfig.from_config(config.model, compute_dtype(config.model))
+  return model_lib.ModelConfig.from_config(config, compute_dtype(config.model))
 
 
 @functools.cache
@@ -299,7 +299,9 @@ def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   step_fn, shardings, batch_sharding = train_lib.sharded_train_step(cfg, t, optimizer, mesh, rules)
   state = jax.tree.map(
       lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-      jax.eval_shape(functools.partial(train_lib.init_state, cfg, optimizer, 0)), shardings)
+      jax.eval_shape(functools.partial(
+          train_lib.init_state, cfg, optimizer, 0,
+          trained=train_lib.trained_paths(t, model_lib.logical_axes(cfg)))), shardings)
   shape = (t.batch_size, config.data.seq_len)
   batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
            for name in ('inputs', 'targets', 'segment_ids', 'positions')}

@@ -22,6 +22,7 @@ import ml_collections
 
 from lm import attention as attention_lib
 from lm import kv_cache
+from lm import lora as lora_lib
 from lm import sharding
 
 
@@ -45,15 +46,25 @@ class ModelConfig:
   remat: bool = False
   scan_layers: bool = False
   attention: str = 'auto'
+  # LoRA (config.lora, lm/lora.py): adapters on the projections named in lora_targets.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
 
   @classmethod
-  def from_config(cls, model_config: ml_collections.ConfigDict, dtype: str | None = None):
+  def from_config(cls, config: ml_collections.ConfigDict, dtype: str | None = None):
+    """From a run config: config.model's fields, and config.lora's when it has that section."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in model_config.items() if k in fields}
+    values = {k: v for k, v in config.model.items() if k in fields}
     if dtype is not None:
       values['dtype'] = dtype
     if values.get('dtype') == 'auto':
       raise ValueError('resolve model.dtype="auto" (lm.flops.resolve_dtype) before building')
+    lora = config.get('lora')
+    if lora is not None and lora.rank > 0:
+      values.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                    lora_targets=lora_lib.lora_targets(lora.targets, config.model.block))
     return cls(**values)
 
   @property
@@ -69,6 +80,40 @@ def _param(rngs, shape, axes, cfg: ModelConfig, std=None, init=None) -> nnx.Para
   else:
     value = init(shape, dtype)
   return nnx.Param(value, logical_axes=axes)
+
+
+def add_adapters(module: nnx.Module, names: tuple[str, ...], rngs: nnx.Rngs) -> None:
+  """LoRA A and B (lm/lora.py) beside each of the module's weights named in cfg.lora_targets.
+
+  They draw from the 'lora' random stream, so the base weights are the same with or without them.
+  """
+  cfg = module.cfg
+  for name in (n for n in names if n in cfg.lora_targets):
+    weight = getattr(module, name)
+    axes, fan_in = weight.get_metadata()['logical_axes'], lora_lib.INPUT_AXES[name]
+    a_shape, b_shape = lora_lib.adapter_shapes(weight.shape, name, cfg.lora_rank)
+    dtype = jnp.dtype(cfg.param_dtype)
+    a = lora_lib.init_a(rngs.lora(), a_shape, dtype, math.prod(weight.shape[:fan_in]))
+    setattr(module, name + '_lora_a', nnx.Param(a, logical_axes=axes[:fan_in] + ('lora_rank',)))
+    setattr(module, name + '_lora_b', nnx.Param(
+        jnp.zeros(b_shape, dtype), logical_axes=('lora_rank',) + axes[fan_in:]))
+
+
+def project(module: nnx.Module, name: str, x, dropout_rng=None):
+  """x times the module's weight `name` (dense over its input axes), plus (alpha / r) x A B when
+  the weight has a LoRA adapter; dropout_rng (training only) drops the adapter's input."""
+  cfg, dt = module.cfg, module.cfg.dtype
+  axes = lora_lib.INPUT_AXES[name]
+  out = dense(x, getattr(module, name)[...].astype(dt), axes)
+  if name not in cfg.lora_targets:
+    return out
+  if dropout_rng is not None and cfg.lora_dropout > 0:
+    keep = 1.0 - cfg.lora_dropout
+    key = jax.random.fold_in(dropout_rng, list(lora_lib.INPUT_AXES).index(name))
+    x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
+  low_rank = dense(x, getattr(module, name + '_lora_a')[...].astype(dt), axes)
+  update = dense(low_rank, getattr(module, name + '_lora_b')[...].astype(dt))
+  return out + (cfg.lora_alpha / cfg.lora_rank) * update
 
 
 def dense(x, w, axes: int = 1, preferred_element_type=None):
@@ -140,15 +185,16 @@ class Attention(nnx.Module):
       self.b_k = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
       self.b_v = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
       self.b_o = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
+    add_adapters(self, ('w_q', 'w_k', 'w_v', 'w_o'), rngs)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
     """Returns (out_BTD, cache). With a KV cache (decoding, lm/kv_cache.py; cache['layer'] says
     which layer this is), the T new tokens sit at slots cache['index'] + t and attend to every
     earlier slot of their segment; their keys and values are written into the returned cache."""
     cfg, dt = self.cfg, self.cfg.dtype
-    q_BTHQ = dense(x_BTD, self.w_q[...].astype(dt))  # 'btd,dhq->bthq'
-    k_BTKQ = dense(x_BTD, self.w_k[...].astype(dt))  # 'btd,dkq->btkq'
-    v_BTKQ = dense(x_BTD, self.w_v[...].astype(dt))
+    q_BTHQ = project(self, 'w_q', x_BTD, dropout_rng)  # 'btd,dhq->bthq'
+    k_BTKQ = project(self, 'w_k', x_BTD, dropout_rng)  # 'btd,dkq->btkq'
+    v_BTKQ = project(self, 'w_v', x_BTD, dropout_rng)
     q_BTHQ = sharding.constrain(q_BTHQ, ('act_batch', 'act_seq', 'act_heads', None))
     k_BTKQ = sharding.constrain(k_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
     v_BTKQ = sharding.constrain(v_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
@@ -166,7 +212,7 @@ class Attention(nnx.Module):
       cache, k_BSKQ, v_BSKQ = kv_cache.write(cache, k_BTKQ, v_BTKQ)
       out_BTHQ = attention_lib.cached_attention(
           q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, cache['segment_ids'], cache['index'])
-    out_BTD = dense(out_BTHQ, self.w_o[...].astype(dt), axes=2)  # 'bthq,hqd->btd'
+    out_BTD = project(self, 'w_o', out_BTHQ, dropout_rng)  # 'bthq,hqd->btd'
     if cfg.block == 'gpt2':
       out_BTD += self.b_o[...].astype(dt)
     return out_BTD, cache
@@ -186,17 +232,18 @@ class MLP(nnx.Module):
     else:
       self.b_up = _param(rngs, (F,), ('mlp',), cfg, init=jnp.zeros)
       self.b_down = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
+    add_adapters(self, ('w_gate', 'w_up', 'w_down'), rngs)
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BTD, dropout_rng=None):
     dt = self.cfg.dtype
-    up_BTF = dense(x_BTD, self.w_up[...].astype(dt))
+    up_BTF = project(self, 'w_up', x_BTD, dropout_rng)
     if self.cfg.block == 'llama':
-      gate_BTF = dense(x_BTD, self.w_gate[...].astype(dt))
+      gate_BTF = project(self, 'w_gate', x_BTD, dropout_rng)
       hidden_BTF = jax.nn.silu(gate_BTF) * up_BTF
     else:
       hidden_BTF = jax.nn.gelu(up_BTF + self.b_up[...].astype(dt), approximate=True)
     hidden_BTF = sharding.constrain(hidden_BTF, ('act_batch', 'act_seq', 'act_mlp'))
-    out_BTD = dense(hidden_BTF, self.w_down[...].astype(dt))
+    out_BTD = project(self, 'w_down', hidden_BTF, dropout_rng)
     if self.cfg.block == 'gpt2':
       out_BTD += self.b_down[...].astype(dt)
     return out_BTD
@@ -211,11 +258,12 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
+    attention_rng, mlp_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     attention_BTD, cache = self.attention(
-        self.attention_norm(x_BTD), segment_ids_BT, positions_BT, cache)
+        self.attention_norm(x_BTD), segment_ids_BT, positions_BT, cache, attention_rng)
     x_BTD = sharding.constrain(x_BTD + attention_BTD, ('act_batch', 'act_seq', 'act_embed'))
-    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), mlp_rng)
     return sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed')), cache
 
 
@@ -239,9 +287,11 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
 
-  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None):
+  def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
+               dropout_rng=None):
     """segment_ids (1, 2, ... per packed document) keep documents from attending to each other;
-    positions restart at 0 in each document. Both default to one document per row.
+    positions restart at 0 in each document. Both default to one document per row. dropout_rng
+    (a key; training only) turns on LoRA dropout.
 
     With a KV cache (lm/kv_cache.py) the tokens continue what the cache holds, and the result
     is (logits_BTV, the cache with them appended)."""
@@ -265,19 +315,21 @@ class Transformer(nnx.Module):
       (x_BTD, cache), (params, layer) = x_and_cache, params_and_layer
       if cache is not None:
         cache = kv_cache.at_layer(cache, layer)
+      layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
       block = nnx.merge(block_graph, params)
-      return block(x_BTD, segment_ids_BT, positions_BT, cache), None
+      return block(x_BTD, segment_ids_BT, positions_BT, cache, layer_rng), None
 
     if cfg.remat:
       run_block = jax.checkpoint(run_block, prevent_cse=not cfg.scan_layers)
+    needs_layer = cache is not None or dropout_rng is not None
     if cfg.scan_layers:
-      layers = None if cache is None else jnp.arange(cfg.num_layers)
+      layers = jnp.arange(cfg.num_layers) if needs_layer else None
       (x_BTD, cache), _ = jax.lax.scan(run_block, (x_BTD, cache), (block_params, layers))
     else:
       for layer in range(cfg.num_layers):
         layer_params = jax.tree.map(lambda p: p[layer], block_params)
         (x_BTD, cache), _ = run_block(
-            (x_BTD, cache), (layer_params, None if cache is None else layer))
+            (x_BTD, cache), (layer_params, layer if needs_layer else None))
 
     x_BTD = self.final_norm(x_BTD)
     unembed_DV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
@@ -293,23 +345,29 @@ def init(cfg: ModelConfig, seed: int):
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
   """Freshly initialised parameters (jittable, so they can be created already sharded)."""
-  return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(params=seed))))
+  return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=_rngs(seed))))
+
+
+def _rngs(seed: int) -> nnx.Rngs:
+  """'params' for the model's weights, 'lora' for LoRA adapters (a stream of its own)."""
+  return nnx.Rngs(params=seed, lora=jax.random.fold_in(jax.random.key(seed), 1))
 
 
 def graphdef(cfg: ModelConfig):
   """The model's static structure, which `apply` combines with a params dict."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=_rngs(0)))
   return nnx.graphdef(abstract)
 
 
-def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None):
+def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
+          dropout_rng=None):
   """Pure forward pass: logits_BTV (fp32) from a params dict; (logits_BTV, cache) with a cache."""
-  return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT, cache)
+  return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT, cache, dropout_rng)
 
 
 def logical_axes(cfg: ModelConfig):
   """The params pytree's logical axis names, with 'layers' prepended for the stacked blocks."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=_rngs(0)))
   _, state = nnx.split(abstract)
 
   def axes(path, variable):

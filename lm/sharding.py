@@ -35,6 +35,7 @@ RULES = {
     'head_dim': (),
     'mlp': ('tensor',),
     'layers': (),
+    'lora_rank': (),  # LoRA adapters are small: split along their other axis only.
     # Activations.
     'act_batch': ('data', 'fsdp'),
     'act_seq': (),

@@ -15,6 +15,7 @@ import signal
 import time
 
 import flax.struct
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -29,6 +30,7 @@ from lm import config as config_lib
 from lm import data as data_lib
 from lm import distributed
 from lm import flops
+from lm import lora as lora_lib
 from lm import metrics as metrics_lib
 from lm import model as model_lib
 from lm import sharding
@@ -53,37 +55,54 @@ def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
 
 
+def trained_paths(t: ml_collections.ConfigDict, logical_axes) -> tuple[tuple[str, ...], ...] | None:
+  """Paths of the parameters in t.trainable's groups (config.PARAM_GROUPS); None: all of them."""
+  groups = [name.strip() for name in t.trainable.split(',')]
+  if 'all' in groups:
+    return None
+  return tuple(path for path, axes in traverse_util.flatten_dict(logical_axes)
+               .items() if any(config_lib.PARAM_GROUPS[g](axes) for g in groups))
+
+
+def split_trained(params: dict, trained: tuple | None) -> tuple[dict, dict]:
+  """(trained parameters, frozen parameters) as two nested dicts; trained=None: all trained."""
+  if trained is None:
+    return params, {}
+  frozen = [p for p in checkpoint_lib.leaf_paths(params) if p not in set(trained)]
+  return checkpoint_lib.subtree(params, trained), checkpoint_lib.subtree(params, frozen)
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple)
+
+
 def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; weight decay only on matrices (not norms or biases).
 
-  A parameter is a matrix when it has two or more axes besides the stacked 'layers' axis.
-  Parameters outside t.trainable's groups get zero updates and no optimizer state
-  (optax.set_to_zero under multi_transform).
+  A parameter is a matrix when it has two or more axes besides the stacked 'layers' axis. The
+  optimizer covers the trained parameters only (`split_trained(params, trained_paths(...))[0]`):
+  frozen ones get no gradient, no optimizer state and no update, so they stay bit-identical.
   """
-  is_axes = lambda x: isinstance(x, tuple)
+  trained, _ = split_trained(logical_axes, trained_paths(t, logical_axes))
   decay_mask = jax.tree.map(
-      lambda axes: len([a for a in axes if a != 'layers']) >= 2, logical_axes, is_leaf=is_axes)
+      lambda axes: len([a for a in axes if a != 'layers']) >= 2, trained, is_leaf=_is_axes)
   adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
                       weight_decay=t.weight_decay, mask=decay_mask)
   # Always chained, so turning clipping on or off keeps the optimizer state's structure.
   clip = optax.clip_by_global_norm(t.grad_clip if t.grad_clip > 0 else float('inf'))
-  optimizer = optax.chain(clip, adamw)
-  groups = [name.strip() for name in t.trainable.split(',')]
-  if 'all' in groups:
-    return optimizer  # The same state layout as before t.trainable existed.
-  trained = lambda axes: any(config_lib.PARAM_GROUPS[g](axes) for g in groups)
-  labels = jax.tree.map(lambda axes: 'train' if trained(axes) else 'freeze', logical_axes,
-                        is_leaf=is_axes)
-  return optax.multi_transform({'train': optimizer, 'freeze': optax.set_to_zero()}, labels)
+  return optax.chain(clip, adamw)
 
 
-def loss_sums(params, batch, *, graphdef, z_loss: float = 0.0, label_smoothing: float = 0.0):
+def loss_sums(params, batch, dropout_rng=None, *, graphdef, z_loss: float = 0.0,
+              label_smoothing: float = 0.0):
   """Summed (not averaged) training objective over the batch's target tokens, and its parts.
 
   Sums, so that micro-batches add up to exactly the full batch; the caller divides by tokens.
+  dropout_rng turns on the model's dropout (LoRA's, when config.lora.dropout > 0).
   """
   logits_BTV = model_lib.apply(
-      graphdef, params, batch['inputs'], batch['segment_ids'], batch['positions'])
+      graphdef, params, batch['inputs'], batch['segment_ids'], batch['positions'],
+      dropout_rng=dropout_rng)
   mask_BT = batch['loss_mask']
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], -1)[..., 0]
@@ -98,33 +117,42 @@ def loss_sums(params, batch, *, graphdef, z_loss: float = 0.0, label_smoothing: 
   return (objective_BT * mask_BT).sum(), sums
 
 
-def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collections.ConfigDict):
+def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collections.ConfigDict,
+               trained: tuple | None = None):
   """One optimizer step on a global batch, accumulating gradients over t.grad_accum_steps.
 
   Gradients of the summed objective are accumulated with lax.scan over micro-batches and
   divided once by the total target-token count, so k micro-batches equal one k-times batch.
+  Only the `trained` parameters (trained_paths; None: all) are differentiated and updated: a
+  LoRA step computes no gradient for the frozen weights.
   """
+  trained_params, frozen_params = split_trained(state.params, trained)
+  objective = functools.partial(loss_sums, graphdef=graphdef, z_loss=t.z_loss,
+                                label_smoothing=t.label_smoothing)
   grad_fn = jax.grad(
-      functools.partial(loss_sums, graphdef=graphdef, z_loss=t.z_loss,
-                        label_smoothing=t.label_smoothing), has_aux=True)
+      lambda trained_params, batch, rng: objective(
+          checkpoint_lib.union(trained_params, frozen_params), batch, rng), has_aux=True)
+  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   if t.grad_accum_steps == 1:
-    grads, sums = grad_fn(state.params, batch)
+    grads, sums = grad_fn(trained_params, batch, step_rng)
   else:
     # Micro-batch j takes rows j, j + k, j + 2k, ...: every device holds a share of each one.
     micro_batches = jax.tree.map(
         lambda x: x.reshape(-1, t.grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
-    def accumulate(carry, micro_batch):
-      grads, sums = grad_fn(state.params, micro_batch)
+    def accumulate(carry, micro_batch_and_index):
+      micro_batch, index = micro_batch_and_index
+      grads, sums = grad_fn(trained_params, micro_batch, jax.random.fold_in(step_rng, index))
       return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, (state.params, {'nll': 0.0, 'tokens': 0.0}))
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, (trained_params, {'nll': 0.0, 'tokens': 0.0}))
+    (grads, sums), _ = jax.lax.scan(
+        accumulate, zeros, (micro_batches, jnp.arange(t.grad_accum_steps)))
 
   tokens = jnp.maximum(sums['tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / tokens, grads)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, trained_params)
+  params = checkpoint_lib.union(optax.apply_updates(trained_params, updates), frozen_params)
   metrics = {
       'loss': sums['nll'] / tokens,
       'grad_norm': optax.tree.norm(grads),
@@ -142,41 +170,45 @@ def eval_step(params, batch, token_bytes_V, *, graphdef):
   return {**sums, 'bytes': bytes_BT.sum()}
 
 
-def evaluate(eval_fn, params, batches, token_bytes) -> dict:
-  """Loss, perplexity and bits per byte over the held-out batches."""
+def evaluate(eval_fn, params, batches, token_bytes, prefix: str = 'eval') -> dict:
+  """Loss, perplexity and bits per byte over the held-out batches (PREFIX_loss, ...)."""
   totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in batches:
     sums = jax.device_get(eval_fn(params, batch, token_bytes))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   loss = totals['nll'] / max(totals['tokens'], 1.0)
   return {
-      'eval_loss': loss,
-      'eval_perplexity': math.exp(min(loss, 50.0)),
-      'eval_bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
+      f'{prefix}_loss': loss,
+      f'{prefix}_perplexity': math.exp(min(loss, 50.0)),
+      f'{prefix}_bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
   }
 
 
-def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int, params=None) -> TrainState:
-  """A fresh train state, from `params` if given (config.init_from's); pure, so jit with
-  out_shardings creates it already sharded."""
-  if params is None:
-    params = model_lib.init_params(cfg, seed)
+def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int, params=None,
+               trained: tuple | None = None) -> TrainState:
+  """A fresh train state, from `params` if given (config.init_from's; leaves it lacks, such as
+  new LoRA adapters, are initialised); pure, so jit with out_shardings creates it sharded.
+  Optimizer state exists for the `trained` parameters only (trained_paths; None: all)."""
+  fresh = model_lib.init_params(cfg, seed)
+  if params is not None:
+    fresh = checkpoint_lib.union(fresh, params)
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32), params=fresh,
+      opt_state=optimizer.init(split_trained(fresh, trained)[0]),
       rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules) -> TrainState:
+def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules,
+                    trained: tuple | None = None) -> TrainState:
   """Where each leaf of the train state lives: parameters by their logical axes (raising
   ShardingError for a split that does not divide), optimizer moments like their parameters,
   and everything else replicated."""
-  abstract = jax.eval_shape(functools.partial(init_state, cfg, optimizer, 0))
+  abstract = jax.eval_shape(functools.partial(init_state, cfg, optimizer, 0, trained=trained))
   params = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract.params, mesh, rules)
   replicated = NamedSharding(mesh, P())
-  frozen = lambda x: isinstance(x, optax.MaskedNode)  # No state for a frozen parameter.
   opt_state = optax.tree_map_params(
-      optimizer, lambda leaf, param_sharding: leaf if frozen(leaf) else param_sharding,
-      abstract.opt_state, params, transform_non_params=lambda _: replicated, is_leaf=frozen)
+      optimizer, lambda _, param_sharding: param_sharding, abstract.opt_state,
+      split_trained(params, trained)[0], transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
 
 
@@ -187,10 +219,12 @@ def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict,
   Call the step inside `sharding.active(mesh, rules)` so the model's activation constraints
   apply when it is traced.
   """
-  shardings = state_shardings(cfg, optimizer, mesh, rules)
+  trained = trained_paths(t, model_lib.logical_axes(cfg))
+  shardings = state_shardings(cfg, optimizer, mesh, rules, trained)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef=model_lib.graphdef(cfg), optimizer=optimizer, t=t),
+      functools.partial(train_step, graphdef=model_lib.graphdef(cfg), optimizer=optimizer, t=t,
+                        trained=trained),
       in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
   return step_fn, shardings, batch_sharding
@@ -285,6 +319,23 @@ class _StopRequested:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _init_from_target(path: str, abstract_params: dict) -> dict:
+  """The parameters to take from config.init_from: all of the model's, except LoRA adapters
+  that checkpoint lacks (a base model's), which start fresh (B = 0: the base model's outputs)."""
+  stored = set(checkpoint_lib.leaf_paths(checkpoint_lib.params_shapes(path)))
+  return checkpoint_lib.subtree(abstract_params, [
+      p for p in checkpoint_lib.leaf_paths(abstract_params)
+      if p in stored or not lora_lib.is_adapter(p[-1])])
+
+
+def _restore_frozen(frozen_dir: str, target: dict) -> dict:
+  if not os.path.isdir(os.path.join(frozen_dir, 'params')):
+    raise checkpoint_lib.CheckpointError(
+        f'{frozen_dir} is missing: the checkpoints of this run hold only the parameters it trains '
+        '(config.train.trainable) and the others were saved there when it started')
+  return checkpoint_lib.restore_params(frozen_dir, target)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from workdir/checkpoints if there is one); returns (state, last metrics)."""
   config_lib.validate(config)
@@ -293,9 +344,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.parse_rules(config.mesh.rules)
   dtype = flops.resolve_dtype(config.model.dtype)
-  cfg = model_lib.ModelConfig.from_config(config.model, dtype)
+  cfg = model_lib.ModelConfig.from_config(config, dtype)
   optimizer = make_optimizer(t, model_lib.logical_axes(cfg))
-  shardings = state_shardings(cfg, optimizer, mesh, rules)  # Checks the mesh fits the model.
+  trained = trained_paths(t, model_lib.logical_axes(cfg))
+  # Checks the mesh fits the model.
+  shardings = state_shardings(cfg, optimizer, mesh, rules, trained)
   graphdef = model_lib.graphdef(cfg)
   sharding.check_batch(t.batch_size // t.grad_accum_steps, mesh, rules,
                        'config.train.batch_size / config.train.grad_accum_steps')
@@ -312,19 +365,29 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
   abstract_state = jax.tree.map(
       lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-      jax.eval_shape(functools.partial(init_state, cfg, optimizer, t.seed)), shardings)
-  restored = checkpointer.restore_latest(abstract_state)
+      jax.eval_shape(functools.partial(init_state, cfg, optimizer, t.seed, trained=trained)),
+      shardings)
+  # Parameters the run does not train are saved once, in frozen_dir; checkpoints hold the rest.
+  frozen_dir = os.path.join(workdir, checkpoint_lib.FROZEN)
+  checkpointed = lambda state: state.replace(params=split_trained(state.params, trained)[0])
+  restored = checkpointer.restore_latest(checkpointed(abstract_state))
   if restored is not None:
     state, data_state = restored
+    if trained is not None:
+      state = state.replace(params=checkpoint_lib.union(state.params, _restore_frozen(
+          frozen_dir, split_trained(abstract_state.params, trained)[1])))
     data.train_iter.set_state(data_state)
     logging.info('resumed from step %d', int(state.step))
   else:
     params = None
     if config.init_from:
-      params = checkpoint_lib.restore_params(config.init_from, abstract_state.params)
+      params = checkpoint_lib.restore_params(
+          config.init_from, _init_from_target(config.init_from, abstract_state.params))
       logging.info('parameters from config.init_from=%s', config.init_from)
-    state = jax.jit(functools.partial(init_state, cfg, optimizer, t.seed),
+    state = jax.jit(functools.partial(init_state, cfg, optimizer, t.seed, trained=trained),
                     out_shardings=shardings, donate_argnums=0)(params)
+    if trained is not None:
+      checkpoint_lib.save_params(frozen_dir, split_trained(state.params, trained)[1], force=True)
 
   num_params = model_lib.count_params(state.params)
   flops_per_token = flops.flops_per_token(cfg, config.data.seq_len)
@@ -382,6 +445,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
           with step_log.paused():
             eval_batches = [global_batch(b) for b in data.eval_batches(t.eval_batches)]
             eval_metrics = evaluate(eval_fn, state.params, eval_batches, token_bytes)
+            for name, batches_of in data.eval_sets.items():  # A mixture's sources, one by one.
+              eval_metrics.update(evaluate(
+                  eval_fn, state.params, [global_batch(b) for b in batches_of(t.eval_batches)],
+                  token_bytes, prefix=f'eval_{name}'))
           writer.write(step, eval_metrics)
           last.update(eval_metrics)
           logging.info('step %d: %s', step, json.dumps(eval_metrics))
@@ -389,7 +456,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         if step % t.checkpoint_every == 0 or step == last_step or stop.requested:
           step_log.check()  # Never save a state whose loss was not finite.
           with step_log.paused():
-            checkpointer.save(step, state, data.train_iter.get_state())
+            checkpointer.save(step, checkpointed(state), data.train_iter.get_state())
   finally:
     progress.close()
     checkpointer.close()  # Waits for an async save in flight to complete.

@@ -27,7 +27,7 @@ def test_every_shipped_config_validates(path):
     ('llama_125m', 110e6, 140e6), ('llama_1b', 1.0e9, 1.2e9), ('llama_7b', 6.5e9, 7.0e9)])
 def test_real_size_configs_have_their_advertised_size(name, low, high):
   config = _load(os.path.join(ROOT, 'configs', f'{name}.py'))
-  cfg = model_lib.ModelConfig.from_config(config.model, 'bfloat16')
+  cfg = model_lib.ModelConfig.from_config(config, 'bfloat16')
   params = jax.eval_shape(lambda: model_lib.init(cfg, 0)[1])
   assert low < model_lib.count_params(params) < high
 

@@ -229,7 +229,7 @@ def workdir(tmp_path_factory):
            for name in ('os.py', 'random.py', 'textwrap.py')]
   tokenizer_lib.train_tokenizer(texts, 400, str(workdir / 'tokenizer' / 'spm.model'),
                                 max_chars=100_000, seed=0)
-  cfg = model_lib.ModelConfig.from_config(config.model)
+  cfg = model_lib.ModelConfig.from_config(config)
   optimizer = train.make_optimizer(config.train, model_lib.logical_axes(cfg))
   checkpointer = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'), async_save=False)
   checkpointer.save(1, train.init_state(cfg, optimizer, 0), {})

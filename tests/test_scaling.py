@@ -27,6 +27,12 @@ def _model(**fields):
   return model
 
 
+def _config(model):
+  config = config_lib.base_config()
+  config.model = model
+  return config
+
+
 # ---------------------------------------------------------------------------------------------
 # Accounting.
 
@@ -60,7 +66,7 @@ def test_param_counts_by_hand_gpt2_untied():
 def test_param_counts_match_the_model_tree(block, tie, kv_heads):
   model = _model(block=block, tie_embeddings=tie, num_kv_heads=kv_heads, vocab_size=101,
                  d_model=64, num_layers=3, num_heads=4, d_ff=96, max_seq_len=40)
-  cfg = model_lib.ModelConfig.from_config(model, dtype='float32')
+  cfg = model_lib.ModelConfig.from_config(_config(model), dtype='float32')
   tree = jax.eval_shape(lambda: model_lib.init_params(cfg, 0))
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   embedding = sum(x.size for path, x in leaves if path[-1].key in ('embed', 'pos_embed'))
@@ -90,7 +96,7 @@ def test_flops_per_token_by_hand():
 
 def test_chinchilla_count_is_the_mfu_count_plus_embedding_and_softmax():
   model = config_lib.load_config('configs/llama_1b.py').model
-  cfg = model_lib.ModelConfig.from_config(model, dtype='float32')
+  cfg = model_lib.ModelConfig.from_config(_config(model), dtype='float32')
   extra = 3 * (2 * 32000 * 2048 + 3 * 22 * 32 * 2048)
   assert scaling.flops_per_token(model, 2048, 'chinchilla') == (
       flops.flops_per_token(cfg, 2048) + extra)

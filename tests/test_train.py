@@ -43,9 +43,11 @@ def _train_config(**overrides):
 
 def _run_steps(t, batches, cfg=CFG, params=None):
   optimizer = train_lib.make_optimizer(t, model_lib.logical_axes(cfg))
-  graphdef, state = model_lib.graphdef(cfg), train_lib.init_state(cfg, optimizer, 0, params)
+  trained = train_lib.trained_paths(t, model_lib.logical_axes(cfg))
+  graphdef = model_lib.graphdef(cfg)
+  state = train_lib.init_state(cfg, optimizer, 0, params, trained=trained)
   step = jax.jit(functools.partial(
-      train_lib.train_step, graphdef=graphdef, optimizer=optimizer, t=t))
+      train_lib.train_step, graphdef=graphdef, optimizer=optimizer, t=t, trained=trained))
   for batch in batches:
     state, metrics = step(state, batch)
   return state, metrics
