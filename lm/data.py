@@ -6,6 +6,10 @@ stream[i*L : i*L + L + 1] (L = data.seq_len), so consecutive rows share one toke
 wasted. The last data.eval_fraction of the rows are held out. Training batches come from a grain
 pipeline whose iterator state is a small JSON-serializable dict, saved with each checkpoint.
 
+A mixture (data.mixture = 'NAME=SOURCE@WEIGHT; ...') does all of that per source, each with its
+own cache in WORKDIR/data/NAME, and interleaves the sources' shuffled rows in the proportions of
+the weights; Data.eval_sets then holds each source's held-out batches, for per-source metrics.
+
 A batch is a dict of [batch, seq_len] numpy arrays:
   inputs, targets  int32    row[:-1] and row[1:]
   segment_ids      int32    which document of the row each input belongs to: 1, 2, ... (0: padding)
@@ -13,16 +17,19 @@ A batch is a dict of [batch, seq_len] numpy arrays:
   loss_mask        float32  1 where the target continues the input's document (0 at EOS -> BOS)
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
 import glob
 import hashlib
 import itertools
 import json
+import math
 import os
+import re
 import sys
 import sysconfig
 from typing import Any
+import zlib
 
 from absl import logging
 import grain
@@ -52,26 +59,34 @@ class SourceStats:
 
 
 def iter_documents(source: str, text_field: str = 'text', *, max_chars: int = 0,
-                   stats: SourceStats | None = None) -> Iterator[str]:
+                   stats: SourceStats | None = None, where: str = '') -> Iterator[str]:
   """Yields the documents of `source` (see data.source in configs/base.py) as strings.
 
   Stops once max_chars characters are read (0: no limit), cutting the last document. Counts go to
   `stats`. Raises ValueError for an unknown source or a corpus with no text; the source is checked
-  here, the files as they are read.
+  here, the files as they are read. Errors name `where` (default: data.source=SOURCE).
   """
+  where = where or f'data.source={source!r}'
+  check_source(source, where)
   kind, _, arg = source.partition(':')
   if source == 'stdlib':
     raw = (_decode(_read_bytes(path)) for path in _stdlib_files())
-  elif kind == 'text' and arg:
-    raw = (_decode(_read_bytes(path)) for path in _glob(arg, source))
-  elif kind == 'jsonl' and arg:
-    raw = _jsonl_documents(_glob(arg, source), text_field)
-  elif kind == 'tfds' and arg:
-    raw = _tfds_documents(arg, text_field)
+  elif kind == 'text':
+    raw = (_decode(_read_bytes(path)) for path in _glob(arg, where))
+  elif kind == 'jsonl':
+    raw = _jsonl_documents(_glob(arg, where), text_field)
   else:
-    raise ValueError(
-        f'data.source={source!r} is not a valid source; expected one of {_SOURCE_FORMS}.')
-  return _counted(raw, source, max_chars, stats if stats is not None else SourceStats())
+    raw = _tfds_documents(arg, text_field)
+  return _counted(raw, where, max_chars, stats if stats is not None else SourceStats())
+
+
+def check_source(source: str, where: str = '') -> None:
+  """Raises ValueError, naming `where`, unless `source` has a form iter_documents reads. Reads no
+  files: a glob that matches nothing passes here and fails when read."""
+  kind, _, arg = source.partition(':')
+  if source != 'stdlib' and not (kind in ('text', 'jsonl', 'tfds') and arg):
+    raise ValueError(f'{where or f"data.source={source!r}"} is not a valid source; expected one '
+                     f'of {_SOURCE_FORMS}.')
 
 
 def _decode(data: bytes | str) -> tuple[str, bool]:
@@ -84,7 +99,7 @@ def _decode(data: bytes | str) -> tuple[str, bool]:
     return data.decode('utf-8', errors='replace'), True
 
 
-def _counted(raw: Iterable[tuple[str, bool]], source: str, max_chars: int,
+def _counted(raw: Iterable[tuple[str, bool]], where: str, max_chars: int,
              stats: SourceStats) -> Iterator[str]:
   """Counts documents, skips empty ones, stops at max_chars; an empty corpus is an error."""
   for doc, non_utf8 in raw:
@@ -100,15 +115,14 @@ def _counted(raw: Iterable[tuple[str, bool]], source: str, max_chars: int,
     if 0 < max_chars <= stats.chars:
       return
   if stats.documents == 0:
-    raise ValueError(f'data.source={source!r} holds no text: {stats.empty_documents} documents, '
-                     'all empty.')
+    raise ValueError(f'{where} holds no text: {stats.empty_documents} documents, all empty.')
 
 
-def _glob(pattern: str, source: str) -> list[str]:
+def _glob(pattern: str, where: str) -> list[str]:
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
   if not paths:
-    raise ValueError(f'data.source={source!r}: no files match {pattern!r}.')
+    raise ValueError(f'{where}: no files match {pattern!r}.')
   return paths
 
 
@@ -166,6 +180,67 @@ def _tfds_documents(arg: str, text_field: str) -> Iterator[tuple[str, bool]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Mixtures: several sources, each with a weight.
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+  """One entry NAME=SOURCE@WEIGHT of data.mixture."""
+  name: str  # Names its metrics (eval_NAME_loss, ...) and its cache, WORKDIR/data/NAME.
+  source: str  # Any form data.source takes.
+  weight: float  # The source supplies weight / sum(weights) of the training rows.
+
+  @property
+  def where(self) -> str:
+    """How error messages name this entry."""
+    return f'config.data.mixture entry {self.name}={self.source!r}'
+
+
+def parse_mixture(text: str) -> list[MixtureSource]:
+  """config.data.mixture, 'NAME=SOURCE@WEIGHT; ...', as a list; reads no files.
+
+  NAME is what comes before the first '=', WEIGHT what comes after the last '@' (so sources may
+  hold either). Raises ValueError naming the entry that is malformed.
+  """
+  def error(entry: str, problem: str) -> ValueError:
+    return ValueError(f'config.data.mixture={text!r}: entry {entry!r} {problem}')
+
+  sources = []
+  for entry in text.split(';'):
+    entry = entry.strip()
+    if not entry:  # Allows a trailing ';'.
+      continue
+    name, equals, rest = (part.strip() for part in entry.partition('='))
+    source, at, weight_text = (part.strip() for part in rest.rpartition('@'))
+    if not equals or not at:
+      raise error(entry, f'lacks {"=" if not equals else "@"}; expected NAME=SOURCE@WEIGHT, e.g. '
+                  "'hi=text:/data/hi/*.txt@0.8'")
+    if not re.fullmatch(r'[A-Za-z0-9_]+', name):
+      raise error(entry, f'has the name {name!r}; names become metric names (eval_NAME_loss), so '
+                  'use letters, digits and _ only')
+    if name in [s.name for s in sources]:
+      raise error(entry, f'repeats the name {name!r}')
+    try:
+      weight = float(weight_text)
+    except ValueError:
+      weight = math.nan
+    if not (math.isfinite(weight) and weight > 0):
+      raise error(entry, f'has the weight {weight_text!r}; expected a positive number')
+    check_source(source, f'config.data.mixture={text!r}: entry {entry!r} has source={source!r}, '
+                 'which')
+    sources.append(MixtureSource(name, source, weight))
+  if not sources:
+    raise ValueError(f'config.data.mixture={text!r} holds no entries; expected '
+                     "'NAME=SOURCE@WEIGHT; ...', or empty to use data.source alone.")
+  return sources
+
+
+def _source_seed(seed: int, name: str) -> int:
+  """A seed of its own for each source of a mixture, stable under reordering the entries."""
+  return zlib.crc32(f'{seed}:{name}'.encode())
+
+
+# ---------------------------------------------------------------------------------------------
 # Tokens: one stream for the whole corpus, cached in the workdir.
 
 
@@ -217,7 +292,7 @@ def _shuffle_documents(stream: np.ndarray, lengths: np.ndarray, seed: int) -> np
   return shuffled
 
 
-def _source_fingerprint(source: str) -> str:
+def _source_fingerprint(source: str, where: str = '') -> str:
   """Changes when the files behind a local source change (paths, sizes, modification times)."""
   kind, _, arg = source.partition(':')
   if source == 'stdlib':
@@ -225,7 +300,7 @@ def _source_fingerprint(source: str) -> str:
   if kind not in ('text', 'jsonl'):
     return ''
   digest = hashlib.sha256()
-  for path in _glob(arg, source):
+  for path in _glob(arg, where or f'data.source={source!r}'):
     stat = os.stat(path)
     digest.update(f'{os.path.abspath(path)} {stat.st_size} {stat.st_mtime_ns}\n'.encode())
   return digest.hexdigest()
@@ -244,24 +319,25 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return None
 
 
-def _cached_tokens(data_config, tokenizer: tokenizer_lib.Tokenizer, seed: int,
-                   workdir: str) -> tuple[np.ndarray, dict[str, Any], bool]:
-  """(stream memmap, manifest, whether the cache was reused); rebuilds when the inputs changed."""
-  tokens_path = os.path.join(workdir, 'data', 'tokens.npy')
-  manifest_path = os.path.join(workdir, 'data', 'manifest.json')
-  key = dict(version=_CACHE_VERSION, source=data_config.source, text_field=data_config.text_field,
+def _cached_tokens(data_config, source: str, where: str, tokenizer: tokenizer_lib.Tokenizer,
+                   seed: int, directory: str) -> tuple[np.ndarray, dict[str, Any], bool]:
+  """(stream memmap, manifest, whether the cache was reused) of one source, cached in
+  `directory`; rebuilds when the inputs changed. Errors name `where`."""
+  tokens_path = os.path.join(directory, 'tokens.npy')
+  manifest_path = os.path.join(directory, 'manifest.json')
+  key = dict(version=_CACHE_VERSION, source=source, text_field=data_config.text_field,
              max_chars=data_config.max_chars, seed=seed,
-             source_fingerprint=_source_fingerprint(data_config.source),
+             source_fingerprint=_source_fingerprint(source, where),
              tokenizer_sha256=_file_sha256(tokenizer.path))
   manifest = _read_json(manifest_path)
   if manifest is not None and manifest.get('key') == key and os.path.exists(tokens_path):
     stream = np.load(tokens_path, mmap_mode='r')
     if len(stream) == manifest['tokens']:
       return stream, manifest, True
-  logging.info('Tokenizing data.source=%r into %s', data_config.source, tokens_path)
+  logging.info('Tokenizing %s into %s', where, tokens_path)
   source_stats = SourceStats()
-  docs = iter_documents(data_config.source, data_config.text_field,
-                        max_chars=data_config.max_chars, stats=source_stats)
+  docs = iter_documents(source, data_config.text_field, max_chars=data_config.max_chars,
+                        stats=source_stats, where=where)
   stream = tokenize_documents(docs, tokenizer, seed=seed,
                               total_chars=data_config.max_chars or None)
   files_lib.write_atomically(tokens_path, lambda f: np.save(f, stream), mode='wb')
@@ -277,9 +353,13 @@ def padded_vocab_size(pieces: int) -> int:
   return -(-pieces // 128) * 128
 
 
-def _cached_tokenizer(data_config, vocab_size: int, seed: int,
+def _cached_tokenizer(data_config, mixture: list[MixtureSource], vocab_size: int, seed: int,
                       workdir: str) -> tuple[tokenizer_lib.Tokenizer, bool]:
-  """(tokenizer, whether it was trained now): data.tokenizer, or one trained on the corpus."""
+  """(tokenizer, whether it was trained now): data.tokenizer, or one trained on the corpus.
+
+  For a mixture, the training text samples each source's share of data.tokenizer_train_chars
+  (weight / sum of weights; all of a source smaller than its share).
+  """
   if data_config.tokenizer:
     tokenizer = tokenizer_lib.Tokenizer(data_config.tokenizer)
     if vocab_size not in (tokenizer.vocab_size, padded_vocab_size(tokenizer.vocab_size)):
@@ -290,21 +370,37 @@ def _cached_tokenizer(data_config, vocab_size: int, seed: int,
     return tokenizer, False
   model_path = os.path.join(workdir, 'tokenizer', 'spm.model')
   manifest_path = os.path.join(workdir, 'tokenizer', 'manifest.json')
-  key = dict(source=data_config.source, text_field=data_config.text_field,
-             max_chars=data_config.max_chars, source_fingerprint=_source_fingerprint(
-                 data_config.source), train_chars=data_config.tokenizer_train_chars,
-             vocab_size=vocab_size, seed=seed)
+  key = dict(text_field=data_config.text_field, max_chars=data_config.max_chars,
+             train_chars=data_config.tokenizer_train_chars, vocab_size=vocab_size, seed=seed)
+  if mixture:
+    key['mixture'] = [dict(dataclasses.asdict(s), source_fingerprint=_source_fingerprint(
+        s.source, s.where)) for s in mixture]
+  else:
+    key.update(source=data_config.source,
+               source_fingerprint=_source_fingerprint(data_config.source))
   if _read_json(manifest_path) == key and os.path.exists(model_path):
     return tokenizer_lib.Tokenizer(model_path), False
   if os.path.exists(model_path):
     logging.warning('Replacing %s, trained with other data settings than %s: checkpoints in this '
                     'workdir that used it no longer match the tokens.', model_path, key)
-  logging.info('Training a %d-piece tokenizer on data.source=%r into %s', vocab_size,
-               data_config.source, model_path)
-  docs = iter_documents(data_config.source, data_config.text_field,
-                        max_chars=data_config.max_chars)
-  tokenizer = tokenizer_lib.train_tokenizer(docs, vocab_size, model_path,
-                                            max_chars=data_config.tokenizer_train_chars, seed=seed)
+  logging.info('Training a %d-piece tokenizer on data.%s into %s', vocab_size,
+               f'mixture={data_config.mixture!r}' if mixture else f'source={data_config.source!r}',
+               model_path)
+  train_chars = data_config.tokenizer_train_chars
+  if mixture:
+    total_weight = sum(s.weight for s in mixture)
+    texts = []
+    for s in mixture:
+      docs = iter_documents(s.source, data_config.text_field, max_chars=data_config.max_chars,
+                            where=s.where)
+      share = max(1, round(train_chars * s.weight / total_weight)) if train_chars > 0 else 0
+      texts += tokenizer_lib.sample_texts(docs, share, _source_seed(seed, s.name))
+    train_chars = 0  # Sampled already.
+  else:
+    texts = iter_documents(data_config.source, data_config.text_field,
+                           max_chars=data_config.max_chars)
+  tokenizer = tokenizer_lib.train_tokenizer(texts, vocab_size, model_path, max_chars=train_chars,
+                                            seed=seed)
   files_lib.write_atomically(manifest_path, lambda f: json.dump(key, f, indent=2))
   return tokenizer, True
 
@@ -373,10 +469,33 @@ def train_iterator(rows: Rows, *, batch_size: int, seed: int, bos_id: int, shard
   only its rows p, p + shard_count, ... of it: the global batch is the same for any process
   count, and the iterator state (batches consumed) means the same thing on every process.
   """
-  dataset = (grain.MapDataset.source(rows)
-             .shuffle(seed=seed % 2**32)
-             .repeat()
-             .slice(slice(shard_index, None, shard_count))
+  return _batches(_shuffled_forever(rows, seed), batch_size=batch_size, bos_id=bos_id,
+                  shard_index=shard_index, shard_count=shard_count)
+
+
+def mixture_train_iterator(rows: dict[str, Rows], weights: dict[str, float], *, batch_size: int,
+                           seed: int, bos_id: int, shard_index: int = 0,
+                           shard_count: int = 1) -> grain.DatasetIterator:
+  """Like train_iterator, over several sources: each is shuffled and repeated on its own (with a
+  seed of its own), and grain's MapDataset.mix interleaves them so that source NAME supplies
+  weights[NAME] / sum(weights) of the rows in any stretch of them (to one row, up to grain's
+  rounding of the weights' ratios to integers with the smallest 100). Sharded like train_iterator.
+  """
+  mixed = grain.MapDataset.mix(
+      [_shuffled_forever(rows[name], _source_seed(seed, name)) for name in rows],
+      [weights[name] for name in rows])
+  return _batches(mixed, batch_size=batch_size, bos_id=bos_id, shard_index=shard_index,
+                  shard_count=shard_count)
+
+
+def _shuffled_forever(rows: Rows, seed: int) -> grain.MapDataset:
+  return grain.MapDataset.source(rows).shuffle(seed=seed % 2**32).repeat()
+
+
+def _batches(rows: grain.MapDataset, *, batch_size: int, bos_id: int, shard_index: int,
+             shard_count: int) -> grain.DatasetIterator:
+  """This process's slice of consecutive global batches of `rows` (see train_iterator)."""
+  dataset = (rows.slice(slice(shard_index, None, shard_count))
              .batch(_local_batch_size(batch_size, shard_count), drop_remainder=True)
              .map(lambda rows_BxL1: make_batch(rows_BxL1, bos_id)))
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
@@ -389,11 +508,13 @@ def _local_batch_size(batch_size: int, shard_count: int) -> int:
   return batch_size // shard_count
 
 
-def eval_batches(rows: Rows, n: int, *, batch_size: int, bos_id: int, pad_id: int,
-                 shard_index: int = 0, shard_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first n batches of the held-out rows, in order. A short last batch is padded with rows
-  of pad_id whose loss_mask and segment_ids are 0, so every batch has the same shape. With
-  several processes, each gets its rows shard_index::shard_count of every batch."""
+def eval_batches(rows: Sequence[np.ndarray], n: int, *, batch_size: int, bos_id: int,
+                 pad_id: int, shard_index: int = 0,
+                 shard_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The first n batches of the held-out rows (Rows, or mixture_eval_rows), in order. A short
+  last batch is padded with rows of pad_id whose loss_mask and segment_ids are 0, so every batch
+  has the same shape. With several processes, each gets its rows shard_index::shard_count of
+  every batch."""
   if shard_count > 1:
     _local_batch_size(batch_size, shard_count)
     return [{k: v[shard_index::shard_count] for k, v in batch.items()}
@@ -411,53 +532,117 @@ def eval_batches(rows: Rows, n: int, *, batch_size: int, bos_id: int, pad_id: in
   return batches
 
 
+def mixture_eval_rows(rows: dict[str, Rows], weights: dict[str, float]) -> Sequence[np.ndarray]:
+  """The sources' held-out rows interleaved in the proportions of the weights, each source's in
+  order; it ends where the first source runs out, so that every prefix keeps the proportions."""
+  names = [name for name in rows if len(rows[name])]
+  if not names:
+    return []
+  return grain.MapDataset.mix([grain.MapDataset.source(rows[name]) for name in names],
+                              [weights[name] for name in names])
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point.
 
 
 @dataclasses.dataclass
 class Data:
-  """Everything the trainer needs from the data side."""
+  """Everything the trainer needs from the data side.
+
+  For a mixture, eval_batches(n) is the first n batches of the sources' held-out rows interleaved
+  in the proportions of the weights (mixture_eval_rows), so its loss estimates the loss on the
+  training mixture; eval_sets[NAME](n) is the first n batches of source NAME's held-out rows alone.
+  Both follow eval_batches's contract (padded, this process's slice of every batch).
+  """
   tokenizer: tokenizer_lib.Tokenizer
   train_iter: grain.DatasetIterator  # Batches forever; get_state()/set_state() for checkpoints.
   eval_batches: Callable[[int], list[dict[str, np.ndarray]]]  # n -> up to n held-out batches.
   token_bytes: np.ndarray  # int32[vocab_size]: UTF-8 bytes per token, for bits per byte.
   stats: dict[str, Any]  # Counts worth logging (JSON-serializable).
+  # Mixture source name -> (n -> up to n of its held-out batches), in data.mixture's order;
+  # empty without a mixture.
+  eval_sets: dict[str, Callable[[int], list[dict[str, np.ndarray]]]] = dataclasses.field(
+      default_factory=dict)
+
+
+def _source_rows(data_config, source: str, where: str, tokenizer: tokenizer_lib.Tokenizer,
+                 seed: int, batch_size: int,
+                 directory: str) -> tuple[Rows, Rows, dict[str, Any]]:
+  """(train rows, eval rows, counts) of one source, its tokens cached in `directory`."""
+  stream, manifest, cached = _cached_tokens(data_config, source, where, tokenizer, seed,
+                                            directory)
+  try:
+    num_train, num_eval = split_rows(len(stream), data_config.seq_len, data_config.eval_fraction,
+                                     batch_size)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from e
+  if manifest['non_utf8_documents']:
+    logging.warning('%d documents of %s had bytes that are not UTF-8 (replaced by U+FFFD).',
+                    manifest['non_utf8_documents'], where)
+  counts = dict(documents=manifest['documents'], chars=manifest['chars'], tokens=len(stream),
+                empty_documents=manifest['empty_documents'],
+                non_utf8_documents=manifest['non_utf8_documents'], train_rows=num_train,
+                eval_rows=num_eval, tokens_cached=cached)
+  return (Rows(stream, data_config.seq_len, 0, num_train),
+          Rows(stream, data_config.seq_len, num_train, num_train + num_eval), counts)
 
 
 def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workdir: str,
               shard_index: int = 0, shard_count: int = 1) -> Data:
-  """Builds (or reuses from WORKDIR) the tokenizer and token stream, and the iterators over it.
+  """Builds (or reuses from WORKDIR) the tokenizer and token streams, and the iterators over them.
 
   `data_config` is config.data (lm/config.py); vocab_size, batch_size and seed are
   config.model.vocab_size, config.train.batch_size (global) and config.train.seed. Process
-  shard_index of shard_count gets only its slice of every batch (see train_iterator).
+  shard_index of shard_count gets only its slice of every batch (see train_iterator). With a
+  data.mixture, data.source is unused and data.text_field, max_chars and eval_fraction apply to
+  each of its sources.
+
+  stats holds counts (documents, chars, tokens, empty_documents, non_utf8_documents, train_rows,
+  eval_rows; summed over a mixture's sources), the tokenizer's path, whether it was trained now,
+  and whether all tokens came from the cache. A mixture adds sources: {NAME: {source, weight,
+  share (its expected fraction of the training rows), the same counts, tokens_cached}}.
   """
-  tokenizer, trained = _cached_tokenizer(data_config, vocab_size, seed, workdir)
+  mixture = parse_mixture(data_config.mixture) if data_config.mixture else []
+  tokenizer, trained = _cached_tokenizer(data_config, mixture, vocab_size, seed, workdir)
   if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
     raise ValueError(f'Tokenizer {tokenizer.path!r} has no BOS or EOS piece (bos_id='
                      f'{tokenizer.bos_id}, eos_id={tokenizer.eos_id}); packing needs both.')
-  stream, manifest, cached = _cached_tokens(data_config, tokenizer, seed, workdir)
-  seq_len = data_config.seq_len
-  num_train, num_eval = split_rows(len(stream), seq_len, data_config.eval_fraction, batch_size)
-  train_rows = Rows(stream, seq_len, 0, num_train)
-  eval_rows = Rows(stream, seq_len, num_train, num_train + num_eval)
-  stats = dict(documents=manifest['documents'], chars=manifest['chars'], tokens=len(stream),
-               empty_documents=manifest['empty_documents'],
-               non_utf8_documents=manifest['non_utf8_documents'], train_rows=num_train,
-               eval_rows=num_eval, tokenizer=tokenizer.path, tokenizer_trained=trained,
-               tokens_cached=cached)
-  if stats['non_utf8_documents']:
-    logging.warning('%d documents of data.source=%r had bytes that are not UTF-8 (replaced by '
-                    'U+FFFD).', stats['non_utf8_documents'], data_config.source)
+  # Without a mixture, data.source is one source named '' (cached in WORKDIR/data itself).
+  entries = mixture or [MixtureSource('', data_config.source, 1.0)]
+  train_rows, eval_rows, sources = {}, {}, {}
+  for entry in entries:
+    where = entry.where if mixture else f'data.source={entry.source!r}'
+    train_rows[entry.name], eval_rows[entry.name], counts = _source_rows(
+        data_config, entry.source, where, tokenizer, seed, batch_size,
+        os.path.join(workdir, 'data', entry.name))
+    sources[entry.name] = dict(source=entry.source, weight=entry.weight,
+                               share=entry.weight / sum(e.weight for e in entries), **counts)
+  stats = {name: sum(counts[name] for counts in sources.values())
+           for name in ('documents', 'chars', 'tokens', 'empty_documents', 'non_utf8_documents',
+                        'train_rows', 'eval_rows')}
+  stats.update(tokenizer=tokenizer.path, tokenizer_trained=trained,
+               tokens_cached=all(counts['tokens_cached'] for counts in sources.values()))
+  if mixture:
+    stats['sources'] = sources
   logging.info('Data: %s', stats)
+
+  def batches_of(rows: Sequence[np.ndarray]) -> Callable[[int], list[dict[str, np.ndarray]]]:
+    return lambda n: eval_batches(rows, n, batch_size=batch_size, bos_id=tokenizer.bos_id,
+                                  pad_id=tokenizer.pad_id, shard_index=shard_index,
+                                  shard_count=shard_count)
+
+  batching = dict(batch_size=batch_size, seed=seed, bos_id=tokenizer.bos_id,
+                  shard_index=shard_index, shard_count=shard_count)
+  if not mixture:
+    return Data(tokenizer=tokenizer, train_iter=train_iterator(train_rows[''], **batching),
+                eval_batches=batches_of(eval_rows['']), token_bytes=tokenizer.token_bytes(),
+                stats=stats)
+  weights = {entry.name: entry.weight for entry in mixture}
   return Data(
       tokenizer=tokenizer,
-      train_iter=train_iterator(train_rows, batch_size=batch_size, seed=seed,
-                                bos_id=tokenizer.bos_id, shard_index=shard_index,
-                                shard_count=shard_count),
-      eval_batches=lambda n: eval_batches(eval_rows, n, batch_size=batch_size,
-                                          bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id,
-                                          shard_index=shard_index, shard_count=shard_count),
+      train_iter=mixture_train_iterator(train_rows, weights, **batching),
+      eval_batches=batches_of(mixture_eval_rows(eval_rows, weights)),
       token_bytes=tokenizer.token_bytes(),
-      stats=stats)
+      stats=stats,
+      eval_sets={name: batches_of(rows) for name, rows in eval_rows.items()})

@@ -1,8 +1,10 @@
-"""Tests of lm/data.py: sources, packing, the token cache, and exactly resumable iteration."""
+"""Tests of lm/data.py: sources, packing, the token cache, exactly resumable iteration, mixtures."""
 
 import collections
 import json
 import os
+import re
+import shutil
 
 import ml_collections
 import numpy as np
@@ -181,6 +183,25 @@ def test_train_iterator_cycles_reshuffled_epochs():
   assert list(epoch1) != list(epoch2)
 
 
+def test_shards_split_the_global_batch():
+  """Process p of 2 gets rows p::2 of each global batch, and its state counts the same batches."""
+  rows = data_lib.Rows(np.arange(10 * SEQ_LEN + 1), SEQ_LEN, 0, 10)
+  whole = data_lib.train_iterator(rows, batch_size=4, seed=0, bos_id=-1)
+  parts = [data_lib.train_iterator(rows, batch_size=4, seed=0, bos_id=-1, shard_index=p,
+                                   shard_count=2) for p in range(2)]
+  assert_shards_split(whole, parts, num_batches=6)  # Crosses an epoch.
+
+
+def assert_shards_split(whole, parts, num_batches):
+  for _ in range(num_batches):
+    want = next(whole)
+    got = [next(part) for part in parts]
+    for name in want:
+      for p, part in enumerate(got):
+        np.testing.assert_array_equal(part[name], want[name][p::len(parts)])
+  assert all(part.get_state() == whole.get_state() for part in parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # make_data: the whole pipeline, with its cache.
 
@@ -201,6 +222,7 @@ def test_make_data_batches(built):
   assert batch['inputs'].max() < VOCAB_SIZE
   np.testing.assert_array_equal(batch['inputs'][:, 1:], batch['targets'][:, :-1])
   assert data.token_bytes.shape == (VOCAB_SIZE,)
+  assert data.eval_sets == {}  # Only mixtures have them.
   stats = data.stats
   assert json.loads(json.dumps(stats)) == stats
   assert stats['chars'] == 200_000 and stats['tokenizer_trained'] and not stats['tokens_cached']
@@ -319,3 +341,244 @@ def test_corpus_too_small(built, tmp_path):
   config = data_config(source=f'text:{tmp_path}/*.txt', seq_len=512, tokenizer=data.tokenizer.path)
   with pytest.raises(ValueError, match=r'corpus is too small: \d+ tokens make \d+ rows'):
     make_data(config, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures: data.mixture.
+
+
+def test_parse_mixture():
+  assert data_lib.parse_mixture(' hi=text:/data/hi/*.txt@0.8;en = stdlib @ 2 ; ') == [
+      data_lib.MixtureSource('hi', 'text:/data/hi/*.txt', 0.8),
+      data_lib.MixtureSource('en', 'stdlib', 2.0)]
+  # The name ends at the first '=', the weight starts after the last '@'; no file is looked at.
+  assert data_lib.parse_mixture('A_1=jsonl:/no/such/k=v@home/*.jsonl@1e-3') == [
+      data_lib.MixtureSource('A_1', 'jsonl:/no/such/k=v@home/*.jsonl', 0.001)]
+
+
+@pytest.mark.parametrize('mixture, entry, problem', [
+    ('en stdlib@1', 'en stdlib@1', 'lacks ='),
+    ('hi=stdlib@1; en=stdlib', 'en=stdlib', 'lacks @'),
+    ('=stdlib@1', '=stdlib@1', "has the name ''"),
+    ('en-US=stdlib@1', 'en-US=stdlib@1', "has the name 'en-US'; names become metric names"),
+    ('en=stdlib@1; en=stdlib@2', 'en=stdlib@2', "repeats the name 'en'"),
+    ('en=stdlib@0', 'en=stdlib@0', "has the weight '0'; expected a positive number"),
+    ('en=stdlib@-1', 'en=stdlib@-1', "has the weight '-1'"),
+    ('en=stdlib@nan', 'en=stdlib@nan', "has the weight 'nan'"),
+    ('en=stdlib@inf', 'en=stdlib@inf', "has the weight 'inf'"),
+    ('en=stdlib@', 'en=stdlib@', "has the weight ''"),
+    ('en=stdlib@much', 'en=stdlib@much', "has the weight 'much'"),
+    ('en=wikipedia@1', 'en=wikipedia@1',
+     "has source='wikipedia', which is not a valid source; expected one of 'stdlib', 'text:GLOB'"),
+    ('hi=stdlib@1;en=text:@1', 'en=text:@1', "has source='text:', which is not a valid source"),
+])
+def test_parse_mixture_names_the_bad_entry(mixture, entry, problem):
+  with pytest.raises(ValueError) as error:
+    data_lib.parse_mixture(mixture)
+  assert str(error.value).startswith(f'config.data.mixture={mixture!r}: entry {entry!r} {problem}')
+
+
+def test_parse_mixture_needs_an_entry():
+  with pytest.raises(ValueError, match=r"^config.data.mixture=' ; ' holds no entries"):
+    data_lib.parse_mixture(' ; ')
+
+
+def write_corpus(directory, alphabet: str, seed: int, num_files: int = 12) -> str:
+  """num_files documents of random words over `alphabet`; returns a text:GLOB source for them."""
+  rng = np.random.default_rng(seed)
+  words = [''.join(rng.choice(list(alphabet), rng.integers(2, 7))) for _ in range(300)]
+  write_files(directory, {f'{i}.txt': ' '.join(rng.choice(words, 150)) + '\n'
+                          for i in range(num_files)})
+  return f'text:{directory}/*.txt'
+
+
+LATIN = 'abcdefghijklmnopqrstuvwxyz'
+DEVANAGARI = 'कखगघचछजझटठडढणतथदधनपफबभमयरलवशसह' + 'ािीुूेैोौ'
+
+
+@pytest.fixture(scope='module')
+def corpora(tmp_path_factory):
+  """Two sources with disjoint alphabets: an English-like one and a Hindi-like one."""
+  root = tmp_path_factory.mktemp('corpora')
+  return dict(en=write_corpus(root / 'en', LATIN, 0), hi=write_corpus(root / 'hi', DEVANAGARI, 1))
+
+
+def mixture_config(corpora, en=0.25, hi=0.75, **overrides):
+  return data_config(mixture=f'en={corpora["en"]}@{en}; hi={corpora["hi"]}@{hi}', **overrides)
+
+
+@pytest.fixture(scope='module')
+def mixed(tmp_path_factory, corpora):
+  """One make_data run on a 25% en / 75% hi mixture, with a tokenizer trained on both."""
+  workdir = tmp_path_factory.mktemp('mixed')
+  return make_data(mixture_config(corpora), workdir), workdir
+
+
+def row_owners(workdir, stats) -> dict[bytes, tuple[str, str]]:
+  """(source, 'train' or 'eval') of every row of a mixture, keyed by the row's inputs."""
+  owners = {}
+  for name, counts in stats['sources'].items():
+    stream = np.load(os.path.join(workdir, 'data', name, 'tokens.npy')).astype(np.int32)
+    for i in range(counts['train_rows'] + counts['eval_rows']):
+      split = 'train' if i < counts['train_rows'] else 'eval'
+      owners[bytes(stream[i * SEQ_LEN:(i + 1) * SEQ_LEN])] = name, split
+  assert len(owners) == stats['train_rows'] + stats['eval_rows']  # No row in two places.
+  return owners
+
+
+def owners_of(batches, owners) -> list[tuple[str, str]]:
+  """The owner of each row of the batches, in order; padding rows left out."""
+  return [owners[bytes(inputs)] for batch in batches
+          for inputs, mask in zip(batch['inputs'], batch['loss_mask']) if mask.any()]
+
+
+def test_mixture_stats(mixed):
+  data, workdir = mixed
+  stats = data.stats
+  assert json.loads(json.dumps(stats)) == stats
+  assert stats['tokenizer_trained'] and not stats['tokens_cached']
+  sources = stats['sources']
+  assert list(sources) == ['en', 'hi']
+  assert [counts['share'] for counts in sources.values()] == [0.25, 0.75]
+  for name, counts in sources.items():
+    assert counts['documents'] == 12 and counts['eval_rows'] % BATCH_SIZE == 0
+    assert counts['train_rows'] + counts['eval_rows'] == (counts['tokens'] - 1) // SEQ_LEN
+    assert os.path.exists(os.path.join(workdir, 'data', name, 'tokens.npy'))
+  for name in ('documents', 'chars', 'tokens', 'train_rows', 'eval_rows'):
+    assert stats[name] == sum(counts[name] for counts in sources.values()), name
+  # The tokenizer was trained on both scripts: neither needs byte fallback.
+  for alphabet in (LATIN, DEVANAGARI):
+    ids = data.tokenizer.encode(alphabet)
+    assert not data.tokenizer.byte_fallback_mask()[ids].any(), alphabet
+
+
+def test_mixture_rows_follow_the_weights(mixed, corpora):
+  data, workdir = mixed
+  owners = row_owners(workdir, data.stats)
+  fresh = make_data(mixture_config(corpora), workdir)  # Its own iterator, not the fixture's.
+  batches = [next(fresh.train_iter) for _ in range(50)]
+  drawn = owners_of(batches, owners)
+  assert len(drawn) == 200 and {split for _, split in drawn} == {'train'}
+  # The sources interleave in fixed proportions, so the count is exact to a row: it cannot flake.
+  assert abs(collections.Counter(name for name, _ in drawn)['hi'] - 0.75 * 200) <= 1
+  # Each source is shuffled on its own, and repeats no row before its epoch ends (hi: ~200 rows).
+  assert len({bytes(inputs) for batch in batches for inputs in batch['inputs']}) == 200
+
+
+def test_mixture_eval_sets(mixed):
+  data, workdir = mixed
+  owners = row_owners(workdir, data.stats)
+  sources = data.stats['sources']
+  assert list(data.eval_sets) == ['en', 'hi']
+  for name, eval_set in data.eval_sets.items():
+    batches = eval_set(10**6)
+    assert len(batches) == sources[name]['eval_rows'] // BATCH_SIZE and len(eval_set(1)) == 1
+    assert owners_of(batches, owners) == [(name, 'eval')] * sources[name]['eval_rows']
+  # The union interleaves the sources 1:3 until one runs out; each source's rows in order.
+  union = data.eval_batches(10**6)
+  drawn = owners_of(union, owners)
+  counts = collections.Counter(name for name, _ in drawn)
+  assert {split for _, split in drawn} == {'eval'} and abs(counts['hi'] - 3 * counts['en']) <= 3
+  assert counts['en'] == sources['en']['eval_rows'] or counts['hi'] == sources['hi']['eval_rows']
+  assert len(union) == -(-len(drawn) // BATCH_SIZE)
+  in_union = [bytes(inputs) for batch in union
+              for inputs, mask in zip(batch['inputs'], batch['loss_mask']) if mask.any()]
+  for name, eval_set in data.eval_sets.items():
+    own = [bytes(inputs) for batch in eval_set(10**6) for inputs in batch['inputs']]
+    assert [row for row in in_union if owners[row][0] == name] == own[:counts[name]]
+  np.testing.assert_array_equal(data.eval_batches(2)[1]['inputs'], union[1]['inputs'])
+
+
+def test_mixture_resume_from_saved_state(mixed, corpora):
+  _, workdir = mixed
+  original = make_data(mixture_config(corpora), workdir)
+  for _ in range(3):
+    next(original.train_iter)
+  state = json.loads(json.dumps(original.train_iter.get_state()))
+  # Enough batches for hi (75% of the rows) to start a second epoch.
+  num_next = original.stats['sources']['hi']['train_rows'] * 4 // 3 // BATCH_SIZE + 2
+  expected = [next(original.train_iter) for _ in range(num_next)]
+  resumed = make_data(mixture_config(corpora), workdir)
+  resumed.train_iter.set_state(state)
+  for want, got in zip(expected, (next(resumed.train_iter) for _ in range(num_next))):
+    for name in want:
+      np.testing.assert_array_equal(want[name], got[name])
+
+
+def test_mixture_shards_split_the_global_batch(mixed, corpora):
+  """Each of 2 processes gets its rows of the same global batches, training and eval alike."""
+  _, workdir = mixed
+  whole = make_data(mixture_config(corpora), workdir)
+  parts = [make_data(mixture_config(corpora), workdir, shard_index=p, shard_count=2)
+           for p in range(2)]
+  num_batches = whole.stats['sources']['hi']['train_rows'] * 4 // 3 // BATCH_SIZE + 2
+  assert_shards_split(whole.train_iter, [part.train_iter for part in parts], num_batches)
+  for name in ('en', 'hi', None):
+    def evals(data, name=name):
+      return (data.eval_sets[name] if name else data.eval_batches)(10**6)
+    for p, part in enumerate(parts):
+      for want, got in zip(evals(whole), evals(part), strict=True):
+        for field in want:
+          np.testing.assert_array_equal(got[field], want[field][p::2])
+
+
+def test_mixture_caches_each_source_on_its_own(mixed, corpora, tmp_path):
+  """With a given tokenizer, changing one source re-tokenizes that source only."""
+  data, _ = mixed
+  sources = dict(en=corpora['en'], hi=write_corpus(tmp_path / 'hi', DEVANAGARI, 1))  # A copy.
+  workdir = tmp_path / 'workdir'
+
+  def build(en=0.25, hi=0.75):
+    return make_data(mixture_config(sources, en, hi, tokenizer=data.tokenizer.path), workdir)
+
+  def cached(built):
+    return {name: counts['tokens_cached'] for name, counts in built.stats['sources'].items()}
+
+  first = build()
+  assert cached(first) == dict(en=False, hi=False) and not first.stats['tokenizer_trained']
+  assert ({name: counts['tokens'] for name, counts in first.stats['sources'].items()} ==
+          {name: counts['tokens'] for name, counts in data.stats['sources'].items()})
+  assert cached(build(en=1, hi=1)) == dict(en=True, hi=True)  # Weights alone: nothing to redo.
+  en_tokens = workdir / 'data' / 'en' / 'tokens.npy'
+  mtime = os.stat(en_tokens).st_mtime_ns
+  write_files(tmp_path / 'hi', {'new.txt': DEVANAGARI * 20})
+  edited = build()
+  assert cached(edited) == dict(en=True, hi=False) and os.stat(en_tokens).st_mtime_ns == mtime
+  assert edited.stats['sources']['hi']['documents'] == 13
+
+
+def test_mixture_tokenizer_is_keyed_by_the_mixture(mixed, corpora, tmp_path):
+  _, workdir = mixed
+  shutil.copytree(workdir, tmp_path / 'workdir')
+  assert make_data(mixture_config(corpora), tmp_path / 'workdir').stats['tokens_cached']
+  # New weights retrain the tokenizer; here on all the text again (tokenizer_train_chars is more
+  # than both sources hold), so it comes out the same and the token caches stay valid.
+  reweighted = make_data(mixture_config(corpora, en=0.5, hi=0.5), tmp_path / 'workdir')
+  assert reweighted.stats['tokenizer_trained'] and reweighted.stats['tokens_cached']
+
+  # Sampling less text than the sources hold, each source gets its weight's share of it.
+  def script_pieces(en, hi):
+    tokenizer = make_data(mixture_config(corpora, en, hi, tokenizer_train_chars=4000),
+                          tmp_path / f'{en}-{hi}').tokenizer
+    pieces = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]
+    return [sum(len(piece) > 1 and piece.strip(' ' + alphabet) == '' for piece in pieces)
+            for alphabet in (LATIN, DEVANAGARI)]
+
+  (en_heavy_latin, en_heavy_devanagari), (hi_heavy_latin, hi_heavy_devanagari) = (
+      script_pieces(0.8, 0.2), script_pieces(0.2, 0.8))
+  assert en_heavy_latin > hi_heavy_latin and en_heavy_devanagari < hi_heavy_devanagari
+
+
+def test_mixture_source_errors_name_the_entry(mixed, corpora, tmp_path):
+  data, _ = mixed
+  write_files(tmp_path, {'empty/a.txt': ' \n', 'small/a.txt': DEVANAGARI})
+  for hi, problem, given_tokenizer in [
+      (f'text:{tmp_path}/nothing*.txt', "no files match '.*nothing", False),
+      (f'text:{tmp_path}/nothing*.txt', "no files match '.*nothing", True),
+      (f'text:{tmp_path}/empty/*.txt', 'holds no text', True),
+      (f'text:{tmp_path}/small/*.txt', r'The corpus is too small: \d+ tokens', True)]:
+    config = mixture_config(dict(corpora, hi=hi),
+                            tokenizer=data.tokenizer.path if given_tokenizer else '')
+    with pytest.raises(ValueError, match=re.escape(
+        f'config.data.mixture entry hi={hi!r}') + f':? {problem}'):
+      make_data(config, tmp_path / 'workdir')
