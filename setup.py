@@ -25,10 +25,13 @@ setuptools.setup(
         'matplotlib>=3.9',
         'protobuf>=5',  # SentencePiece's ModelProto, edited by `lm.tokenizer merge`.
         'scipy>=1.17',  # The Chinchilla fits in lm/scaling.py.
+        'safetensors>=0.4',  # HuggingFace checkpoints (lm/convert.py), read without PyTorch.
     ],
     extras_require={
+        # torch and transformers: the reference that tests/test_convert.py checks lm's logits
+        # against (a CPU wheel at exactly this version; a bare 'torch' pulls a CUDA build).
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29', 'ray>=2.50'],
+                 'ipykernel>=6.29', 'ray>=2.50', 'torch==2.13.0', 'transformers>=5.0'],
         # The sweep launcher's Ray backend (python -m launch.sweep --backend ray).
         'ray': ['ray>=2.50'],
         # The PyTorch peer of bench/train_throughput.py (a CPU wheel at exactly this version).

@@ -46,7 +46,7 @@ from lm import tokenizer as tokenizer_lib
 
 INITS = ('mean', 'normal', 'subword_mean')
 
-_CONFIG_PY = '''"""The config of the extended checkpoint in this directory (written by lm.vocab):
+_CONFIG_PY = '''"""The config of the checkpoint in this directory (written by lm.vocab or lm.convert):
 python -m lm.main --config THIS_FILE --workdir NEW_WORKDIR [--config.train.trainable=embeddings]"""
 
 import os
@@ -57,7 +57,9 @@ from lm import config as config_lib
 def get_config():
   here = os.path.dirname(os.path.abspath(__file__))  # Wherever this directory has moved to.
   config = config_lib.config_from_json(os.path.join(here, 'config.json'))
-  config.init_from, config.data.tokenizer = here, os.path.join(here, 'tokenizer.model')
+  config.init_from = here
+  if os.path.exists(os.path.join(here, 'tokenizer.model')):
+    config.data.tokenizer = os.path.join(here, 'tokenizer.model')
   return config
 '''
 
