@@ -49,6 +49,19 @@ def test_unsharded_parameters_gradients_and_adam_are_16_bytes_per_param_in_fp32(
   assert bf16.parameters + bf16.gradients + bf16.optimizer == 8 * n
 
 
+def test_lora_plans_gradients_and_adam_for_the_adapters_only():
+  config = _config()
+  config.lora.update(rank=4, targets='q,down')
+  config.train.trainable = 'lora'
+  e = memory.estimate(config, (1, 1, 1))
+  adapters = L * 4 * ((D + H * (D // H)) + (F + D))  # r (in + out) for w_q and w_down.
+  assert e.num_params == _num_params(config)
+  assert e.parameters == 4 * e.num_params
+  assert e.gradients == 4 * adapters and e.optimizer == 8 * adapters
+  config.train.trainable = 'lora,embeddings'
+  assert memory.estimate(config, (1, 1, 1)).optimizer == 8 * (adapters + 2 * V * D)
+
+
 def test_parameter_bytes_are_split_as_the_sharding_rules_say():
   config = _config(B=64)
   n = _num_params(config)

@@ -11,13 +11,14 @@ from lm import config as config_lib
 from lm import memory
 
 
-def _config(mesh, B=32, T=256, accum=1, **model):
+def _config(mesh, B=32, T=256, accum=1, lora=None, trainable='all', **model):
   config = config_lib.base_config()
   config.model.update(
       vocab_size=4096, d_model=256, num_layers=2, num_heads=8, num_kv_heads=8, d_ff=768,
       max_seq_len=T, dtype='float32', attention='xla')
   config.model.update(model)
-  config.train.update(batch_size=B, grad_accum_steps=accum)
+  config.lora.update(lora or {})
+  config.train.update(batch_size=B, grad_accum_steps=accum, trainable=trainable)
   config.data.seq_len = T
   config.mesh.update({'data': 1, 'fsdp': 1, 'tensor': 1, **mesh})
   return config
@@ -37,6 +38,11 @@ CASES = {
     'data4_accum2': (_config(dict(data=4), B=32, accum=2), 4),
     'data2_fsdp2_tensor2_blocked_attention': (
         _config(dict(data=2, fsdp=2, tensor=2), attention='blocked'), 8),
+    # LoRA: gradients and AdamW state for the adapters only.
+    'fsdp8_lora': (_config(dict(fsdp=8), lora=dict(rank=16), trainable='lora', **_WIDER), 8),
+    'data2_fsdp2_tensor2_lora_embeddings': (_config(
+        dict(data=2, fsdp=2, tensor=2), lora=dict(rank=8),
+        trainable='lora,embeddings'), 8),
     # Unrolled remat saves nothing in XLA; the planner says so, and so does XLA.
     'data8_remat_unrolled': (_config(dict(data=8), remat=True), 8),
 }
