@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
   # afresh, and the shapes must fit config.model. Once the run has saved a checkpoint it resumes
   # from its own. Empty: parameters are initialised randomly.
   config.init_from = ''
+  # Take config.model's shape fields (block, sizes, vocab, tie_embeddings, rope_theta, norm_eps)
+  # and, when empty, data.tokenizer from the config.json beside init_from's parameters (written
+  # by lm.train, lm.convert and lm.vocab), so one config file continues any such checkpoint.
+  config.model_from_init = False
 
   # ---------------------------------------------------------------------------------------------
   # Model: a decoder-only transformer (lm/model.py).
@@ -204,6 +208,42 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
     values = json.load(f)
   config = base_config()
   _update(config, values, f'{path}: config')
+  return config
+
+
+def checkpoint_config(checkpoint: str) -> ml_collections.ConfigDict:
+  """The run config of a checkpoint: config.json in it or up to two directories above (a step
+  directory is WORKDIR/checkpoints/STEP). FileNotFoundError if there is none."""
+  directory = os.path.abspath(checkpoint)
+  for _ in range(3):
+    if os.path.isfile(os.path.join(directory, 'config.json')):
+      return config_from_json(os.path.join(directory, 'config.json'))
+    directory = os.path.dirname(directory)
+  raise FileNotFoundError(
+      f'no config.json in {checkpoint} or the two directories above it (lm.train, lm.convert '
+      'and lm.vocab write one): the config the model was made with is needed')
+
+
+# The config.model fields that fix the parameters' shapes and the function the model computes.
+MODEL_SHAPE_FIELDS = ('block', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',
+                      'd_ff', 'max_seq_len', 'tie_embeddings', 'rope_theta', 'norm_eps')
+
+
+def resolve_model_from_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with config.model_from_init applied (a copy; config itself when it is False)."""
+  if not config.model_from_init:
+    return config
+  if not config.init_from:
+    raise ConfigError('config.model_from_init=True needs config.init_from (a checkpoint)')
+  try:
+    source = checkpoint_config(config.init_from)
+  except FileNotFoundError as e:
+    raise ConfigError(f'config.model_from_init: {e}') from None
+  config = config.copy_and_resolve_references()
+  for field in MODEL_SHAPE_FIELDS:
+    config.model[field] = source.model[field]
+  if not config.data.tokenizer:
+    config.data.tokenizer = source.data.tokenizer
   return config
 
 

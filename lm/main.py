@@ -27,6 +27,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   try:
+    if config.mode == 'train':
+      config = config_lib.resolve_model_from_init(config)
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')

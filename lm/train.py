@@ -338,6 +338,7 @@ def _restore_frozen(frozen_dir: str, target: dict) -> dict:
 
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from workdir/checkpoints if there is one); returns (state, last metrics)."""
+  config = config_lib.resolve_model_from_init(config)
   config_lib.validate(config)
   distributed.initialize(config.distributed)  # Before anything touches a device.
   t = config.train

@@ -83,7 +83,7 @@ def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: s
   _check_extends(base_pieces, merged_pieces, base, merged)
   shapes = checkpoint_lib.params_shapes(checkpoint)
   old_vocab = shapes['embed'].shape[0]
-  config = _source_config(checkpoint)
+  config = config_lib.checkpoint_config(checkpoint)
   _check_vocab(old_vocab, len(base_pieces), checkpoint, base, config.data.tokenizer)
 
   new_pieces = merged_pieces[len(base_pieces):]
@@ -178,19 +178,6 @@ def _check_vocab(old_vocab: int, base_size: int, checkpoint: str, base: str, tra
         f'{base_size} pieces (expected {base_size} or {data_lib.padded_vocab_size(base_size)}, '
         f'padded): is it the tokenizer the model was trained with (data.tokenizer='
         f'{trained_with!r}, or WORKDIR/tokenizer/spm.model when that is empty)?')
-
-
-def _source_config(checkpoint: str):
-  """The checkpoint's run config: config.json in it or up to two directories above (a step
-  directory is WORKDIR/checkpoints/STEP)."""
-  directory = os.path.abspath(checkpoint)
-  for _ in range(3):
-    if os.path.isfile(os.path.join(directory, 'config.json')):
-      return config_lib.config_from_json(os.path.join(directory, 'config.json'))
-    directory = os.path.dirname(directory)
-  raise checkpoint_lib.CheckpointError(
-      f'no config.json in {checkpoint} or the two directories above it (lm.train writes one into '
-      'its workdir): the extended checkpoint needs the config the model was trained with')
 
 
 def _write_directory(out: str, params: dict, merged: str, files: dict[str, str]) -> None:

@@ -19,8 +19,14 @@ def _load(path):
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
-def test_every_shipped_config_validates(path):
-  config_lib.validate(_load(path))
+def test_every_shipped_config_validates(path, tmp_path):
+  config = _load(path)
+  if config.model_from_init:  # As it would continue a Llama-2-7B-shaped checkpoint.
+    (tmp_path / 'config.json').write_text(_load(os.path.join(
+        ROOT, 'configs', 'llama_7b.py')).to_json_best_effort())
+    config.init_from = str(tmp_path)
+    config = config_lib.resolve_model_from_init(config)
+  config_lib.validate(config)
 
 
 @pytest.mark.parametrize('name, low, high', [
@@ -107,3 +113,34 @@ def test_a_saved_config_json_loads_back_with_fields_added_since_at_their_default
   (tmp_path / 'config.json').write_text(json.dumps(values))
   with pytest.raises(config_lib.ConfigError, match='config.model.vocab is not a field'):
     config_lib.config_from_json(str(tmp_path / 'config.json'))
+
+
+def test_model_from_init_takes_the_shape_and_tokenizer_of_the_checkpoint(tmp_path):
+  source = config_lib.load_config('configs/tiny.py')
+  source.data.tokenizer = str(tmp_path / 'ckpt' / 'tokenizer.model')
+  os.makedirs(tmp_path / 'ckpt' / 'params')
+  (tmp_path / 'ckpt' / 'config.json').write_text(source.to_json_best_effort())
+  config = config_lib.load_config('configs/adapt_lora.py')
+  config.init_from = str(tmp_path / 'ckpt')
+  resolved = config_lib.resolve_model_from_init(config)
+  for field in config_lib.MODEL_SHAPE_FIELDS:
+    assert resolved.model[field] == source.model[field], field
+  assert resolved.model.remat and resolved.model.scan_layers  # Compute settings stay the run's.
+  assert resolved.data.tokenizer == source.data.tokenizer
+  assert config.model.d_model == config_lib.base_config().model.d_model  # Not modified.
+  resolved.data.seq_len = 128  # The run's own choice, at most the model's max_seq_len.
+  config_lib.validate(resolved)
+
+  config.init_from = str(tmp_path)  # No config.json there or above within two levels.
+  with pytest.raises(config_lib.ConfigError, match='no config.json'):
+    config_lib.resolve_model_from_init(config)
+  config.init_from = ''
+  with pytest.raises(config_lib.ConfigError, match='needs config.init_from'):
+    config_lib.resolve_model_from_init(config)
+
+
+def test_a_bad_mixture_is_a_config_error():
+  config = config_lib.base_config()
+  config.data.mixture = 'hi=stdlib'
+  with pytest.raises(config_lib.ConfigError, match='config.data.mixture'):
+    config_lib.validate(config)
