@@ -41,6 +41,7 @@ import argparse
 from collections.abc import Sequence
 import glob
 import json
+import logging
 import math
 import os
 import re
@@ -161,8 +162,7 @@ def hf_to_lm(hf_dir: str, out: str, param_dtype: str = 'float32',
   files = safetensors_files(hf_dir)
   params = read_params(files, cfg, rotary_layout)
 
-  tokenizer = os.path.join(hf_dir, 'tokenizer.model')
-  tokenizer = tokenizer if os.path.isfile(tokenizer) else None
+  tokenizer = _sentencepiece_model(os.path.join(hf_dir, 'tokenizer.model'))
   if tokenizer:
     config.data.tokenizer = os.path.join(out, 'tokenizer.model')
   config.init_from = out
@@ -185,6 +185,20 @@ def hf_to_lm(hf_dir: str, out: str, param_dtype: str = 'float32',
 
   _write_directory(out, fill)
   return summary
+
+
+def _sentencepiece_model(path: str) -> str | None:
+  """path if it is a SentencePiece model; None if absent or another format (Llama-3's
+  tokenizer.model is a tiktoken BPE file, which lm's tokenizer does not read)."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    spm.SentencePieceProcessor(model_file=path)
+  except (OSError, RuntimeError):
+    logging.warning('%s is not a SentencePiece model (a tiktoken file?): not copied; set '
+                    'config.data.tokenizer to a SentencePiece model to train on text', path)
+    return None
+  return path
 
 
 def model_fields(hf_config: dict, where: str) -> dict:

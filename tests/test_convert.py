@@ -431,3 +431,11 @@ def test_missing_files_and_nonempty_out_are_refused(case, tmp_path):
   with pytest.raises(FileExistsError, match='full_hf already exists and is not empty'):
     convert.lm_to_hf(c['lm'], str(tmp_path / 'full_hf'))
   assert os.listdir(tmp_path / 'full_lm') == os.listdir(tmp_path / 'full_hf') == ['keep.txt']
+
+
+def test_a_tokenizer_model_that_is_not_sentencepiece_is_left_out(tmp_path):
+  hf_dir = tmp_path / 'hf'
+  hf_dir.mkdir()
+  (hf_dir / 'tokenizer.model').write_text('IQ== 0\nIg== 1\n')  # Llama-3's tiktoken format.
+  assert convert._sentencepiece_model(str(hf_dir / 'tokenizer.model')) is None
+  assert convert._sentencepiece_model(str(hf_dir / 'absent.model')) is None
