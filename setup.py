@@ -35,6 +35,6 @@ setuptools.setup(
         # The sweep launcher's Ray backend (python -m launch.sweep --backend ray).
         'ray': ['ray>=2.50'],
         # The PyTorch peer of bench/train_throughput.py (a CPU wheel at exactly this version).
-        'bench': ['torch==2.13.0', 'transformers>=5.0'],
+        'bench': ['torch==2.13.0', 'transformers>=5.0', 'peft>=0.21'],
     },
 )

@@ -6,7 +6,7 @@ embeddings on mostly-Hindi text, the base weights frozen bit for bit:
 
   python -m lm.convert hf-to-lm --hf Llama-2-7b-hf --out llama2
   python -m lm.tokenizer train --input hindi.txt --vocab_size 16000 --out hindi
-  python -m lm.tokenizer merge --base llama2/tokenizer.model --add hindi.model \
+  python -m lm.tokenizer merge --base llama2/tokenizer.model --add hindi.model \\
       --check english.txt --out merged.model
   python -m lm.tokenizer extend-checkpoint --checkpoint llama2 --base llama2/tokenizer.model \\
       --merged merged.model --init subword_mean --out llama2_hi
@@ -16,7 +16,7 @@ embeddings on mostly-Hindi text, the base weights frozen bit for bit:
 The model's shape and tokenizer come from init_from (config.model_from_init). A tenth of the rows
 are English, to limit forgetting; evaluation reports eval_hi_* and eval_en_* separately, so the
 English perplexity shows any forgetting. Sized for Llama-2-7B on one 80 GB GPU (bf16 compute,
-remat; the frozen fp32 weights take 27 GB) or a TPU slice (fsdp over all devices); notebooks/
+remat, 4 micro-batches: lm.memory plans 60 GiB; the frozen fp32 weights take 27 GB) or a TPU slice (fsdp over all devices); notebooks/
 adapt_llama.ipynb runs the same recipe on a tiny model on CPU.
 """
 
@@ -29,7 +29,8 @@ def get_config():
   config.model.update(dtype='auto', remat=True, scan_layers=True)
   config.lora.update(rank=64, alpha=128.0, dropout=0.05, targets='all')
   config.train.update(
-      trainable='lora,embeddings', steps=20_000, batch_size=64, learning_rate=2e-4,
+      trainable='lora,embeddings', steps=20_000, batch_size=64, grad_accum_steps=4,
+      learning_rate=2e-4,
       warmup_steps=200, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, log_every=10,
       eval_every=500, eval_batches=32, checkpoint_every=500)
   config.data.update(

@@ -486,8 +486,8 @@ def define_flags() -> types.SimpleNamespace:
 def main(argv, args: types.SimpleNamespace):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  config = args.config.value
   try:
+    config = config_lib.resolve_model_from_init(args.config.value)
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
