@@ -224,6 +224,23 @@ def checkpoint_config(checkpoint: str) -> ml_collections.ConfigDict:
       'and lm.vocab write one): the config the model was made with is needed')
 
 
+def find_hf_config(checkpoint: str, config: ml_collections.ConfigDict) -> str | None:
+  """hf_config.json (the HF config.json a model was imported from, lm/convert.py) beside the
+  run's config.json (in the checkpoint or up to two directories above), or in the directory
+  config.init_from names (a run started from an imported or extended model); None if neither."""
+  directory = os.path.abspath(checkpoint)
+  candidates = []
+  for _ in range(3):
+    candidates.append(directory)
+    directory = os.path.dirname(directory)
+  if config.init_from and '://' not in config.init_from:
+    candidates.append(config.init_from)
+  for directory in candidates:
+    if os.path.isfile(os.path.join(directory, 'hf_config.json')):
+      return os.path.join(directory, 'hf_config.json')
+  return None
+
+
 # The config.model fields that fix the parameters' shapes and the function the model computes.
 MODEL_SHAPE_FIELDS = ('block', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',
                       'd_ff', 'max_seq_len', 'tie_embeddings', 'rope_theta', 'norm_eps')

@@ -358,7 +358,7 @@ def lm_to_hf(checkpoint: str, out: str, tokenizer: str | None = None, dtype: str
   if cfg.block != 'llama':
     raise ValueError(f'{checkpoint}: config.model.block={cfg.block!r}; only llama blocks export '
                      'as LlamaForCausalLM')
-  hf_source = _find_hf_config(checkpoint, config)
+  hf_source = config_lib.find_hf_config(checkpoint, config)
   hf_config = {}
   if hf_source:
     with open(hf_source) as f:
@@ -448,22 +448,6 @@ def _plan_shards(cfg: model_lib.ModelConfig, itemsize: int, max_bytes: int) -> l
     shards[-1].append(entry)
     size += nbytes
   return shards
-
-
-def _find_hf_config(checkpoint: str, config) -> str | None:
-  """hf_config.json beside the run's config.json (in the checkpoint or up to two directories
-  above), or in the directory config.init_from names (a run started from a converted model)."""
-  directory = os.path.abspath(checkpoint)
-  candidates = []
-  for _ in range(3):
-    candidates.append(directory)
-    directory = os.path.dirname(directory)
-  if config.init_from and '://' not in config.init_from:
-    candidates.append(config.init_from)
-  for directory in candidates:
-    if os.path.isfile(os.path.join(directory, 'hf_config.json')):
-      return os.path.join(directory, 'hf_config.json')
-  return None
 
 
 def _load_sentencepiece(path: str, vocab_size: int) -> spm.SentencePieceProcessor:

@@ -25,6 +25,8 @@ The extended checkpoint is a directory:
   config.py        get_config() of that config.json, pointing wherever the directory now is, for
                    `python -m lm.main --config OUT/config.py --workdir NEW [--config.a.b=...]`
   extension.json   what was done (extend_checkpoint's summary)
+  hf_config.json   copied from the source when it was imported from HF (lm/convert.py), so that
+                   lm-to-hf exports the extended model in its original dtype and token ids
 It holds no optimizer state, step or data position: AdamW's moments no longer fit the shapes, and
 the new run reads a stream tokenized differently. A run from it (config.init_from) starts at step
 0 with fresh moments and warmup; config.train.trainable='embeddings' first trains only the
@@ -84,6 +86,7 @@ def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: s
   shapes = checkpoint_lib.params_shapes(checkpoint)
   old_vocab = shapes['embed'].shape[0]
   config = config_lib.checkpoint_config(checkpoint)
+  hf_config = config_lib.find_hf_config(checkpoint, config)
   _check_vocab(old_vocab, len(base_pieces), checkpoint, base, config.data.tokenizer)
 
   new_pieces = merged_pieces[len(base_pieces):]
@@ -100,9 +103,12 @@ def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: s
       merged=os.path.abspath(merged), old_vocab_size=old_vocab, new_vocab_size=new_vocab,
       rows_added=len(new_pieces), padding_rows=new_vocab - len(merged_pieces), init=init,
       seed=seed, out=out)
-  _write_directory(out, params, merged, {
-      'config.json': config.to_json_best_effort(indent=2), 'config.py': _CONFIG_PY,
-      'extension.json': json.dumps(summary, indent=2)})
+  files = {'config.json': config.to_json_best_effort(indent=2), 'config.py': _CONFIG_PY,
+           'extension.json': json.dumps(summary, indent=2)}
+  if hf_config:  # An imported HF model: lm.convert lm-to-hf restores its dtype and token ids.
+    with open(hf_config) as f:
+      files['hf_config.json'] = f.read()
+  _write_directory(out, params, merged, files)
   return summary
 
 

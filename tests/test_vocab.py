@@ -158,6 +158,22 @@ def test_the_extended_checkpoint_holds_what_a_new_run_needs(run, tokenizers, tmp
   config_lib.validate(config)
 
 
+def test_an_imported_models_hf_config_goes_along(run, tokenizers, tmp_path):
+  """A model lm.convert imported keeps its HF config.json, so the extended model exports (after
+  training) in the original dtype and with the original special-token ids."""
+  base, merged = tokenizers
+  imported = tmp_path / 'imported'
+  shutil.copytree(run, imported)
+  hf_config = {'model_type': 'llama', 'dtype': 'bfloat16', 'bos_token_id': 1, 'eos_token_id': 2}
+  (imported / 'hf_config.json').write_text(json.dumps(hf_config))
+  out = tmp_path / 'ext'
+  vocab.extend_checkpoint(str(imported / 'checkpoints'), base, merged, 'mean', str(out))
+  assert json.loads((out / 'hf_config.json').read_text()) == hf_config
+  saved = config_lib.config_from_json(str(out / 'config.json'))
+  assert config_lib.find_hf_config(str(tmp_path / 'later_run'), saved) == str(
+      out / 'hf_config.json')  # How lm-to-hf finds it for a run started from `out`.
+
+
 def test_subword_mean_rows_average_the_base_pieces_spelling_them(run, tokenizers, tmp_path):
   base, merged = tokenizers
   new_pieces, base_pieces = _pieces(merged)[BASE_SIZE:], _pieces(base)
