@@ -1,17 +1,31 @@
 """Loss curves as a PNG: `python -m lm.plot WORKDIR [WORKDIR ...] [--out loss.png]`.
 
 Reads each WORKDIR/metrics.jsonl and draws training and held-out loss against step (one colour
-per run), with throughput beneath.
+per run), with throughput beneath. A run on a data mixture also logs each source's held-out loss
+(eval_NAME_loss, e.g. eval_hi_loss and eval_en_loss); each gets a line style of its own, so
+forgetting of one language while another improves shows in the picture.
 """
 
 import argparse
 import os
+import re
 
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 from lm import metrics as metrics_lib
+
+
+_STYLES = ('o--', 's:', '^-.', 'v--', 'D:')
+
+
+def held_out_keys(rows: list[dict]) -> list[str]:
+  """eval_loss first, then each source's eval_NAME_loss, in the order they first appear."""
+  keys = {}
+  for row in rows:
+    keys.update(dict.fromkeys(k for k in row if re.fullmatch(r'eval_(\w+_)?loss', k)))
+  return sorted(keys, key=lambda k: k != 'eval_loss')
 
 
 def plot_runs(workdirs: list[str], out: str) -> str:
@@ -25,12 +39,17 @@ def plot_runs(workdirs: list[str], out: str) -> str:
     label = os.path.basename(os.path.normpath(workdir))
     color = f'C{i}'
     train = [(r['step'], r['loss']) for r in rows if r.get('loss') is not None]
-    held_out = [(r['step'], r['eval_loss']) for r in rows if r.get('eval_loss') is not None]
+    held_out = {key: [(r['step'], r[key]) for r in rows if r.get(key) is not None]
+                for key in held_out_keys(rows)}
     speed = [(r['step'], r['tokens_per_sec']) for r in rows if r.get('tokens_per_sec')]
     if train:
       loss_ax.plot(*zip(*train), color=color, alpha=0.8, label=f'{label} train')
-    if held_out:
-      loss_ax.plot(*zip(*held_out), 'o--', color=color, label=f'{label} held-out')
+    for j, (key, points) in enumerate(held_out.items()):
+      if points:
+        source = key[len('eval_'):-len('_loss')]
+        name = 'held-out' if not source else f'held-out {source}'
+        loss_ax.plot(*zip(*points), _STYLES[j % len(_STYLES)], color=color,
+                     label=f'{label} {name}')
     if speed:
       speed_ax.plot(*zip(*speed), color=color)
   loss_ax.set_ylabel('cross-entropy (nats/token)')
