@@ -28,10 +28,11 @@ setuptools.setup(
         'safetensors>=0.4',  # HuggingFace checkpoints (lm/convert.py), read without PyTorch.
     ],
     extras_require={
-        # torch and transformers: the reference that tests/test_convert.py checks lm's logits
-        # against (a CPU wheel at exactly this version; a bare 'torch' pulls a CUDA build).
+        # torch, transformers and peft: the reference that tests/test_convert.py checks lm's
+        # logits against (a CPU wheel at exactly this version; a bare 'torch' pulls a CUDA build).
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29', 'ray>=2.50', 'torch==2.13.0', 'transformers>=5.0'],
+                 'ipykernel>=6.29', 'ray>=2.50', 'torch==2.13.0', 'transformers>=5.0',
+                 'peft>=0.21'],
         # The sweep launcher's Ray backend (python -m launch.sweep --backend ray).
         'ray': ['ray>=2.50'],
         # The PyTorch peer of bench/train_throughput.py (a CPU wheel at exactly this version).

@@ -4,6 +4,7 @@
       [--rotary_layout hf|meta]
   python -m lm.convert lm-to-hf --checkpoint RUN_OR_CKPT --out HF_DIR [--tokenizer SPM.model] \\
       [--dtype float32|bfloat16|float16] [--max_shard_size 5GB]
+  python -m lm.convert lm-to-peft --checkpoint LORA_RUN --out ADAPTER_DIR [--base NAME_OR_PATH]
 
 Every tensor maps through one table, _TENSORS: an HF name, the lm parameter it becomes, and both
 layouts as axis letters (V vocab, D d_model, H query heads, K kv heads, Q head dim, F d_ff; a comma
@@ -30,7 +31,9 @@ hf-to-lm writes a directory like lm.vocab's extended checkpoint, so `config.init
 lm-to-hf writes config.json, generation_config.json, model.safetensors (or shards of at most
 max_shard_size with model.safetensors.index.json) and, given a SentencePiece model, tokenizer.model
 with tokenizer_config.json and special_tokens_map.json for transformers' LlamaTokenizer. A tensor
-read from HF in bf16 or fp16 and stored in fp32 is exported back bit-for-bit.
+read from HF in bf16 or fp16 and stored in fp32 is exported back bit-for-bit. LoRA adapters are
+merged into their weights; lm-to-peft writes them instead, unmerged, as a PEFT adapter (lora_A
+[r, in] and lora_B [out, r] per projection, the same alpha / r scaling).
 
 Configs lm cannot compute exactly are refused, naming the field: activations other than SiLU,
 biases, a head_dim other than hidden_size / num_attention_heads, rope scaling of any kind,
@@ -332,6 +335,20 @@ def _leaf(params: dict, path: tuple[str, ...]):
   return params
 
 
+def _original_hf_config(checkpoint: str, config, dtype: str | None):
+  """(path, contents, export dtype) of the HF config.json the model was imported from (lm/config
+  find_hf_config; None, {} when it was not): the dtype is `dtype`, else the original's, else fp32."""
+  hf_source = config_lib.find_hf_config(checkpoint, config)
+  hf_config = {}
+  if hf_source:
+    with open(hf_source) as f:
+      hf_config = json.load(f)
+  dtype = dtype or _hf_dtype(hf_config) or 'float32'
+  if dtype not in DTYPES:
+    raise ValueError(f'{hf_source}: dtype {dtype!r} is not one of {DTYPES}; pass dtype=')
+  return hf_source, hf_config, dtype
+
+
 def _hf_dtype(hf_config: dict) -> str | None:
   return hf_config.get('dtype') or hf_config.get('torch_dtype')
 
@@ -358,14 +375,7 @@ def lm_to_hf(checkpoint: str, out: str, tokenizer: str | None = None, dtype: str
   if cfg.block != 'llama':
     raise ValueError(f'{checkpoint}: config.model.block={cfg.block!r}; only llama blocks export '
                      'as LlamaForCausalLM')
-  hf_source = config_lib.find_hf_config(checkpoint, config)
-  hf_config = {}
-  if hf_source:
-    with open(hf_source) as f:
-      hf_config = json.load(f)
-  dtype = dtype or _hf_dtype(hf_config) or 'float32'
-  if dtype not in DTYPES:
-    raise ValueError(f'{hf_source}: dtype {dtype!r} is not one of {DTYPES}; pass dtype=')
+  hf_source, hf_config, dtype = _original_hf_config(checkpoint, config, dtype)
   if tokenizer is None and config.data.tokenizer and os.path.isfile(config.data.tokenizer):
     tokenizer = config.data.tokenizer
   sp = _load_sentencepiece(tokenizer, cfg.vocab_size) if tokenizer else None
@@ -408,6 +418,73 @@ def lm_to_hf(checkpoint: str, out: str, tokenizer: str | None = None, dtype: str
 
   _write_directory(out, fill)
   return summary
+
+
+def lm_to_peft(checkpoint: str, out: str, base: str | None = None,
+               dtype: str | None = None) -> dict:
+  """Exports a LoRA run's adapters, not merged, as a PEFT adapter directory `out`
+  (adapter_config.json, adapter_model.safetensors); returns what it did.
+
+  `peft.PeftModel.from_pretrained(model, out)` applies them to the model the run started from
+  (the HF original, or lm-to-hf of the run's init_from). `base` is what adapter_config.json names
+  as that model; by default the original HF config's _name_or_path, if it has one. Only a run that
+  trained nothing but its adapters (config.train.trainable='lora') can be exported this way: one
+  that trained the embeddings too changed the base model, so export it merged with lm_to_hf.
+  """
+  from lm import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f'dtype={dtype!r}: expected one of {DTYPES}')
+  out = _check_out(out)
+  config = config_lib.checkpoint_config(checkpoint)
+  cfg = model_lib.ModelConfig.from_config(config, 'float32')
+  if not cfg.lora_rank:
+    raise ValueError(f'{checkpoint}: config.lora.rank=0, so there are no adapters to export; '
+                     'use lm-to-hf')
+  trained = {g.strip() for g in config.train.trainable.split(',')}
+  if trained != {'lora'}:
+    raise ValueError(
+        f'{checkpoint}: config.train.trainable={config.train.trainable!r} trained more than the '
+        'LoRA adapters, which PEFT adapters alone cannot carry; export the merged model with '
+        'lm-to-hf')
+  _, hf_config, dtype = _original_hf_config(checkpoint, config, dtype)
+  params = checkpoint_lib.restore_params(
+      checkpoint, jax.eval_shape(lambda: model_lib.init_params(cfg, 0)))
+  sizes = dict(axis_sizes(cfg), R=cfg.lora_rank)
+  arrays, modules = {}, []
+  for name, path, layer, hf_axes, lm_axes in tensors(cfg):
+    weight = path[-1]
+    if weight not in cfg.lora_targets:
+      continue
+    n_in = lora_lib.INPUT_AXES[weight]
+    hf_out, hf_in = hf_axes.split(',')  # HF stores a projection as [out, in].
+    leaves = _leaf(params, path[:-1])
+    prefix = 'base_model.model.' + name.removesuffix('.weight')
+    arrays[prefix + '.lora_A.weight'] = to_hf(
+        leaves[weight + '_lora_a'][layer], f'R,{hf_in}', lm_axes[:n_in] + 'R', sizes)
+    arrays[prefix + '.lora_B.weight'] = to_hf(
+        leaves[weight + '_lora_b'][layer], f'{hf_out},R', 'R' + lm_axes[n_in:], sizes)
+    modules.append(name.split('.')[-2])
+  np_dtype = jnp.dtype(dtype)
+  arrays = {k: v.astype(np_dtype) for k, v in arrays.items()}
+  adapter_config = dict(
+      peft_type='LORA', task_type='CAUSAL_LM',
+      base_model_name_or_path=base if base is not None else hf_config.get('_name_or_path', ''),
+      r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+      target_modules=sorted(set(modules)), bias='none', fan_in_fan_out=False,
+      inference_mode=True, init_lora_weights=True, use_rslora=False, use_dora=False,
+      modules_to_save=None)
+
+  def fill(directory):
+    save_file(arrays, os.path.join(directory, 'adapter_model.safetensors'),
+              metadata={'format': 'pt'})
+    os.chmod(os.path.join(directory, 'adapter_model.safetensors'), 0o644)
+    _write_text(directory, {'adapter_config.json': json.dumps(adapter_config, indent=2) + '\n'})
+
+  _write_directory(out, fill)
+  return dict(checkpoint=os.path.abspath(checkpoint), out=out, dtype=dtype, rank=cfg.lora_rank,
+              alpha=cfg.lora_alpha, target_modules=','.join(adapter_config['target_modules']),
+              tensors=len(arrays), num_params=sum(int(v.size) for v in arrays.values()),
+              base=adapter_config['base_model_name_or_path'])
 
 
 def hf_llama_config(cfg: model_lib.ModelConfig, dtype: str, ids: dict) -> dict:
@@ -546,6 +623,14 @@ def _parser() -> argparse.ArgumentParser:
   to_hf_.add_argument('--max_shard_size', default='5GB', help='e.g. 5GB, 500MB, 2GiB')
   to_hf_.set_defaults(run=lambda a: lm_to_hf(a.checkpoint, a.out, a.tokenizer, a.dtype,
                                              a.max_shard_size))
+  to_peft = commands.add_parser(
+      'lm-to-peft', help="a LoRA run's adapters -> a PEFT adapter directory (not merged)")
+  to_peft.add_argument('--checkpoint', required=True, help='a LoRA workdir or one of its steps')
+  to_peft.add_argument('--out', required=True, help='a new (or empty) directory')
+  to_peft.add_argument('--base', help="the base model's name or path, for adapter_config.json")
+  to_peft.add_argument('--dtype', choices=DTYPES,
+                       help="default: the original HF model's, else float32")
+  to_peft.set_defaults(run=lambda a: lm_to_peft(a.checkpoint, a.out, a.base, a.dtype))
   return parser
 
 

@@ -16,6 +16,7 @@ from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
 from lm import convert
 from lm import data as data_lib
+from lm import lora
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 
@@ -267,20 +268,22 @@ def tokenizer(tmp_path_factory):
   return path
 
 
-def _lm_run(directory, tokenizer, **lora):
+def _lm_run(directory, tokenizer, params=None, trainable='all', **lora):
   """A checkpoint directory as lm itself makes them (not from HF): params/ and config.json."""
   config = config_lib.base_config()
   config.model.update(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       d_ff=64, max_seq_len=64)
   config.data.tokenizer = tokenizer
   config.lora.update(lora)
+  config.train.trainable = trainable
   cfg = model_lib.ModelConfig.from_config(config, 'float32')
   # Random values of init_params' shapes (init_params itself compiles for seconds); LoRA's B
   # nonzero too, so merging changes the weights.
   rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: (path[-1].key == 'scale') + rng.normal(0, 0.2, x.shape).astype(x.dtype),
-      jax.eval_shape(lambda: model_lib.init_params(cfg, 0)))
+  if params is None:
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (path[-1].key == 'scale') + rng.normal(0, 0.2, x.shape).astype(x.dtype),
+        jax.eval_shape(lambda: model_lib.init_params(cfg, 0)))
   os.makedirs(directory)
   checkpoint_lib.save_params(str(directory), params)
   (directory / 'config.json').write_text(config.to_json_best_effort())
@@ -330,6 +333,58 @@ def test_lora_adapters_are_merged(tokenizer, tmp_path):
   diff = np.abs(_hf_logits(str(tmp_path / 'hf'), tokens) - want).max()
   print(f'lm LoRA run -> transformers: max |logit diff| = {diff:.2e}')
   assert diff < TOL
+
+
+def test_lora_adapters_export_unmerged_for_peft(tokenizer, tmp_path):
+  torch, transformers = _hf_libs()
+  cfg, params = _lm_run(tmp_path / 'run', tokenizer, trainable='lora', rank=2, alpha=4.0,
+                        dropout=0.1, targets='all')
+  summary = convert.lm_to_peft(str(tmp_path / 'run'), str(tmp_path / 'adapter'), base='tiny')
+  assert summary['tensors'] == 2 * 7 * 2  # Layers x projections x (A, B).
+  with open(tmp_path / 'adapter' / 'adapter_config.json') as f:
+    adapter_config = json.load(f)
+  assert adapter_config['r'] == 2 and adapter_config['lora_alpha'] == 4.0
+  assert adapter_config['lora_dropout'] == 0.1
+  assert adapter_config['base_model_name_or_path'] == 'tiny'
+  assert adapter_config['target_modules'] == sorted(
+      ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'])
+
+  # The model the adapters apply to: the same weights without them, exported to HF.
+  base_params = {**params, 'blocks': {
+      module: {name: v for name, v in leaves.items() if not lora.is_adapter(name)}
+      for module, leaves in params['blocks'].items()}}
+  _lm_run(tmp_path / 'base', tokenizer, params=base_params)
+  convert.lm_to_hf(str(tmp_path / 'base'), str(tmp_path / 'hf_base'))
+  convert.lm_to_hf(str(tmp_path / 'run'), str(tmp_path / 'hf_merged'))
+  base, merged = _tensors(tmp_path / 'hf_base'), _tensors(tmp_path / 'hf_merged')
+  adapter = _tensors(tmp_path / 'adapter')
+  for name in [n for n in base if n.endswith('_proj.weight')]:
+    prefix = 'base_model.model.' + name.removesuffix('.weight')
+    update = adapter[prefix + '.lora_B.weight'] @ adapter[prefix + '.lora_A.weight']
+    np.testing.assert_allclose(merged[name], base[name] + 2.0 * update, atol=1e-6, err_msg=name)
+
+  peft = pytest.importorskip('peft')
+  model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / 'hf_base'))
+  model = peft.PeftModel.from_pretrained(model, str(tmp_path / 'adapter')).eval()
+  tokens = np.random.default_rng(3).integers(0, 400, (2, 24))
+  with torch.no_grad():
+    got = model(torch.from_numpy(tokens)).logits.numpy()
+  want = np.asarray(_forward(cfg)(params, jnp.asarray(tokens)))
+  diff = np.abs(got - want).max()
+  print(f'lm LoRA adapters -> PEFT, not merged: max |logit diff| = {diff:.2e}')
+  assert diff < TOL
+
+
+@pytest.mark.parametrize('trainable, lora_settings, message', [
+    ('lora,embeddings', dict(rank=2, targets='q'), 'trained more than the LoRA adapters'),
+    ('all', {}, 'no adapters to export'),
+])
+def test_peft_export_refuses_what_adapters_cannot_carry(tokenizer, tmp_path, trainable,
+                                                        lora_settings, message):
+  _lm_run(tmp_path / 'run', tokenizer, trainable=trainable, **lora_settings)
+  with pytest.raises(ValueError, match=message):
+    convert.lm_to_peft(str(tmp_path / 'run'), str(tmp_path / 'adapter'))
+  _assert_nothing_written(str(tmp_path / 'adapter'))
 
 
 # ---------------------------------------------------------------------------------------------
