@@ -139,49 +139,16 @@ def jax_setup(name: str, trainable: str, rank: int, batch: int, warmup: int):
 
 def peft_setup(name: str, rank: int, batch: int, threads: int, warmup: int):
   """transformers' LlamaForCausalLM (sdpa, fp32) under peft.get_peft_model, torch AdamW over
-  the adapters, warmed up: the work of train_throughput.torch_setup's step, adapters trained."""
+  the adapters, warmed up: train_throughput.torch_train_step's work, adapters trained."""
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(threads)
   warnings.filterwarnings('ignore', category=FutureWarning)  # transformers' deprecations, via peft.
   config = lora_config(name, 'lora', rank, batch)
-  m, t = config.model, config.train
-  if m.block != 'llama':
-    raise ValueError(f'config {name}: model.block={m.block!r}; the peer is llama only')
-  torch.manual_seed(t.seed)
-  base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
-      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-      num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
-      rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-      attention_bias=False, mlp_bias=False, initializer_range=m.init_std,
-      attn_implementation='sdpa', dtype=torch.float32))
-  model = peft.get_peft_model(base, peft.LoraConfig(
+  model = peft.get_peft_model(tt.hf_llama(config, name), peft.LoraConfig(
       r=rank, lora_alpha=config.lora.alpha, lora_dropout=0.0, target_modules=HF_TARGETS)).train()
-  params = [p for p in model.parameters() if p.requires_grad]
-  optimizer = torch.optim.AdamW(  # Decay on matrices, as make_optimizer: here every adapter.
-      [{'params': [p for p in params if p.ndim >= 2], 'weight_decay': t.weight_decay},
-       {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}],
-      lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.eps)
-  arrays = {k: torch.from_numpy(v) for k, v in tt.synthetic_batch(
-      t.batch_size, config.data.seq_len, m.vocab_size, t.seed).items()}
-  micro_batches = [{k: v[j::t.grad_accum_steps] for k, v in arrays.items()}
-                   for j in range(t.grad_accum_steps)]  # Rows j, j + k, ... as train_step.
-  tokens = arrays['loss_mask'].sum().clamp(min=1.0)
-
-  def step():
-    optimizer.zero_grad(set_to_none=True)
-    for micro in micro_batches:
-      logits_BTV = model(input_ids=micro['inputs'], position_ids=micro['positions'].long()).logits
-      nll_BT = torch.nn.functional.cross_entropy(
-          logits_BTV.flatten(0, 1), micro['targets'].long().flatten(), reduction='none')
-      ((nll_BT * micro['loss_mask'].flatten()).sum() / tokens).backward()
-    if t.grad_clip > 0:
-      torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-    optimizer.step()
-
+  step, params = tt.torch_train_step(model, config)  # Decay on matrices: every adapter.
   first = _warm(step, warmup)
   return step, dict(first_step_s=first, dtype='float32', threads=torch.get_num_threads(),
                     params=sum(p.numel() for p in model.parameters()),

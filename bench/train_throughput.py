@@ -174,23 +174,16 @@ def jax_setup(config_name: str, grad_accum_steps: int, dtype: str, attention: st
                     flops_per_token=flops.flops_per_token(cfg, config.data.seq_len))
 
 
-def torch_setup(config_name: str, grad_accum_steps: int, warmup: int):
-  """transformers' LlamaForCausalLM (sdpa, fp32) with torch AdamW, warmed up.
-
-  The same work per step as lm's train_step: forward, masked cross-entropy, backward (over
-  t.grad_accum_steps micro-batches, as train_step splits them), clipping to global norm
-  t.grad_clip, AdamW with weight decay on matrices only. Attention takes SDPA's
-  plain causal path (position ids restart per document, as on the JAX side, but documents are
-  not masked from each other): the fastest causal path torch has, so the ratio is conservative.
-  """
+def hf_llama(config, name: str):
+  """transformers' LlamaForCausalLM (sdpa, fp32) of config.model's shape, seeded by
+  config.train.seed, in training mode: the PyTorch peer of configs/NAME.py."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
-  config = load_config(config_name, grad_accum_steps)
-  m, t = config.model, config.train
+  m = config.model
   if m.block != 'llama':
-    raise ValueError(f'config {config_name}: model.block={m.block!r}; the peer is llama only')
-  torch.manual_seed(t.seed)
+    raise ValueError(f'config {name}: model.block={m.block!r}; the peer is llama only')
+  torch.manual_seed(config.train.seed)
   llama_config = transformers.LlamaConfig(
       vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff,
       num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
@@ -198,15 +191,26 @@ def torch_setup(config_name: str, grad_accum_steps: int, warmup: int):
       rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
       attention_bias=False, mlp_bias=False, initializer_range=m.init_std,
       attn_implementation='sdpa', dtype=torch.float32)
-  model = transformers.LlamaForCausalLM(llama_config).train()
+  return transformers.LlamaForCausalLM(llama_config).train()
+
+
+def torch_train_step(model, config):
+  """(step, trained parameters): one step of lm's train_step's work on a torch model.
+
+  Forward, masked cross-entropy, backward (over t.grad_accum_steps micro-batches, as train_step
+  splits them), clipping to global norm t.grad_clip, torch AdamW with weight decay on matrices
+  only, over the parameters that require grad, on one synthetic batch.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  t = config.train
   params = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(
       [{'params': [p for p in params if p.ndim >= 2], 'weight_decay': t.weight_decay},
        {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}],
       lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.eps)
   batch = {k: torch.from_numpy(v) for k, v in synthetic_batch(
-      t.batch_size, config.data.seq_len, m.vocab_size, t.seed).items()}
-
+      t.batch_size, config.data.seq_len, config.model.vocab_size, t.seed).items()}
   micro_batches = [{k: v[j::t.grad_accum_steps] for k, v in batch.items()}
                    for j in range(t.grad_accum_steps)]  # Rows j, j + k, ... as train_step.
   tokens = batch['loss_mask'].sum().clamp(min=1.0)
@@ -222,6 +226,20 @@ def torch_setup(config_name: str, grad_accum_steps: int, warmup: int):
       torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     optimizer.step()
 
+  return step, params
+
+
+def torch_setup(config_name: str, grad_accum_steps: int, warmup: int):
+  """transformers' LlamaForCausalLM (sdpa, fp32) with torch AdamW, warmed up.
+
+  The same work per step as lm's train_step (torch_train_step). Attention takes SDPA's plain
+  causal path (position ids restart per document, as on the JAX side, but documents are not
+  masked from each other): the fastest causal path torch has, so the ratio is conservative.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  config = load_config(config_name, grad_accum_steps)
+  step, params = torch_train_step(hf_llama(config, config_name), config)
   first = _warm(step, warmup)
   return step, dict(first_step_s=first, dtype='float32', threads=torch.get_num_threads(),
                     params=sum(p.numel() for p in params))
