@@ -16,8 +16,9 @@ embeddings on mostly-Hindi text, the base weights frozen bit for bit:
 The model's shape and tokenizer come from init_from (config.model_from_init). A tenth of the rows
 are English, to limit forgetting; evaluation reports eval_hi_* and eval_en_* separately, so the
 English perplexity shows any forgetting. Sized for Llama-2-7B on one 80 GB GPU (bf16 compute,
-remat, 4 micro-batches: lm.memory plans 60 GiB; the frozen fp32 weights take 27 GB) or a TPU slice (fsdp over all devices); notebooks/
-adapt_llama.ipynb runs the same recipe on a tiny model on CPU.
+remat, 4 micro-batches: lm.memory plans 60 GiB with a 48k merged vocabulary; the frozen fp32
+weights take 27 GB) or a TPU slice (fsdp over all devices); notebooks/adapt_llama.ipynb runs the
+same recipe on a tiny model on CPU.
 """
 
 from lm.config import base_config
@@ -30,9 +31,8 @@ def get_config():
   config.lora.update(rank=64, alpha=128.0, dropout=0.05, targets='all')
   config.train.update(
       trainable='lora,embeddings', steps=20_000, batch_size=64, grad_accum_steps=4,
-      learning_rate=2e-4,
-      warmup_steps=200, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0, log_every=10,
-      eval_every=500, eval_batches=32, checkpoint_every=500)
+      learning_rate=2e-4, warmup_steps=200, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
+      log_every=10, eval_every=500, eval_batches=32, checkpoint_every=500)
   config.data.update(
       mixture='hi=tfds:wiki40b/hi:train@0.9; en=tfds:wiki40b/en:train@0.1', seq_len=2048,
       eval_fraction=0.005)
