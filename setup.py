@@ -26,6 +26,9 @@ setuptools.setup(
         'protobuf>=5',  # SentencePiece's ModelProto, edited by `lm.tokenizer merge`.
         'scipy>=1.17',  # The Chinchilla fits in lm/scaling.py.
         'safetensors>=0.4',  # HuggingFace checkpoints (lm/convert.py), read without PyTorch.
+        # EleutherAI's lm-evaluation-harness: tasks, few-shot prompts and metrics for lm.eval
+        # (sacrebleu and rouge-score come with it).
+        'lm-eval>=0.4.13',
     ],
     extras_require={
         # torch, transformers and peft: the reference that tests/test_convert.py checks lm's

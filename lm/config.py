@@ -214,10 +214,15 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
 def checkpoint_config(checkpoint: str) -> ml_collections.ConfigDict:
   """The run config of a checkpoint: config.json in it or up to two directories above (a step
   directory is WORKDIR/checkpoints/STEP). FileNotFoundError if there is none."""
+  return config_from_json(os.path.join(run_directory(checkpoint), 'config.json'))
+
+
+def run_directory(checkpoint: str) -> str:
+  """The directory holding a checkpoint's config.json: the checkpoint or one of the two above."""
   directory = os.path.abspath(checkpoint)
   for _ in range(3):
     if os.path.isfile(os.path.join(directory, 'config.json')):
-      return config_from_json(os.path.join(directory, 'config.json'))
+      return directory
     directory = os.path.dirname(directory)
   raise FileNotFoundError(
       f'no config.json in {checkpoint} or the two directories above it (lm.train, lm.convert '

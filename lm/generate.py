@@ -102,6 +102,15 @@ def _decode_step(graphdef, params, tokens_B, positions_B, cache):
   return logits_B1V[:, 0], cache
 
 
+def _pieces_only(logits_BV, num_pieces):
+  """-inf beyond the tokenizer's pieces: the rows that pad the vocabulary are not tokens."""
+  return jnp.where(jnp.arange(logits_BV.shape[-1]) < num_pieces, logits_BV, -jnp.inf)
+
+
+def _num_pieces(tokenizer, cfg) -> np.int32:
+  return np.int32(min(getattr(tokenizer, 'vocab_size', cfg.vocab_size), cfg.vocab_size))
+
+
 def _token_logprobs(logits_BV, tokens_B):
   return jnp.take_along_axis(jax.nn.log_softmax(logits_BV), tokens_B[:, None], -1)[:, 0]
 
@@ -111,9 +120,9 @@ def _token_logprobs(logits_BV, tokens_B):
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'greedy'))
 def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, stop_tokens_N,
-            temperature, top_k, top_p, *, max_new_tokens, greedy):
+            temperature, top_k, top_p, num_pieces, *, max_new_tokens, greedy):
   """Generated tokens_BN and logprobs_BN (N = max_new_tokens) and each row's count until and
-  including its first stop token (N if none)."""
+  including its first stop token (N if none). Only ids below num_pieces are ever chosen."""
   B, P = tokens_BP.shape
   logits_BV, cache = _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
                               P + max_new_tokens)
@@ -122,6 +131,7 @@ def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, 
 
   def body(state):
     step, logits_BV, cache, out_BN, logprobs_BN, done_B, lengths_B = state
+    logits_BV = _pieces_only(logits_BV, num_pieces)
     step_keys_B = jax.vmap(jax.random.fold_in, (0, None))(keys_B, step)
     token_B = choose_tokens(logits_BV, step_keys_B, temperature, top_k, top_p, greedy=greedy)
     token_B = jnp.where(done_B, 0, token_B)
@@ -145,25 +155,31 @@ def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, 
 
 def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           stop_tokens=None, stop_strings=(), seed=0, add_bos: bool = True) -> list[Completion]:
+           stop_tokens=None, stop_strings=(), seed=0, add_bos: bool = True,
+           prompt_len: int | None = None) -> list[Completion]:
   """One completion per prompt, all decoded together in one batch.
 
   prompts: strings (encoded with `tokenizer`, after BOS unless add_bos=False) or token-id lists.
   temperature=0 is greedy and deterministic; top_k / top_p restrict sampling to the k most
   likely tokens / the nucleus of probability mass top_p (both together: top-k first).
   stop_tokens default to the tokenizer's EOS. seed: an int (row i uses seed + i) or one seed per
-  prompt; a prompt's completion depends only on its own seed.
+  prompt; a prompt's completion depends only on its own seed. prompt_len: left-pad the prompts
+  to exactly this many tokens (e.g. a length bucket, so batches share one compilation).
   """
   _check_sampling(temperature, top_k, top_p)
   token_prompts = _encode(prompts, tokenizer, add_bos)
   cfg = _check_lengths(graphdef, params, token_prompts, max_new_tokens)
   seeds = _seeds(seed, len(token_prompts))
   stop_tokens = _stop_tokens(stop_tokens, tokenizer, stop_strings)
-  tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts)
+  longest = max(map(len, token_prompts))
+  if prompt_len is not None and prompt_len < longest:
+    raise ValueError(f'prompt_len={prompt_len} is shorter than the longest prompt ({longest})')
+  tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts, multiple=prompt_len or 16)
   out_BN, logprobs_BN, lengths_B = _sample(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP, np.asarray(seeds, np.uint32),
       _stop_array(stop_tokens), np.float32(temperature), np.int32(min(top_k, cfg.vocab_size)),
-      np.float32(top_p), max_new_tokens=max_new_tokens, greedy=temperature == 0)
+      np.float32(top_p), _num_pieces(tokenizer, cfg), max_new_tokens=max_new_tokens,
+      greedy=temperature == 0)
   out_BN, logprobs_BN, lengths_B = jax.device_get((out_BN, logprobs_BN, lengths_B))
   return [_completion(out_BN[b, :lengths_B[b]], logprobs_BN[b, :lengths_B[b]], stop_tokens,
                       stop_strings, tokenizer) for b in range(len(token_prompts))]
@@ -183,7 +199,7 @@ def greedy(graphdef, params, prompt: list[int], num_tokens: int) -> list[int]:
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'num_beams'))
 def _beam_search(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, stop_tokens_N,
-                 length_alpha, *, max_new_tokens, num_beams):
+                 length_alpha, num_pieces, *, max_new_tokens, num_beams):
   """W = num_beams beams per prompt, best first: tokens_BWN, logprobs_BWN, lengths_BW and
   normalised scores_BW.
 
@@ -205,7 +221,7 @@ def _beam_search(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, stop
   def body(state):
     step, logits_RV, cache, out_BWN, logprobs_BWN, score_BW, length_BW, done_BW = state
     V = logits_RV.shape[-1]
-    logprobs_BWV = jax.nn.log_softmax(logits_RV).reshape(B, W, V)
+    logprobs_BWV = jax.nn.log_softmax(_pieces_only(logits_RV, num_pieces)).reshape(B, W, V)
     pad_only_V = jnp.where(jnp.arange(V) == 0, 0.0, -jnp.inf)
     logprobs_BWV = jnp.where(done_BW[..., None], pad_only_V, logprobs_BWV)
     candidate_BWV = score_BW[..., None] + logprobs_BWV
@@ -268,8 +284,8 @@ def beam_search(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: in
   tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts)
   results = _beam_search(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
-      _stop_array(stop_tokens), np.float32(length_alpha), max_new_tokens=max_new_tokens,
-      num_beams=num_beams)
+      _stop_array(stop_tokens), np.float32(length_alpha), _num_pieces(tokenizer, cfg),
+      max_new_tokens=max_new_tokens, num_beams=num_beams)
   out_BWN, logprobs_BWN, lengths_BW, scores_BW = jax.device_get(results)
   return [[dataclasses.replace(
       _completion(out_BWN[b, w, :lengths_BW[b, w]], logprobs_BWN[b, w, :lengths_BW[b, w]],
@@ -368,8 +384,6 @@ def load(config, workdir: str):
   one (else from `config`); the tokenizer is data.tokenizer, or the one training put in
   workdir/tokenizer.
   """
-  from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from lm import flops, sharding  # pylint: disable=g-import-not-at-top
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
     raise FileNotFoundError(
@@ -378,20 +392,65 @@ def load(config, workdir: str):
   config = _with_run_model(config, workdir)
   tokenizer_path = config.data.tokenizer or os.path.join(workdir, 'tokenizer', 'spm.model')
   tokenizer = tokenizer_lib.Tokenizer(tokenizer_path)
-  cfg = model_lib.ModelConfig.from_config(config, flops.resolve_dtype(config.model.dtype))
+  graphdef, params = _restore(config, directory, config.model.dtype)
+  return graphdef, params, tokenizer
+
+
+def load_checkpoint(checkpoint: str, *, dtype: str = 'auto', mesh_config=None, rules: str = ''):
+  """(graphdef, params, tokenizer, config) of any lm checkpoint: a training workdir or one of its
+  steps, or an lm.convert / lm.vocab output directory; LoRA adapters merged.
+
+  The model comes from the config.json in the checkpoint or up to two directories above (the
+  run's root); the tokenizer is its data.tokenizer, else ROOT/tokenizer/spm.model (what training
+  trains), else ROOT/tokenizer.model (an imported or moved directory). The parameters are placed
+  on mesh_config (default: the run's config.mesh) and run in `dtype` ('auto': lm.flops'
+  choice for this machine).
+  """
+  from lm import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.checkpoint_config(checkpoint)
+  with config.unlocked():
+    if mesh_config is not None:
+      config.mesh = mesh_config
+    if rules:
+      config.mesh.rules = rules
+  tokenizer = tokenizer_lib.Tokenizer(find_tokenizer(checkpoint, config))
+  graphdef, params = _restore(config, checkpoint, dtype)
+  return graphdef, params, tokenizer, config
+
+
+def find_tokenizer(checkpoint: str, config) -> str:
+  """The SentencePiece model file of a checkpoint (load_checkpoint says where it looks)."""
+  from lm import config as config_lib  # pylint: disable=g-import-not-at-top
+  root = config_lib.run_directory(checkpoint)
+  candidates = [config.data.tokenizer] if config.data.tokenizer else []
+  candidates += [os.path.join(root, 'tokenizer', 'spm.model'), os.path.join(root, 'tokenizer.model')]
+  for path in candidates:
+    if os.path.isfile(path):
+      return path
+  raise FileNotFoundError(
+      f'{checkpoint} has no tokenizer: none of {candidates} exists (config.data.tokenizer names '
+      'the SentencePiece model a run was trained with; copy it there or next to config.json as '
+      'tokenizer.model)')
+
+
+def _restore(config, checkpoint: str, dtype: str):
+  """(graphdef, params) of `checkpoint` for config.model, sharded over config.mesh, LoRA merged."""
+  from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from lm import flops, sharding  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig.from_config(config, flops.resolve_dtype(dtype))
   mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.parse_rules(config.mesh.rules)
   abstract = jax.eval_shape(functools.partial(model_lib.init_params, cfg, 0))
-  shardings = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract, mesh,
-                                      sharding.parse_rules(config.mesh.rules))
+  shardings = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract, mesh, rules)
   target = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
                         abstract, shardings)
-  params = checkpoint_lib.restore_params(directory, target)
+  params = checkpoint_lib.restore_params(checkpoint, target)
   if cfg.lora_rank:  # Fold the adapters in: generation then costs what the base model's does.
     params = lora.merge(params, cfg)
     cfg = dataclasses.replace(cfg, lora_rank=0, lora_targets=())
     params = jax.device_put(params, sharding.tree_shardings(
-        model_lib.logical_axes(cfg), params, mesh, sharding.parse_rules(config.mesh.rules)))
-  return model_lib.graphdef(cfg), params, tokenizer
+        model_lib.logical_axes(cfg), params, mesh, rules))
+  return model_lib.graphdef(cfg), params
 
 
 def _with_run_model(config, workdir: str):

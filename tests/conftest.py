@@ -4,3 +4,22 @@ import os
 # suite runs on one device, so test_multidevice.py runs that folder in its own pytest process.
 if os.environ.get('LM_MULTIDEVICE') != '1':
   collect_ignore = ['multidevice']
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def tiny_llama(tmp_path_factory):
+  """A random tiny HF Llama, its tokenizer and its lm.convert output (tests/eval_fixtures.py)."""
+  pytest.importorskip('torch')
+  import eval_fixtures  # pylint: disable=g-import-not-at-top
+  return eval_fixtures.build_tiny_llama(str(tmp_path_factory.mktemp('tiny_llama')))
+
+
+@pytest.fixture(scope='session')
+def local_tasks(tmp_path_factory):
+  """(include_path, {kind: task name}) of local lm-eval tasks over JSONL files."""
+  import eval_fixtures  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp('tasks'))
+  return directory, eval_fixtures.write_tasks(directory)

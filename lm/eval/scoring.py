@@ -1,0 +1,258 @@
+"""Scoring with an lm checkpoint: batched log-likelihoods, rolling windows, batched generation.
+
+The one engine under the harness adapter (lm/eval/harness.py) and lm's own evaluations
+(perplexity, needle in a haystack). Requests are sorted by length, longest first, and cut into
+batches; each batch is right-padded to a length bucket (64, 128, 256, ... up to max_length) and to
+a fixed number of rows, so jit compiles one program per bucket rather than one per request, and
+a request's score never depends on which others share its batch (padding is its own segment,
+which real tokens never attend to). Batches are sharded over the mesh like training batches.
+"""
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval import utils as harness_utils
+import tqdm
+
+from lm import generate as generate_lib
+from lm import model as model_lib
+from lm import sharding
+
+# Rows per batch when batch_size='auto' is a token budget over the bucket length: the logits of
+# a batch (rows x bucket x vocab fp32) then stay near AUTO_TOKENS * vocab * 4 bytes.
+AUTO_TOKENS = 8192
+AUTO_MAX_ROWS = 64
+AUTO_GENERATE_ROWS = 32
+SMALLEST_BUCKET = 64
+
+
+def bucket_length(length: int, max_length: int) -> int:
+  """The smallest of 64, 128, 256, ... (and max_length itself) that holds `length` tokens."""
+  bucket = SMALLEST_BUCKET
+  while bucket < length:
+    bucket *= 2
+  return min(bucket, max_length)
+
+
+@dataclasses.dataclass
+class Truncation:
+  """What had to be cut to fit max_length, counted over a Scorer's life."""
+  loglikelihood_requests: int = 0  # Context tokens dropped from the left.
+  loglikelihood_tokens: int = 0
+  continuations_cut: int = 0  # Continuations longer than max_length (their head is not scored).
+  generation_prompts: int = 0  # Prompts left-truncated to leave room for the generated tokens.
+  generation_tokens: int = 0
+
+
+class Scorer:
+  """A loaded checkpoint that scores token sequences and generates from prompts.
+
+  batch_size: rows per batch, or 'auto' (rows = AUTO_TOKENS // bucket length, at most
+  AUTO_MAX_ROWS, for scoring; AUTO_GENERATE_ROWS for generation); always rounded up to a multiple
+  of the mesh's data-parallel ways. max_length: the longest sequence the model sees (default and
+  upper bound: the model's max_seq_len).
+  """
+
+  def __init__(self, graphdef, params, tokenizer, *, mesh, rules, batch_size='auto',
+               max_length: int | None = None, progress: bool = True):
+    self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
+    self.cfg = _config_of(graphdef, params)
+    self.mesh, self.rules = mesh, rules
+    if max_length is not None and not 2 <= int(max_length) <= self.cfg.max_seq_len:
+      raise ValueError(f'max_length={max_length} must be between 2 and the model\'s max_seq_len='
+                       f'{self.cfg.max_seq_len}')
+    self.max_length = int(max_length or self.cfg.max_seq_len)
+    self.batch_size = _parse_batch_size(batch_size)
+    self.progress = progress
+    self.truncation = Truncation()
+    self._data_ways = math.prod(
+        mesh.shape[a] for a in rules['act_batch'] if mesh.shape[a] > 1)
+
+  @classmethod
+  def load(cls, checkpoint: str, *, dtype: str = 'auto', batch_size='auto',
+           max_length: int | None = None, mesh_config=None, progress: bool = True) -> 'Scorer':
+    """A Scorer for any lm checkpoint (generate.load_checkpoint says which directories)."""
+    graphdef, params, tokenizer, config = generate_lib.load_checkpoint(
+        checkpoint, dtype=dtype, mesh_config=mesh_config)
+    if tokenizer.vocab_size > config.model.vocab_size:
+      raise ValueError(f'{checkpoint}: the tokenizer {tokenizer.path} has {tokenizer.vocab_size} '
+                       f'pieces, more than the model\'s vocab_size={config.model.vocab_size}')
+    mesh = sharding.make_mesh(config.mesh)
+    return cls(graphdef, params, tokenizer, mesh=mesh,
+               rules=sharding.parse_rules(config.mesh.rules), batch_size=batch_size,
+               max_length=max_length, progress=progress)
+
+  # -------------------------------------------------------------------------------------------
+  # Log-likelihoods.
+
+  def loglikelihood(self, requests: list[tuple[list[int], list[int]]],
+                    description: str = 'loglikelihood') -> list[tuple[float, bool]]:
+    """(log P(continuation | context), whether greedy decoding yields the continuation) per
+    (context tokens, continuation tokens) request, in request order.
+
+    As lm-eval's HF backend: a sequence longer than max_length + 1 loses context from the left
+    (counted in self.truncation), and the model sees context + continuation minus its last token.
+    """
+    rows = []
+    for context, continuation in requests:
+      if not context or not continuation:
+        raise ValueError('a log-likelihood request needs a non-empty context (BOS at least) and '
+                         'continuation')
+      whole = list(context) + list(continuation)
+      if len(whole) > self.max_length + 1:
+        self.truncation.loglikelihood_requests += 1
+        self.truncation.loglikelihood_tokens += len(whole) - self.max_length - 1
+        if len(continuation) > self.max_length:
+          self.truncation.continuations_cut += 1
+        whole = whole[-(self.max_length + 1):]
+      rows.append((whole, min(len(continuation), len(whole) - 1)))
+    return self._score_rows(rows, description)
+
+  def rolling_loglikelihood(self, documents: list[list[int]], context_len: int = 1,
+                            description: str = 'rolling loglikelihood') -> list[float]:
+    """log P(document) per token list, in windows of max_length as lm-eval defines them
+    (utils.get_rolling_token_windows, BOS before the first token; context_len tokens of
+    overlap between windows, 1 by default as the harness uses)."""
+    windows, owners = [], []
+    for i, tokens in enumerate(documents):
+      for context, continuation in map(harness_utils.make_disjoint_window,
+                                       harness_utils.get_rolling_token_windows(
+                                           list(tokens), self.tokenizer.bos_id,
+                                           self.max_length, context_len)):
+        windows.append((context, continuation))
+        owners.append(i)
+    totals = [0.0] * len(documents)
+    for owner, (logprob, _) in zip(owners, self.loglikelihood(windows, description)):
+      totals[owner] += logprob
+    return totals
+
+  def _score_rows(self, rows: list[tuple[list[int], int]], description: str):
+    """rows: (tokens, n): the log-probability of the last n tokens given those before them."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
+    results = [None] * len(rows)
+    with tqdm.tqdm(total=len(rows), desc=description, disable=not self.progress,
+                   leave=False) as bar:
+      start = 0
+      while start < len(order):
+        T = bucket_length(len(rows[order[start]][0]) - 1, self.max_length)
+        B = self._rows_per_batch(T)
+        chunk = order[start:start + B]
+        inputs_BT = np.zeros((B, T), np.int32)
+        targets_BT = np.zeros((B, T), np.int32)
+        segment_ids_BT = np.zeros((B, T), np.int32)
+        scored_BT = np.zeros((B, T), bool)
+        for b, i in enumerate(chunk):
+          tokens, n = rows[i]
+          L = len(tokens) - 1
+          inputs_BT[b, :L], targets_BT[b, :L] = tokens[:-1], tokens[1:]
+          segment_ids_BT[b, :L] = 1
+          scored_BT[b, L - n:L] = True
+        logprob_B, greedy_B = jax.device_get(self._score_batch(
+            inputs_BT, targets_BT, segment_ids_BT, scored_BT))
+        for b, i in enumerate(chunk):
+          results[i] = (float(logprob_B[b]), bool(greedy_B[b]))
+        bar.update(len(chunk))
+        start += len(chunk)
+    return results
+
+  def _rows_per_batch(self, T: int, generation: bool = False) -> int:
+    if self.batch_size == 'auto':
+      rows = AUTO_GENERATE_ROWS if generation else max(1, min(AUTO_MAX_ROWS, AUTO_TOKENS // T))
+    else:
+      rows = self.batch_size
+    return -(-rows // self._data_ways) * self._data_ways
+
+  def _score_batch(self, *arrays):
+    where = sharding.batch_sharding(self.mesh, self.rules)
+    arrays = [jax.device_put(a, where) for a in arrays]
+    with sharding.active(self.mesh, self.rules):
+      return _score(self.graphdef, self.params, *arrays)
+
+  # -------------------------------------------------------------------------------------------
+  # Generation.
+
+  def generate(self, prompts: list[list[int]], *, max_new_tokens: int, until=(),
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               description: str = 'generate') -> list[str]:
+    """The text generated after each prompt (token ids, BOS included), cut before the first
+    stop string in `until`; decoding also stops at EOS. Prompts longer than
+    max_length - max_new_tokens lose tokens from the left (counted in self.truncation), as
+    lm-eval's HF backend does; max_new_tokens must leave room for at least one prompt token."""
+    if not 1 <= max_new_tokens < self.max_length:
+      raise ValueError(f'max_new_tokens={max_new_tokens} must be between 1 and max_length - 1 = '
+                       f'{self.max_length - 1} (the prompt needs at least one token)')
+    room = self.max_length - max_new_tokens
+    fitted = []
+    for prompt in prompts:
+      if len(prompt) > room:
+        self.truncation.generation_prompts += 1
+        self.truncation.generation_tokens += len(prompt) - room
+        prompt = prompt[-room:]
+      fitted.append(list(prompt))
+    order = sorted(range(len(fitted)), key=lambda i: (-len(fitted[i]), i))
+    texts = [None] * len(fitted)
+    with tqdm.tqdm(total=len(fitted), desc=description, disable=not self.progress,
+                   leave=False) as bar:
+      start = 0
+      while start < len(order):
+        P = min(bucket_length(len(fitted[order[start]]), self.max_length), room)
+        B = self._rows_per_batch(P, generation=True)
+        chunk = order[start:start + B]
+        batch = [fitted[i] for i in chunk]
+        batch += [batch[-1]] * (B - len(batch))  # Fixed rows: one compilation per bucket.
+        seeds = [seed + i for i in chunk] + [seed] * (B - len(chunk))
+        with sharding.active(self.mesh, self.rules):
+          completions = generate_lib.sample(
+              self.graphdef, self.params, batch, tokenizer=self.tokenizer,
+              max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              stop_strings=[s for s in until if s], seed=seeds, prompt_len=P)
+        for i, completion in zip(chunk, completions):
+          texts[i] = completion.text
+        bar.update(len(chunk))
+        start += len(chunk)
+    return texts
+
+  def log_truncation(self) -> None:
+    t = self.truncation
+    if t.loglikelihood_requests:
+      logging.warning('%d log-likelihood requests were longer than max_length + 1 = %d tokens: '
+                      '%d context tokens were dropped from their left (%d continuations were '
+                      'longer than max_length themselves)', t.loglikelihood_requests,
+                      self.max_length + 1, t.loglikelihood_tokens, t.continuations_cut)
+    if t.generation_prompts:
+      logging.warning('%d generation prompts did not leave room for the generated tokens within '
+                      'max_length = %d: %d tokens were dropped from their left',
+                      t.generation_prompts, self.max_length, t.generation_tokens)
+
+
+def _config_of(graphdef, params) -> model_lib.ModelConfig:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return nnx.merge(graphdef, params).cfg
+
+
+def _parse_batch_size(batch_size):
+  if batch_size in (None, 'auto') or str(batch_size).startswith('auto'):
+    return 'auto'
+  try:
+    rows = int(batch_size)
+  except (TypeError, ValueError):
+    rows = 0
+  if rows < 1:
+    raise ValueError(f'batch_size={batch_size!r}: expected a positive integer or "auto"')
+  return rows
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _score(graphdef, params, inputs_BT, targets_BT, segment_ids_BT, scored_BT):
+  """Per row: the summed log-probability of the scored targets, and whether each is the argmax."""
+  logits_BTV = model_lib.apply(graphdef, params, inputs_BT, segment_ids_BT)
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+  logprob_BT = jnp.where(scored_BT, target_logit_BT - log_z_BT, 0.0)
+  is_argmax_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+  return logprob_BT.sum(-1), jnp.all(is_argmax_BT | ~scored_BT, axis=-1)
