@@ -170,8 +170,8 @@ class Scorer:
   def _score_batch(self, *arrays):
     where = sharding.batch_sharding(self.mesh, self.rules)
     arrays = [jax.device_put(a, where) for a in arrays]
-    with sharding.active(self.mesh, self.rules):
-      return _score(self.graphdef, self.params, *arrays)
+    layout = (self.mesh, tuple(sorted(self.rules.items())))
+    return _score(self.graphdef, self.params, *arrays, layout=layout)
 
   # -------------------------------------------------------------------------------------------
   # Generation.
@@ -247,10 +247,16 @@ def _parse_batch_size(batch_size):
   return rows
 
 
-@functools.partial(jax.jit, static_argnames='graphdef')
-def _score(graphdef, params, inputs_BT, targets_BT, segment_ids_BT, scored_BT):
-  """Per row: the summed log-probability of the scored targets, and whether each is the argmax."""
-  logits_BTV = model_lib.apply(graphdef, params, inputs_BT, segment_ids_BT)
+@functools.partial(jax.jit, static_argnames=('graphdef', 'layout'))
+def _score(graphdef, params, inputs_BT, targets_BT, segment_ids_BT, scored_BT, *, layout):
+  """Per row: the summed log-probability of the scored targets, and whether each is the argmax.
+
+  layout = (mesh, rules as sorted items): static, so each mesh traces its own sharding
+  constraints (a trace made under one mesh is never reused under another).
+  """
+  mesh, rules = layout
+  with sharding.active(mesh, dict(rules)):
+    logits_BTV = model_lib.apply(graphdef, params, inputs_BT, segment_ids_BT)
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
   logprob_BT = jnp.where(scored_BT, target_logit_BT - log_z_BT, 0.0)
