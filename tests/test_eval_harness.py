@@ -221,3 +221,38 @@ def test_cli_errors_are_one_line(tiny_llama, local_tasks, tmp_path):
                        '--include_path', include)
   assert no_checkpoint.returncode != 0 and 'Traceback' not in no_checkpoint.stderr
   assert 'empty' in no_checkpoint.stderr
+
+
+def test_a_lora_checkpoint_scores_as_its_unmerged_model(tiny_llama, tmp_path):
+  """Adapters are merged on load; the scores equal the model computing x W + (alpha/r) x A B."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from lm import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  from lm import sharding  # pylint: disable=g-import-not-at-top
+  config = config_lib.checkpoint_config(tiny_llama.lm)
+  config.lora.update(rank=2, alpha=4.0, targets='all')
+  cfg = model_lib.ModelConfig.from_config(config, 'float32')
+  base = checkpoint_lib.restore_params(
+      tiny_llama.lm, jax.eval_shape(lambda: model_lib.init_params(
+          model_lib.ModelConfig.from_config(config_lib.checkpoint_config(tiny_llama.lm),
+                                            'float32'), 0)))
+  rng = np.random.default_rng(0)
+  adapters = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+                          jax.eval_shape(lambda: model_lib.init_params(cfg, 0)))
+  params = checkpoint_lib.union(adapters, base)  # Base weights, random A and B.
+  run = tmp_path / 'lora_run'
+  os.makedirs(run)
+  checkpoint_lib.save_params(str(run), params)
+  (run / 'config.json').write_text(config.to_json_best_effort())
+  merged = scoring.Scorer.load(str(run), dtype='float32', progress=False)
+  assert merged.cfg.lora_rank == 0
+  mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  unmerged = scoring.Scorer(model_lib.graphdef(cfg), params, merged.tokenizer, mesh=mesh,
+                            rules=sharding.RULES, progress=False)
+  requests = [([1, 5, 6, 7], [8, 9]), ([1] + list(range(10, 60)), [3, 4, 5])]
+  np.testing.assert_allclose([lp for lp, _ in merged.loglikelihood(requests)],
+                             [lp for lp, _ in unmerged.loglikelihood(requests)], rtol=1e-5)
+  plain = scoring.Scorer.load(tiny_llama.lm, dtype='float32', progress=False)
+  assert abs(plain.loglikelihood(requests)[0][0] - merged.loglikelihood(requests)[0][0]) > 0.1
