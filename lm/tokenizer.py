@@ -92,6 +92,20 @@ class Tokenizer:
     """bool[vocab_size]: the byte-fallback pieces <0x00> ... <0xFF>."""
     return np.array([self._sp.IsByte(i) for i in range(self.vocab_size)], bool)
 
+  def piece_texts(self) -> list[str]:
+    """The text each piece stands for ('▁' as a space; a byte piece as its character when it
+    is ASCII, else ''; control and unknown pieces ''), e.g. to find pieces holding a stop string."""
+    sp, texts = self._sp, []
+    for i in range(self.vocab_size):
+      if sp.IsByte(i):
+        byte = int(sp.IdToPiece(i)[1:-1], 16)
+        texts.append(chr(byte) if byte < 0x80 else '')
+      elif sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+        texts.append('')
+      else:
+        texts.append(sp.IdToPiece(i).replace('▁', ' '))
+    return texts
+
   def token_bytes(self) -> np.ndarray:
     """int32[vocab_size]: UTF-8 bytes of text each piece stands for, to turn nats into bits/byte.
 

@@ -108,21 +108,30 @@ def test_rolling_loglikelihood_equals_transformers_over_the_harness_windows(mode
 
 
 def test_greedy_generation_equals_transformers_greedy_decoding(model, tiny_llama):
-  import torch  # pylint: disable=g-import-not-at-top
   tokenizer = model.scorer.tokenizer
   contexts = ['def fib(n):', 'import', 'class Parser(object):\n    """']
-  outputs = model.generate_until(_requests(
-      *[(c, dict(until=['\n\n'], max_gen_toks=10, do_sample=False)) for c in contexts]))
+  # Stop strings that one piece can hold ('e', ' ') end decoding at that piece; the text keeps
+  # what the piece held before the string.
+  for until in (['\n\n'], ['e'], [' ', 'x']):
+    outputs = model.generate_until(_requests(
+        *[(c, dict(until=until, max_gen_toks=10, do_sample=False)) for c in contexts]))
+    _check_greedy(tiny_llama.model, model.scorer.tokenizer, contexts, outputs, until)
+
+
+def _check_greedy(hf_model, tokenizer, contexts, outputs, until):
+  import torch  # pylint: disable=g-import-not-at-top
   for context, output in zip(contexts, outputs):
     ids = [tokenizer.bos_id] + tokenizer.encode(context)
     with torch.no_grad():
-      generated = tiny_llama.model.generate(
+      generated = hf_model.generate(
           torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=tokenizer.eos_id,
           pad_token_id=tokenizer.eos_id)[0, len(ids):].tolist()
     if tokenizer.eos_id in generated:
       generated = generated[:generated.index(tokenizer.eos_id)]
-    want = tokenizer.decode(generated).split('\n\n')[0]
-    assert output == want
+    want = tokenizer.decode(generated)
+    for stop in until:
+      want = want.split(stop)[0]
+    assert output == want, (context, until)
 
 
 def test_results_do_not_depend_on_the_batch_size(tiny_llama):
