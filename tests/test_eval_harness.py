@@ -108,7 +108,6 @@ def test_rolling_loglikelihood_equals_transformers_over_the_harness_windows(mode
 
 
 def test_greedy_generation_equals_transformers_greedy_decoding(model, tiny_llama):
-  tokenizer = model.scorer.tokenizer
   contexts = ['def fib(n):', 'import', 'class Parser(object):\n    """']
   # Stop strings that one piece can hold ('e', ' ') end decoding at that piece; the text keeps
   # what the piece held before the string.

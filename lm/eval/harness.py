@@ -144,23 +144,31 @@ class LMEvalModel(TemplateLM):
 
 
 def evaluate(checkpoint: str | None, tasks: list[str], *, include_path: str | None = None,
-             model: LMEvalModel | None = None, log_samples: bool = False, **kwargs) -> dict:
+             model: LMEvalModel | None = None, task_manager=None, log_samples: bool = False,
+             **kwargs) -> dict:
   """The harness's results dict for `tasks` (names, including those under include_path) on a
   checkpoint (or an already loaded `model`); kwargs go to lm_eval.simple_evaluate (num_fewshot,
-  limit, ...)."""
+  limit, ...). task_manager: one made by `task_manager(include_path)`, to index tasks once for
+  several evaluations (indexing every task the harness knows takes seconds)."""
   import lm_eval  # pylint: disable=g-import-not-at-top
-  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
   os.environ.setdefault('DISABLE_MULTIPROC', '1')
-  if include_path is not None and not os.path.exists(include_path):
-    raise FileNotFoundError(f'include_path {include_path} does not exist (a folder of task YAMLs)')
-  manager = TaskManager(include_path=include_path)
-  _check_tasks(tasks, manager)
+  manager = task_manager or make_task_manager(include_path)
+  check_tasks(tasks, manager)
   model = model or LMEvalModel(checkpoint)
   return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager,
                                  log_samples=log_samples, **kwargs)
 
 
-def _check_tasks(tasks, manager) -> None:
+def make_task_manager(include_path: str | None = None):
+  """lm-eval's index of its tasks and those under include_path (a folder of task YAMLs)."""
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+  if include_path is not None and not os.path.exists(include_path):
+    raise FileNotFoundError(f'include_path {include_path} does not exist (a folder of task YAMLs)')
+  return TaskManager(include_path=include_path)
+
+
+def check_tasks(tasks, manager) -> None:
+  """ValueError naming the tasks `manager` does not know."""
   missing = [t for t in tasks if t not in manager.all_tasks and not os.path.isfile(t)]
   if missing:
     raise ValueError(f'unknown task(s) {missing}: not among the harness\'s tasks nor those under '
