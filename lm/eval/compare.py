@@ -26,6 +26,7 @@ from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
 from lm import files as files_lib
 from lm import generate as generate_lib
+from lm.eval import cli
 from lm.eval import harness
 from lm.eval import perplexity
 
@@ -246,11 +247,6 @@ def write_outputs(rows: dict[str, dict], output_path: str, **settings) -> list[s
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    sys.exit(f'error: {message}')
-
-
 def _limit(text: str) -> int | float:
   """lm-eval's --limit: a count of documents, or a fraction of each task below 1."""
   value = float(text)
@@ -258,7 +254,7 @@ def _limit(text: str) -> int | float:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog='python -m lm.eval compare', description=__doc__.split('\n\n')[0])
+  parser = cli.Parser(prog='python -m lm.eval compare', description=__doc__.split('\n\n')[0])
   parser.add_argument('--checkpoints', required=True,
                       help='Comma-separated lm checkpoint directories, two or more.')
   parser.add_argument('--names', default='',

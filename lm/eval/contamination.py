@@ -26,6 +26,8 @@ import unicodedata
 
 import tqdm
 
+from lm.eval import cli
+
 DEFAULT_N = 13
 _EXAMPLES = 5  # Contaminated documents per task shown with an overlapping n-gram.
 
@@ -252,13 +254,8 @@ def write_outputs(result: dict, output_path: str) -> list[str]:
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    sys.exit(f'error: {message}')
-
-
 def _parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog='python -m lm.eval contamination', description=__doc__.split('\n\n')[0])
+  parser = cli.Parser(prog='python -m lm.eval contamination', description=__doc__.split('\n\n')[0])
   parser.add_argument('--tasks', required=True, help='comma-separated tasks, groups or tags')
   parser.add_argument('--include_path', default=None, help='a folder of extra task YAMLs')
   parser.add_argument('--source', required=True,

@@ -25,6 +25,7 @@ import sys
 
 from lm import data as data_lib
 from lm import files as files_lib
+from lm.eval import cli
 
 METRICS = ('bits_per_byte', 'word_perplexity', 'token_perplexity')
 
@@ -88,7 +89,7 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = cli.Parser(
       prog='python -m lm.eval ppl', description=__doc__.split('\n\n')[0])
   parser.add_argument('--checkpoint', required=True, help='Any lm checkpoint directory.')
   parser.add_argument('--source', required=True,
