@@ -77,14 +77,26 @@ def write_tasks(directory: str) -> dict[str, str]:
       'mc': task('mc', [dict(question=q, choices=c, answer=0) for q, c in MC_QUESTIONS],
                  output_type='multiple_choice', doc_to_text='Question: {{question}}\nAnswer:',
                  doc_to_choice='{{choices}}', doc_to_target='{{answer}}',
-                 metric_list=[dict(metric='acc'), dict(metric='acc_norm')]),
+                 metric_list=_metrics('acc', 'acc_norm')),
       'translate': task('translate', [dict(en=e, fr=f) for e, f in TRANSLATIONS],
                         output_type='generate_until', doc_to_text='English: {{en}}\nFrench:',
                         doc_to_target=' {{fr}}',
                         generation_kwargs=dict(until=['\n'], max_gen_toks=12, do_sample=False),
-                        metric_list=[dict(metric='bleu'), dict(metric='chrf')]),
+                        metric_list=_metrics('bleu', 'chrf')),
       'rolling': task('rolling', [dict(text=t) for t in DOCUMENTS],
                       output_type='loglikelihood_rolling', doc_to_text='',
                       doc_to_target='{{text}}',
-                      metric_list=[dict(metric='bits_per_byte'), dict(metric='word_perplexity')]),
+                      metric_list=_metrics('bits_per_byte', 'word_perplexity')),
   }
+
+
+def _metrics(*names):
+  """metric_list entries with the harness's own aggregation and direction for each metric."""
+  return [dict(metric=n, aggregation=_AGGREGATION[n], higher_is_better=_HIGHER_IS_BETTER[n])
+          for n in names]
+
+
+_AGGREGATION = dict(acc='mean', acc_norm='mean', bleu='bleu', chrf='chrf',
+                    bits_per_byte='bits_per_byte', word_perplexity='weighted_perplexity')
+_HIGHER_IS_BETTER = dict(acc=True, acc_norm=True, bleu=True, chrf=True, bits_per_byte=False,
+                         word_perplexity=False)

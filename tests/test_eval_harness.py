@@ -172,6 +172,9 @@ def test_bad_model_arguments_name_the_problem(tiny_llama, tmp_path):
     harness.LMEvalModel(checkpoint=tiny_llama.lm, max_length=4096)
   with pytest.raises(ValueError, match='batch_size=0: expected a positive integer'):
     harness.LMEvalModel(checkpoint=tiny_llama.lm, batch_size=0)
+  with pytest.raises(ValueError, match='has no chat template'):
+    harness.LMEvalModel(checkpoint=tiny_llama.lm).apply_chat_template([dict(role='user',
+                                                                            content='hi')])
   no_tokenizer = tmp_path / 'no_tokenizer'
   shutil.copytree(tiny_llama.lm, no_tokenizer)
   os.remove(no_tokenizer / 'tokenizer.model')

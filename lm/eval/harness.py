@@ -83,6 +83,10 @@ class LMEvalModel(TemplateLM):
   def tokenizer_name(self) -> str:
     return self.scorer.tokenizer.path.replace('/', '__')
 
+  def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+    raise ValueError(f'--apply_chat_template: the checkpoint {self.checkpoint} has no chat '
+                     'template (lm checkpoints carry none yet); evaluate without it')
+
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
     """SentencePiece ids; BOS in front unless add_special_tokens=False (TemplateLM passes False
     for a continuation scored after an empty context)."""
