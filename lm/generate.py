@@ -407,6 +407,8 @@ def load_checkpoint(checkpoint: str, *, dtype: str = 'auto', mesh_config=None, r
   choice for this machine).
   """
   from lm import config as config_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f'checkpoint {checkpoint} does not exist (an lm checkpoint directory)')
   config = config_lib.checkpoint_config(checkpoint)
   with config.unlocked():
     if mesh_config is not None:

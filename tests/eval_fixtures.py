@@ -49,6 +49,19 @@ def build_tiny_llama(directory: str, *, seed: int = 0) -> TinyLlama:
   return TinyLlama(hf=hf, lm=lm, tokenizer=spm_path, model=model)
 
 
+def without_tokenizer(checkpoint: str, directory: str) -> str:
+  """A copy of `checkpoint` with no tokenizer anywhere (data.tokenizer names a missing file)."""
+  shutil.copytree(checkpoint, directory)
+  os.remove(os.path.join(directory, 'tokenizer.model'))
+  path = os.path.join(directory, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config['data']['tokenizer'] = os.path.join(directory, 'gone.model')
+  with open(path, 'w') as f:
+    json.dump(config, f)
+  return directory
+
+
 # Local tasks: the harness's own task machinery (YAML, prompts, metrics) over files we write.
 MC_QUESTIONS = [(f'What is {a} plus {b}?', [str(a + b), str(a + b + 1), str(a * b + 3)])
                 for a, b in [(1, 2), (3, 4), (2, 7), (5, 5), (6, 1), (8, 3), (4, 4), (9, 2)]]

@@ -11,6 +11,7 @@ import weakref
 
 import pytest
 
+import eval_fixtures
 from lm.eval import compare as compare_lib
 from lm.eval import harness
 from lm.eval import perplexity
@@ -52,7 +53,6 @@ def _one_task_index():
 @pytest.fixture(scope='module')
 def other_llama(tiny_llama, tmp_path_factory):
   """A second tiny Llama, other random weights, the same tokenizer (copied, not retrained)."""
-  import eval_fixtures  # pylint: disable=g-import-not-at-top
   directory = str(tmp_path_factory.mktemp('other_llama'))
   shutil.copyfile(tiny_llama.tokenizer, os.path.join(directory, 'spm.model'))
   return eval_fixtures.build_tiny_llama(directory, seed=1)
@@ -251,12 +251,7 @@ def test_bad_input_is_a_one_line_error(tiny_llama, other_llama, local_tasks, sou
                                                 *mc, *out])
   assert f'include_path {nowhere} does not exist' in _error(
       ['--checkpoints', both, '--tasks', names['mc'], '--include_path', nowhere, *out])
-  no_tokenizer = tmp_path / 'no_tokenizer'
-  shutil.copytree(tiny_llama.lm, no_tokenizer)
-  os.remove(no_tokenizer / 'tokenizer.model')
-  config = json.loads((no_tokenizer / 'config.json').read_text())
-  config['data']['tokenizer'] = str(tmp_path / 'gone.model')
-  (no_tokenizer / 'config.json').write_text(json.dumps(config))
+  no_tokenizer = eval_fixtures.without_tokenizer(tiny_llama.lm, str(tmp_path / 'no_tokenizer'))
   assert 'has no tokenizer' in _error(['--checkpoints', f'{tiny_llama.lm},{no_tokenizer}',
                                        *mc, *out])
   assert 'no_such_task' in _error(['--checkpoints', both, '--tasks', 'no_such_task',

@@ -5,13 +5,14 @@ real tiny checkpoint."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import matplotlib.image
 import numpy as np
 import pytest
+
+import eval_fixtures
 
 from lm import tokenizer as tokenizer_lib
 from lm.eval import needle
@@ -172,12 +173,7 @@ def test_the_cli_writes_heatmap_json_and_table_for_a_tiny_checkpoint(tiny_llama,
 
 
 def test_the_cli_says_what_is_wrong_in_one_line(tiny_llama, tmp_path):
-  no_tokenizer = tmp_path / 'no_tokenizer'
-  shutil.copytree(tiny_llama.lm, no_tokenizer)
-  os.remove(no_tokenizer / 'tokenizer.model')
-  config = json.loads((no_tokenizer / 'config.json').read_text())
-  config['data']['tokenizer'] = ''  # It names the original's tokenizer.model.
-  (no_tokenizer / 'config.json').write_text(json.dumps(config))
+  no_tokenizer = eval_fixtures.without_tokenizer(tiny_llama.lm, str(tmp_path / 'no_tokenizer'))
   cases = [  # The first two need the model; the others fail before loading it.
       (['--checkpoint', tiny_llama.lm, '--lengths', '128,256'], "exceed the model's max_length"),
       (['--checkpoint', str(no_tokenizer)], 'has no tokenizer'),

@@ -268,15 +268,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--sources', default='',
                       help="A config.data.source or mixture ('en=text:GLOB@1; hi=jsonl:GLOB@1'; "
                       'weights ignored): a bits-per-byte row per source.')
-  parser.add_argument('--text_field', default='text', help='The text field of jsonl/tfds.')
-  parser.add_argument('--max_docs', type=int, default=0, help='Documents per source (0: all).')
-  parser.add_argument('--max_chars', type=int, default=0, help='Characters per source (0: all).')
-  parser.add_argument('--context_len', type=int, default=1,
-                      help='Tokens of overlap between rolling windows (the harness uses 1).')
-  parser.add_argument('--batch_size', default='auto', help="Rows per batch, or 'auto'.")
-  parser.add_argument('--max_length', type=int, default=None,
-                      help="Tokens the model sees at most (default: the model's max_seq_len).")
-  parser.add_argument('--dtype', default='auto', help='auto, float32 or bfloat16.')
+  cli.add_text_flags(parser)
+  cli.add_model_flags(parser)
   parser.add_argument('--output_path', required=True,
                       help='Directory for compare.md, compare.json and compare.png.')
   return parser

@@ -313,8 +313,7 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--trials', type=int, default=4, help='needles per cell')
   parser.add_argument('--filler', default='', help='a text file to use as the haystack')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--batch_size', default='auto', help='rows per batch, or auto')
-  parser.add_argument('--dtype', default='auto', help='auto, float32 or bfloat16')
+  cli.add_model_flags(parser)
   parser.add_argument('--output_path', default='',
                       help='folder for needle.png, needle.json and needle.md')
   args = parser.parse_args(argv)
@@ -336,7 +335,7 @@ def main(argv: list[str]) -> None:
   from lm.eval import scoring  # pylint: disable=g-import-not-at-top
   try:
     scorer = scoring.Scorer.load(args.checkpoint, dtype=args.dtype, batch_size=args.batch_size,
-                                 progress=False)
+                                 max_length=args.max_length, progress=False)
     grid = needle_grid(scorer, lengths or None, depths, args.trials, args.seed, filler_text)
   except (ValueError, FileNotFoundError, checkpoint_lib.CheckpointError) as e:
     sys.exit(f'error: {e}')

@@ -94,16 +94,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--checkpoint', required=True, help='Any lm checkpoint directory.')
   parser.add_argument('--source', required=True,
                       help='A config.data.source or config.data.mixture spelling.')
-  parser.add_argument('--text_field', default='text', help='The text field of jsonl/tfds.')
-  parser.add_argument('--max_docs', type=int, default=0, help='Documents per source (0: all).')
-  parser.add_argument('--max_chars', type=int, default=0,
-                      help='Characters per source (0: all); the last document is cut.')
-  parser.add_argument('--context_len', type=int, default=1,
-                      help='Tokens of overlap between rolling windows (the harness uses 1).')
-  parser.add_argument('--batch_size', default='auto', help="Rows per batch, or 'auto'.")
-  parser.add_argument('--max_length', type=int, default=None,
-                      help="Window length (default: the model's max_seq_len).")
-  parser.add_argument('--dtype', default='auto', help='auto, float32 or bfloat16.')
+  cli.add_text_flags(parser)
+  cli.add_model_flags(parser)
   parser.add_argument('--output_path', default=None,
                       help='Directory for perplexity.json and perplexity.md.')
   return parser
