@@ -78,6 +78,24 @@ def test_loglikelihoods_equal_transformers_on_the_same_ids(model, tiny_llama):
     assert greedy == want_greedy
 
 
+def test_choices_sharing_a_context_score_as_transformers_does(model, tiny_llama):
+  """Continuations of one context run on its KV cache (one pass over the context): the same
+  numbers as transformers over each whole sequence, for one- and many-token choices and for
+  contexts with 1, 3 and 5 choices (padded to 1, 4 and 8 rows)."""
+  tokenizer = model.scorer.tokenizer
+  questions = {'Question: What is 2 plus 2?\nAnswer:': [' 4', ' 5', ' four', ' 22'],
+               'def area(r):\n    return': [' 3.14 * r * r', ' r', ' None'],
+               'x =': [' 1', ' 2', ' 3', ' [1, 2, 3]', ' {"a": 1}'],
+               'import': [' os']}
+  requests = [(c, a) for c, answers in questions.items() for a in answers]
+  results = model.loglikelihood(_requests(*requests))
+  for (context, continuation), (logprob, greedy) in zip(requests, results):
+    context_ids, continuation_ids = _expected_ids(tokenizer, context, continuation)
+    want, want_greedy = _hf_score(tiny_llama.model, context_ids, continuation_ids)
+    assert abs(logprob - want) < TOL, (context, continuation, logprob, want)
+    assert greedy == want_greedy
+
+
 def test_a_continuation_the_model_predicts_greedily_is_greedy(model, tiny_llama):
   """is_greedy is True exactly when each continuation token is the argmax: build one that is."""
   tokenizer = model.scorer.tokenizer

@@ -20,6 +20,7 @@ from lm_eval import utils as harness_utils
 import tqdm
 
 from lm import generate as generate_lib
+from lm import kv_cache
 from lm import model as model_lib
 from lm import sharding
 
@@ -29,14 +30,18 @@ AUTO_TOKENS = 8192
 AUTO_MAX_ROWS = 64
 AUTO_GENERATE_ROWS = 32
 SMALLEST_BUCKET = 64
+BUCKETS_PER_OCTAVE = 4
 
 
-def bucket_length(length: int, max_length: int) -> int:
-  """The smallest of 64, 128, 256, ... (and max_length itself) that holds `length` tokens."""
-  bucket = SMALLEST_BUCKET
-  while bucket < length:
-    bucket *= 2
-  return min(bucket, max_length)
+def bucket_length(length: int, max_length: int, smallest: int = SMALLEST_BUCKET) -> int:
+  """The shortest bucket that holds `length` tokens: `smallest`, then BUCKETS_PER_OCTAVE evenly
+  spaced lengths per doubling (64, 80, 96, 112, 128, 160, 192, ...), capped at max_length. A
+  batch pads at most 25% beyond its longest row, and jit compiles a few programs per doubling."""
+  if length <= smallest:
+    return min(smallest, max_length)
+  octave = 1 << (length - 1).bit_length() - 1  # The largest power of two below length.
+  step = max(octave // BUCKETS_PER_OCTAVE, 8)
+  return min(-(-length // step) * step, max_length)
 
 
 @dataclasses.dataclass
@@ -98,9 +103,11 @@ class Scorer:
 
     As lm-eval's HF backend: a sequence longer than max_length + 1 loses context from the left
     (counted in self.truncation), and the model sees context + continuation minus its last token.
+    Continuations of one context (a multiple-choice question's answers) share one pass over the
+    context: it runs once into a KV cache, which each continuation then reads.
     """
-    rows = []
-    for context, continuation in requests:
+    rows, groups = [], {}
+    for i, (context, continuation) in enumerate(requests):
       if not context or not continuation:
         raise ValueError('a log-likelihood request needs a non-empty context (BOS at least) and '
                          'continuation')
@@ -111,8 +118,21 @@ class Scorer:
         if len(continuation) > self.max_length:
           self.truncation.continuations_cut += 1
         whole = whole[-(self.max_length + 1):]
+      else:
+        groups.setdefault(tuple(context), []).append(i)
       rows.append((whole, min(len(continuation), len(whole) - 1)))
-    return self._score_rows(rows, description)
+    shared = [(list(context), [(i, list(requests[i][1])) for i in members])
+              for context, members in groups.items() if len(members) > 1]
+    in_shared = {i for _, members in shared for i, _ in members}
+    alone = [i for i in range(len(rows)) if i not in in_shared]
+    results = [None] * len(rows)
+    with tqdm.tqdm(total=len(rows), desc=description, disable=not self.progress,
+                   leave=False) as bar:
+      for i, result in zip(alone, self._score_rows([rows[i] for i in alone], bar)):
+        results[i] = result
+      for i, result in self._score_shared_contexts(shared, bar):
+        results[i] = result
+    return results
 
   def rolling_loglikelihood(self, documents: list[list[int]], context_len: int = 1,
                             description: str = 'rolling loglikelihood') -> list[float]:
@@ -132,34 +152,73 @@ class Scorer:
       totals[owner] += logprob
     return totals
 
-  def _score_rows(self, rows: list[tuple[list[int], int]], description: str):
+  def _score_rows(self, rows: list[tuple[list[int], int]], bar) -> list[tuple[float, bool]]:
     """rows: (tokens, n): the log-probability of the last n tokens given those before them."""
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
     results = [None] * len(rows)
-    with tqdm.tqdm(total=len(rows), desc=description, disable=not self.progress,
-                   leave=False) as bar:
-      start = 0
-      while start < len(order):
-        T = bucket_length(len(rows[order[start]][0]) - 1, self.max_length)
-        B = self._rows_per_batch(T)
-        chunk = order[start:start + B]
-        inputs_BT = np.zeros((B, T), np.int32)
-        targets_BT = np.zeros((B, T), np.int32)
-        segment_ids_BT = np.zeros((B, T), np.int32)
-        scored_BT = np.zeros((B, T), bool)
-        for b, i in enumerate(chunk):
-          tokens, n = rows[i]
-          L = len(tokens) - 1
-          inputs_BT[b, :L], targets_BT[b, :L] = tokens[:-1], tokens[1:]
-          segment_ids_BT[b, :L] = 1
-          scored_BT[b, L - n:L] = True
-        logprob_B, greedy_B = jax.device_get(self._score_batch(
-            inputs_BT, targets_BT, segment_ids_BT, scored_BT))
-        for b, i in enumerate(chunk):
-          results[i] = (float(logprob_B[b]), bool(greedy_B[b]))
-        bar.update(len(chunk))
-        start += len(chunk)
+    start = 0
+    while start < len(order):
+      T = bucket_length(len(rows[order[start]][0]) - 1, self.max_length)
+      B = self._rows_per_batch(T)
+      chunk = order[start:start + B]
+      inputs_BT = np.zeros((B, T), np.int32)
+      targets_BT = np.zeros((B, T), np.int32)
+      segment_ids_BT = np.zeros((B, T), np.int32)
+      scored_BT = np.zeros((B, T), bool)
+      for b, i in enumerate(chunk):
+        tokens, n = rows[i]
+        L = len(tokens) - 1
+        inputs_BT[b, :L], targets_BT[b, :L] = tokens[:-1], tokens[1:]
+        segment_ids_BT[b, :L] = 1
+        scored_BT[b, L - n:L] = True
+      logprob_B, greedy_B = jax.device_get(self._run(
+          _score, inputs_BT, targets_BT, segment_ids_BT, scored_BT))
+      for b, i in enumerate(chunk):
+        results[i] = (float(logprob_B[b]), bool(greedy_B[b]))
+      bar.update(len(chunk))
+      start += len(chunk)
     return results
+
+  def _score_shared_contexts(self, groups, bar):
+    """Yields (request index, result) for groups of (context, [(index, continuation), ...]).
+
+    A batch holds G contexts, left-padded to a bucket P, and K rows per context for their
+    continuations (K: the most any context has, rounded up to a power of two), all padded to a
+    bucket C: one compilation per (P, C, K).
+    """
+    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g][0]), g))
+    start = 0
+    while start < len(order):
+      P = bucket_length(len(groups[order[start]][0]), self.max_length)
+      G = self._rows_per_batch(P)
+      chunk = [groups[g] for g in order[start:start + G]]
+      K = 1 << (max(len(members) for _, members in chunk) - 1).bit_length()
+      longest = max(len(c) for _, members in chunk for _, c in members)
+      C = bucket_length(longest - 1, self.max_length, smallest=16) if longest > 1 else 0
+      contexts = [context for context, _ in chunk] + [[self.tokenizer.bos_id]] * (G - len(chunk))
+      context_GP, context_segment_ids_GP, context_positions_GP = generate_lib.left_pad(
+          contexts, multiple=P)
+      rows_R = np.zeros(G * K, np.int32)
+      first_R = np.zeros(G * K, np.int32)
+      tail_RC = np.zeros((G * K, C), np.int32)  # Continuation tokens but the last: the inputs.
+      tail_targets_RC = np.zeros((G * K, C), np.int32)  # Continuation tokens but the first.
+      tail_segment_ids_RC = np.zeros((G * K, C), np.int32)
+      owners = []
+      for g, (context, members) in enumerate(chunk):
+        for k, (i, continuation) in enumerate(members):
+          r = g * K + k
+          n = len(continuation)
+          rows_R[r], first_R[r] = g, continuation[0]
+          tail_RC[r, :n - 1], tail_targets_RC[r, :n - 1] = continuation[:-1], continuation[1:]
+          tail_segment_ids_RC[r, :n - 1] = 1
+          owners.append((r, i))
+      logprob_R, greedy_R = jax.device_get(self._run(
+          _score_continuations, context_GP, context_segment_ids_GP, context_positions_GP, rows_R,
+          first_R, tail_RC, tail_targets_RC, tail_segment_ids_RC))
+      for r, i in owners:
+        yield i, (float(logprob_R[r]), bool(greedy_R[r]))
+      bar.update(len(owners))
+      start += len(chunk)
 
   def _rows_per_batch(self, T: int, generation: bool = False) -> int:
     if self.batch_size == 'auto':
@@ -168,11 +227,12 @@ class Scorer:
       rows = self.batch_size
     return -(-rows // self._data_ways) * self._data_ways
 
-  def _score_batch(self, *arrays):
+  def _run(self, score_fn, *arrays):
+    """score_fn on numpy batch arrays placed like training batches (rows over the mesh)."""
     where = sharding.batch_sharding(self.mesh, self.rules)
-    arrays = [jax.device_put(a, where) for a in arrays]
+    arrays = [jax.device_put(a, where if a.ndim == 2 else _rows_sharding(where)) for a in arrays]
     layout = (self.mesh, tuple(sorted(self.rules.items())))
-    return _score(self.graphdef, self.params, *arrays, layout=layout)
+    return score_fn(self.graphdef, self.params, *arrays, layout=layout)
 
   # -------------------------------------------------------------------------------------------
   # Generation.
@@ -252,6 +312,12 @@ class Scorer:
                       t.generation_prompts, self.max_length, t.generation_tokens)
 
 
+def _rows_sharding(batch_sharding):
+  """The sharding of a [rows] array beside [rows, time] arrays sharded as batch_sharding."""
+  return jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(
+      batch_sharding.spec[0]))
+
+
 def _config_of(graphdef, params) -> model_lib.ModelConfig:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.merge(graphdef, params).cfg
@@ -279,8 +345,45 @@ def _score(graphdef, params, inputs_BT, targets_BT, segment_ids_BT, scored_BT, *
   mesh, rules = layout
   with sharding.active(mesh, dict(rules)):
     logits_BTV = model_lib.apply(graphdef, params, inputs_BT, segment_ids_BT)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
-  logprob_BT = jnp.where(scored_BT, target_logit_BT - log_z_BT, 0.0)
+  logprob_BT = jnp.where(scored_BT, _target_logprobs(logits_BTV, targets_BT), 0.0)
   is_argmax_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
   return logprob_BT.sum(-1), jnp.all(is_argmax_BT | ~scored_BT, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'layout'))
+def _score_continuations(graphdef, params, context_GP, context_segment_ids_GP,
+                         context_positions_GP, rows_R, first_R, tail_RC, tail_targets_RC,
+                         tail_segment_ids_RC, *, layout):
+  """Per continuation row r (of context rows_R[r]): its summed log-probability and whether each
+  token is the argmax. The contexts run once into a KV cache; its rows are copied to the
+  continuations, which then run on it: first_R is predicted by its context's last logits, the
+  tail's targets by the tail's inputs (tail_segment_ids_RC: 1 on real tokens)."""
+  mesh, rules = layout
+  with sharding.active(mesh, dict(rules)):
+    cfg = _config_of(graphdef, params)
+    G, P = context_GP.shape
+    C = tail_RC.shape[1]
+    cache = kv_cache.init(cfg, G, P + C)
+    logits_GPV, cache = model_lib.apply(graphdef, params, context_GP, context_segment_ids_GP,
+                                        context_positions_GP, cache)
+    first_logits_RV = logits_GPV[rows_R, -1]
+    logprob_R = _target_logprobs(first_logits_RV, first_R)
+    greedy_R = jnp.argmax(first_logits_RV, axis=-1) == first_R
+    if C:
+      cache = kv_cache.gather_rows(cache, rows_R)
+      next_position_R = jnp.max(context_positions_GP, axis=1)[rows_R] + 1
+      positions_RC = next_position_R[:, None] + jnp.arange(C)
+      logits_RCV, _ = model_lib.apply(graphdef, params, tail_RC, tail_segment_ids_RC,
+                                      positions_RC, cache)
+      scored_RC = tail_segment_ids_RC > 0
+      tail_logprob_RC = _target_logprobs(logits_RCV, tail_targets_RC)
+      logprob_R += jnp.where(scored_RC, tail_logprob_RC, 0.0).sum(-1)
+      tail_greedy_RC = jnp.argmax(logits_RCV, axis=-1) == tail_targets_RC
+      greedy_R &= jnp.all(tail_greedy_RC | ~scored_RC, axis=-1)
+    return logprob_R, greedy_R
+
+
+def _target_logprobs(logits_XV, targets_X):
+  """log softmax(logits)[target] over the last axis, without materialising the log-softmax."""
+  target_logit_X = jnp.take_along_axis(logits_XV, targets_X[..., None], -1)[..., 0]
+  return target_logit_X - jax.nn.logsumexp(logits_XV, axis=-1)

@@ -11,6 +11,7 @@ from lm.eval import scoring
 
 REQUESTS = [([1] + list(range(5, 5 + n)), list(range(40, 40 + k)))
             for n, k in [(3, 2), (20, 5), (70, 9), (1, 1), (9, 30), (110, 4)]]
+REQUESTS += [([1, 7, 8, 9, 10], choice) for choice in ([5], [6, 7], [8, 9, 10], [11])]  # Shared.
 PROMPTS = [[1, 9, 8, 7], [1] + list(range(3, 60)), [1, 5]]
 
 
