@@ -32,9 +32,16 @@ def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='aut
   raise ValueError(f'unknown attention implementation {implementation!r}')
 
 
+# A segment id for tokens that every later real token of their row attends to, whatever its own
+# segment: a prefix shared by several continuations, each in a segment of its own (lm/eval
+# scores a question's answers after one copy of the question this way).
+SHARED_PREFIX = -1
+
+
 def cached_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, kv_segment_ids_BS, index):
   """T new queries, at slots index .. index + T - 1 of a KV cache of S slots, attend to every
-  slot up to their own that holds their segment (lm/kv_cache.py; padding is segment 0).
+  slot up to their own that holds their segment or SHARED_PREFIX (lm/kv_cache.py; padding is
+  segment 0, which nothing attends to).
 
   index is one slot shared by every row (a dense cache) or one per row, [B] (a paged cache,
   whose rows are sequences of different lengths)."""
@@ -42,7 +49,9 @@ def cached_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, kv_segment_ids_BS, 
   query_slot_BT = jnp.reshape(index, (-1, 1)) + jnp.arange(T)
   causal_BTS = query_slot_BT[:, :, None] >= jnp.arange(S)
   same_doc_BTS = segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
-  return einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ, (same_doc_BTS & causal_BTS)[:, None])
+  shared_BTS = (kv_segment_ids_BS[:, None, :] == SHARED_PREFIX) & (segment_ids_BT[:, :, None] > 0)
+  return einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ,
+                          ((same_doc_BTS | shared_BTS) & causal_BTS)[:, None])
 
 
 def einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ, mask_B1TS):

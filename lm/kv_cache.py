@@ -5,7 +5,8 @@ A cache is a dict of arrays (a pytree, so it jits, donates and shards like param
   k, v          [L, B, S, K, Q]  keys (after rotary) and values of every layer, for the K kv heads
                 only (a GQA/MQA cache is H/K times smaller than one per query head).
   segment_ids   [B, S]  the document id of the token in each slot; 0 marks padding and empty
-                slots, which no real token (segment >= 1) attends to.
+                slots, which no real token (segment >= 1) attends to; -1 (attention.
+                SHARED_PREFIX) a prefix that every real token of the row attends to.
   index         []  the slot the next tokens are written to, shared by every row.
 
 Batches of prompts of different lengths are left-padded (padding in segment 0), so every row

@@ -19,6 +19,7 @@ import numpy as np
 from lm_eval import utils as harness_utils
 import tqdm
 
+from lm import attention as attention_lib
 from lm import generate as generate_lib
 from lm import kv_cache
 from lm import model as model_lib
@@ -182,39 +183,31 @@ class Scorer:
   def _score_shared_contexts(self, groups, bar):
     """Yields (request index, result) for groups of (context, [(index, continuation), ...]).
 
-    A batch holds G contexts, left-padded to a bucket P, and K rows per context for their
-    continuations (K: the most any context has, rounded up to a power of two), all padded to a
-    bucket C: one compilation per (P, C, K).
+    A group is one row: its context once (segment SHARED_PREFIX), then each continuation but
+    its last token (the inputs that predict the rest), each in a segment of its own, at
+    positions that continue the context: every continuation sees the context and itself only,
+    as if alone after it, and the row costs the context once instead of once per choice. The
+    first token of every continuation is predicted by the context's last logits. Rows are
+    padded to a length bucket; a group too long for one row is scored request by request.
     """
-    order = sorted(range(len(groups)), key=lambda g: (-len(groups[g][0]), g))
+    packed = [(context, members, len(context) + sum(len(c) - 1 for _, c in members))
+              for context, members in groups]
+    too_long = [(i, (context + c, len(c))) for context, members, n in packed
+                if n > self.max_length for i, c in members]
+    for (i, _), result in zip(too_long, self._score_rows([row for _, row in too_long], bar)):
+      yield i, result
+    packed = sorted((g for g in packed if g[2] <= self.max_length), key=lambda g: -g[2])
     start = 0
-    while start < len(order):
-      P = bucket_length(len(groups[order[start]][0]), self.max_length)
-      G = self._rows_per_batch(P)
-      chunk = [groups[g] for g in order[start:start + G]]
-      K = 1 << (max(len(members) for _, members in chunk) - 1).bit_length()
-      longest = max(len(c) for _, members in chunk for _, c in members)
-      C = bucket_length(longest - 1, self.max_length, smallest=16) if longest > 1 else 0
-      contexts = [context for context, _ in chunk] + [[self.tokenizer.bos_id]] * (G - len(chunk))
-      context_GP, context_segment_ids_GP, context_positions_GP = generate_lib.left_pad(
-          contexts, multiple=P)
-      rows_R = np.zeros(G * K, np.int32)
-      first_R = np.zeros(G * K, np.int32)
-      tail_RC = np.zeros((G * K, C), np.int32)  # Continuation tokens but the last: the inputs.
-      tail_targets_RC = np.zeros((G * K, C), np.int32)  # Continuation tokens but the first.
-      tail_segment_ids_RC = np.zeros((G * K, C), np.int32)
+    while start < len(packed):
+      T = bucket_length(packed[start][2], self.max_length)
+      B = self._rows_per_batch(T)
+      chunk = packed[start:start + B]
+      K = 1 << (max(len(members) for _, members, _ in chunk) - 1).bit_length()
+      arrays = _PackedBatch(B, T, B * K)
       owners = []
-      for g, (context, members) in enumerate(chunk):
-        for k, (i, continuation) in enumerate(members):
-          r = g * K + k
-          n = len(continuation)
-          rows_R[r], first_R[r] = g, continuation[0]
-          tail_RC[r, :n - 1], tail_targets_RC[r, :n - 1] = continuation[:-1], continuation[1:]
-          tail_segment_ids_RC[r, :n - 1] = 1
-          owners.append((r, i))
-      logprob_R, greedy_R = jax.device_get(self._run(
-          _score_continuations, context_GP, context_segment_ids_GP, context_positions_GP, rows_R,
-          first_R, tail_RC, tail_targets_RC, tail_segment_ids_RC))
+      for b, (context, members, _) in enumerate(chunk):
+        owners += arrays.add_row(b, context, members, first_slot=b * K)
+      logprob_R, greedy_R = jax.device_get(self._run(_score_packed, *arrays.astuple()))
       for r, i in owners:
         yield i, (float(logprob_R[r]), bool(greedy_R[r]))
       bar.update(len(owners))
@@ -230,7 +223,8 @@ class Scorer:
   def _run(self, score_fn, *arrays):
     """score_fn on numpy batch arrays placed like training batches (rows over the mesh)."""
     where = sharding.batch_sharding(self.mesh, self.rules)
-    arrays = [jax.device_put(a, where if a.ndim == 2 else _rows_sharding(where)) for a in arrays]
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    arrays = [jax.device_put(a, where if a.ndim == 2 else replicated) for a in arrays]
     layout = (self.mesh, tuple(sorted(self.rules.items())))
     return score_fn(self.graphdef, self.params, *arrays, layout=layout)
 
@@ -312,12 +306,6 @@ class Scorer:
                       t.generation_prompts, self.max_length, t.generation_tokens)
 
 
-def _rows_sharding(batch_sharding):
-  """The sharding of a [rows] array beside [rows, time] arrays sharded as batch_sharding."""
-  return jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(
-      batch_sharding.spec[0]))
-
-
 def _config_of(graphdef, params) -> model_lib.ModelConfig:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.merge(graphdef, params).cfg
@@ -350,37 +338,66 @@ def _score(graphdef, params, inputs_BT, targets_BT, segment_ids_BT, scored_BT, *
   return logprob_BT.sum(-1), jnp.all(is_argmax_BT | ~scored_BT, axis=-1)
 
 
+class _PackedBatch:
+  """The arrays of a batch of packed rows (Scorer._score_shared_contexts): B rows of T tokens
+  and R result slots, slot r for one continuation."""
+
+  def __init__(self, B: int, T: int, R: int):
+    self.tokens_BT = np.zeros((B, T), np.int32)
+    self.segment_ids_BT = np.zeros((B, T), np.int32)
+    self.positions_BT = np.zeros((B, T), np.int32)
+    self.targets_BT = np.zeros((B, T), np.int32)
+    self.owner_BT = np.full((B, T), R, np.int32)  # R: no continuation's token.
+    self.first_row_R = np.zeros(R, np.int32)
+    self.first_position_R = np.zeros(R, np.int32)
+    self.first_target_R = np.zeros(R, np.int32)
+
+  def add_row(self, b: int, context, members, first_slot: int) -> list[tuple[int, int]]:
+    """Row b: the context, then each continuation's inputs; returns (slot, request index)."""
+    m = len(context)
+    self.tokens_BT[b, :m] = context
+    self.segment_ids_BT[b, :m] = attention_lib.SHARED_PREFIX
+    self.positions_BT[b, :m] = np.arange(m)
+    at, owners = m, []
+    for j, (i, continuation) in enumerate(members):
+      r, n = first_slot + j, len(continuation) - 1
+      self.first_row_R[r], self.first_position_R[r] = b, m - 1
+      self.first_target_R[r] = continuation[0]
+      self.tokens_BT[b, at:at + n] = continuation[:-1]
+      self.targets_BT[b, at:at + n] = continuation[1:]
+      self.segment_ids_BT[b, at:at + n] = j + 1
+      self.positions_BT[b, at:at + n] = m + np.arange(n)
+      self.owner_BT[b, at:at + n] = r
+      at += n
+      owners.append((r, i))
+    return owners
+
+  def astuple(self):
+    return (self.tokens_BT, self.segment_ids_BT, self.positions_BT, self.targets_BT,
+            self.owner_BT, self.first_row_R, self.first_position_R, self.first_target_R)
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'layout'))
-def _score_continuations(graphdef, params, context_GP, context_segment_ids_GP,
-                         context_positions_GP, rows_R, first_R, tail_RC, tail_targets_RC,
-                         tail_segment_ids_RC, *, layout):
-  """Per continuation row r (of context rows_R[r]): its summed log-probability and whether each
-  token is the argmax. The contexts run once into a KV cache; its rows are copied to the
-  continuations, which then run on it: first_R is predicted by its context's last logits, the
-  tail's targets by the tail's inputs (tail_segment_ids_RC: 1 on real tokens)."""
+def _score_packed(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, targets_BT,
+                  owner_BT, first_row_R, first_position_R, first_target_R, *, layout):
+  """Per result slot r: the continuation's summed log-probability and whether each of its tokens
+  is the argmax. The rows run through the model with a KV cache of their own length, whose
+  attention honours SHARED_PREFIX segments; a token's log-probability goes to slot owner_BT."""
   mesh, rules = layout
+  R = first_row_R.shape[0]
   with sharding.active(mesh, dict(rules)):
     cfg = _config_of(graphdef, params)
-    G, P = context_GP.shape
-    C = tail_RC.shape[1]
-    cache = kv_cache.init(cfg, G, P + C)
-    logits_GPV, cache = model_lib.apply(graphdef, params, context_GP, context_segment_ids_GP,
-                                        context_positions_GP, cache)
-    first_logits_RV = logits_GPV[rows_R, -1]
-    logprob_R = _target_logprobs(first_logits_RV, first_R)
-    greedy_R = jnp.argmax(first_logits_RV, axis=-1) == first_R
-    if C:
-      cache = kv_cache.gather_rows(cache, rows_R)
-      next_position_R = jnp.max(context_positions_GP, axis=1)[rows_R] + 1
-      positions_RC = next_position_R[:, None] + jnp.arange(C)
-      logits_RCV, _ = model_lib.apply(graphdef, params, tail_RC, tail_segment_ids_RC,
-                                      positions_RC, cache)
-      scored_RC = tail_segment_ids_RC > 0
-      tail_logprob_RC = _target_logprobs(logits_RCV, tail_targets_RC)
-      logprob_R += jnp.where(scored_RC, tail_logprob_RC, 0.0).sum(-1)
-      tail_greedy_RC = jnp.argmax(logits_RCV, axis=-1) == tail_targets_RC
-      greedy_R &= jnp.all(tail_greedy_RC | ~scored_RC, axis=-1)
-    return logprob_R, greedy_R
+    cache = kv_cache.init(cfg, *tokens_BT.shape)
+    logits_BTV, _ = model_lib.apply(graphdef, params, tokens_BT, segment_ids_BT, positions_BT,
+                                    cache)
+  tail_logprob_R = jax.ops.segment_sum(
+      _target_logprobs(logits_BTV, targets_BT).ravel(), owner_BT.ravel(), R + 1)[:R]
+  is_argmax_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.int32)
+  tail_greedy_R = jax.ops.segment_min(is_argmax_BT.ravel(), owner_BT.ravel(), R + 1)[:R] > 0
+  first_logits_RV = logits_BTV[first_row_R, first_position_R]
+  first_logprob_R = _target_logprobs(first_logits_RV, first_target_R)
+  first_greedy_R = jnp.argmax(first_logits_RV, axis=-1) == first_target_R
+  return first_logprob_R + tail_logprob_R, first_greedy_R & tail_greedy_R
 
 
 def _target_logprobs(logits_XV, targets_X):
