@@ -10,13 +10,25 @@ computes only the causal lower triangle, in blocks of query rows (fastest on CPU
 import jax
 import jax.numpy as jnp
 
+# A segment id for tokens that every later real token of their row attends to, whatever its own
+# segment: a prefix shared by several continuations, each in a segment of its own (lm/eval
+# scores a question's answers after one copy of the question this way).
+SHARED_PREFIX = -1
+
 
 def segment_causal_mask(segment_ids_BT):
-  """[B, 1, T, T] boolean: query t sees key s iff s <= t and both are in the same document."""
+  """[B, 1, T, T] boolean: query t sees key s iff s <= t and both are in the same document (or
+  s is in a SHARED_PREFIX and t is a real token)."""
   T = segment_ids_BT.shape[-1]
   causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-  same_doc_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  return (same_doc_BTT & causal_TT)[:, None]
+  return (visible(segment_ids_BT, segment_ids_BT) & causal_TT)[:, None]
+
+
+def visible(query_segment_ids_BT, key_segment_ids_BS):
+  """[B, T, S] boolean: which keys' segments each query's segment may attend to: its own, and
+  SHARED_PREFIX for any real token (segment >= 1). Padding (segment 0) sees only padding."""
+  q_BT1, k_B1S = query_segment_ids_BT[:, :, None], key_segment_ids_BS[:, None, :]
+  return (q_BT1 == k_B1S) | ((k_B1S == SHARED_PREFIX) & (q_BT1 > 0))
 
 
 def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='auto'):
@@ -32,12 +44,6 @@ def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='aut
   raise ValueError(f'unknown attention implementation {implementation!r}')
 
 
-# A segment id for tokens that every later real token of their row attends to, whatever its own
-# segment: a prefix shared by several continuations, each in a segment of its own (lm/eval
-# scores a question's answers after one copy of the question this way).
-SHARED_PREFIX = -1
-
-
 def cached_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, kv_segment_ids_BS, index):
   """T new queries, at slots index .. index + T - 1 of a KV cache of S slots, attend to every
   slot up to their own that holds their segment or SHARED_PREFIX (lm/kv_cache.py; padding is
@@ -48,10 +54,8 @@ def cached_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, kv_segment_ids_BS, 
   T, S = q_BTHQ.shape[1], k_BSKQ.shape[1]
   query_slot_BT = jnp.reshape(index, (-1, 1)) + jnp.arange(T)
   causal_BTS = query_slot_BT[:, :, None] >= jnp.arange(S)
-  same_doc_BTS = segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
-  shared_BTS = (kv_segment_ids_BS[:, None, :] == SHARED_PREFIX) & (segment_ids_BT[:, :, None] > 0)
   return einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ,
-                          ((same_doc_BTS | shared_BTS) & causal_BTS)[:, None])
+                          (visible(segment_ids_BT, kv_segment_ids_BS) & causal_BTS)[:, None])
 
 
 def einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ, mask_B1TS):
@@ -85,7 +89,7 @@ def blocked_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, block_size: int = 
     stop = min(start + block_size, T)  # This block's queries see keys [0, stop).
     logits_BKGtS = jnp.einsum('bkgtq,bksq->bkgts', q_BKGTQ[:, :, :, start:stop],
                               k_BKSQ[:, :, :stop], preferred_element_type=jnp.float32)
-    same_doc_BtS = segment_ids_BT[:, start:stop, None] == segment_ids_BT[:, None, :stop]
+    same_doc_BtS = visible(segment_ids_BT[:, start:stop], segment_ids_BT[:, :stop])
     causal_tS = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
     mask_B11tS = (same_doc_BtS & causal_tS)[:, None, None]
     logits_BKGtS = jnp.where(mask_B11tS, logits_BKGtS, jnp.finfo(jnp.float32).min)

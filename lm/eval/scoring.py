@@ -21,7 +21,6 @@ import tqdm
 
 from lm import attention as attention_lib
 from lm import generate as generate_lib
-from lm import kv_cache
 from lm import model as model_lib
 from lm import sharding
 
@@ -257,7 +256,7 @@ class Scorer:
                    leave=False) as bar:
       start = 0
       while start < len(order):
-        P = min(bucket_length(len(fitted[order[start]]), self.max_length), room)
+        P = min(bucket_length(len(fitted[order[start]]), self.max_length, smallest=16), room)
         B = self._rows_per_batch(P, generation=True)
         chunk = order[start:start + B]
         batch = [fitted[i] for i in chunk]
@@ -381,15 +380,12 @@ class _PackedBatch:
 def _score_packed(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, targets_BT,
                   owner_BT, first_row_R, first_position_R, first_target_R, *, layout):
   """Per result slot r: the continuation's summed log-probability and whether each of its tokens
-  is the argmax. The rows run through the model with a KV cache of their own length, whose
-  attention honours SHARED_PREFIX segments; a token's log-probability goes to slot owner_BT."""
+  is the argmax. Attention honours SHARED_PREFIX segments (lm/attention.py); a token's
+  log-probability goes to slot owner_BT."""
   mesh, rules = layout
   R = first_row_R.shape[0]
   with sharding.active(mesh, dict(rules)):
-    cfg = _config_of(graphdef, params)
-    cache = kv_cache.init(cfg, *tokens_BT.shape)
-    logits_BTV, _ = model_lib.apply(graphdef, params, tokens_BT, segment_ids_BT, positions_BT,
-                                    cache)
+    logits_BTV = model_lib.apply(graphdef, params, tokens_BT, segment_ids_BT, positions_BT)
   tail_logprob_R = jax.ops.segment_sum(
       _target_logprobs(logits_BTV, targets_BT).ravel(), owner_BT.ravel(), R + 1)[:R]
   is_argmax_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.int32)
