@@ -288,13 +288,14 @@ class Transformer(nnx.Module):
       self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
 
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
-               dropout_rng=None):
+               dropout_rng=None, hidden_only: bool = False):
     """segment_ids (1, 2, ... per packed document) keep documents from attending to each other;
     positions restart at 0 in each document. Both default to one document per row. dropout_rng
     (a key; training only) turns on LoRA dropout.
 
     With a KV cache (lm/kv_cache.py) the tokens continue what the cache holds, and the result
-    is (logits_BTV, the cache with them appended)."""
+    is (logits_BTV, the cache with them appended). hidden_only (no cache): the final-norm
+    hidden states x_BTD instead, for callers that need `logits` at a few positions only."""
     cfg = self.cfg
     B, T = tokens_BT.shape
     if segment_ids_BT is None:
@@ -332,10 +333,17 @@ class Transformer(nnx.Module):
             (x_BTD, cache), (layer_params, layer if needs_layer else None))
 
     x_BTD = self.final_norm(x_BTD)
+    if hidden_only:
+      return x_BTD
+    logits_BTV = self.logits(x_BTD)
+    return logits_BTV if cache is None else (logits_BTV, kv_cache.advance(cache, T))
+
+  def logits(self, x_BTD):
+    """Next-token logits (fp32) from final-norm hidden states."""
+    cfg = self.cfg
     unembed_DV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
     logits_BTV = dense(x_BTD, unembed_DV.astype(cfg.dtype), preferred_element_type=jnp.float32)
-    logits_BTV = sharding.constrain(logits_BTV, ('act_batch', 'act_seq', 'act_vocab'))
-    return logits_BTV if cache is None else (logits_BTV, kv_cache.advance(cache, T))
+    return sharding.constrain(logits_BTV, ('act_batch', 'act_seq', 'act_vocab'))
 
 
 def init(cfg: ModelConfig, seed: int):

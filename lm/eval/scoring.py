@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,7 +203,8 @@ class Scorer:
       B = self._rows_per_batch(T)
       chunk = packed[start:start + B]
       K = 1 << (max(len(members) for _, members, _ in chunk) - 1).bit_length()
-      arrays = _PackedBatch(B, T, B * K)
+      window = max(n - len(context) + 1 for context, _, n in chunk)
+      arrays = _PackedBatch(B, T, bucket_length(window, T, smallest=16), B * K)
       owners = []
       for b, (context, members, _) in enumerate(chunk):
         owners += arrays.add_row(b, context, members, first_slot=b * K)
@@ -306,7 +308,6 @@ class Scorer:
 
 
 def _config_of(graphdef, params) -> model_lib.ModelConfig:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.merge(graphdef, params).cfg
 
 
@@ -338,17 +339,18 @@ def _score(graphdef, params, inputs_BT, targets_BT, segment_ids_BT, scored_BT, *
 
 
 class _PackedBatch:
-  """The arrays of a batch of packed rows (Scorer._score_shared_contexts): B rows of T tokens
-  and R result slots, slot r for one continuation."""
+  """The arrays of a batch of packed rows (Scorer._score_shared_contexts): B rows of T tokens,
+  R result slots (slot r for one continuation), and per row a window of C positions from the
+  context's last token on, the only positions whose logits are needed."""
 
-  def __init__(self, B: int, T: int, R: int):
+  def __init__(self, B: int, T: int, C: int, R: int):
     self.tokens_BT = np.zeros((B, T), np.int32)
     self.segment_ids_BT = np.zeros((B, T), np.int32)
     self.positions_BT = np.zeros((B, T), np.int32)
-    self.targets_BT = np.zeros((B, T), np.int32)
-    self.owner_BT = np.full((B, T), R, np.int32)  # R: no continuation's token.
-    self.first_row_R = np.zeros(R, np.int32)
-    self.first_position_R = np.zeros(R, np.int32)
+    self.window_start_B = np.zeros(B, np.int32)
+    self.targets_BC = np.zeros((B, C), np.int32)  # Window position c predicts targets_BC[b, c].
+    self.owner_BC = np.full((B, C), R, np.int32)  # R: no continuation's token.
+    self.first_row_R = np.zeros(R, np.int32)  # Window position 0 predicts first_target_R.
     self.first_target_R = np.zeros(R, np.int32)
 
   def add_row(self, b: int, context, members, first_slot: int) -> list[tuple[int, int]]:
@@ -357,40 +359,46 @@ class _PackedBatch:
     self.tokens_BT[b, :m] = context
     self.segment_ids_BT[b, :m] = attention_lib.SHARED_PREFIX
     self.positions_BT[b, :m] = np.arange(m)
+    self.window_start_B[b] = m - 1
     at, owners = m, []
     for j, (i, continuation) in enumerate(members):
       r, n = first_slot + j, len(continuation) - 1
-      self.first_row_R[r], self.first_position_R[r] = b, m - 1
-      self.first_target_R[r] = continuation[0]
+      self.first_row_R[r], self.first_target_R[r] = b, continuation[0]
       self.tokens_BT[b, at:at + n] = continuation[:-1]
-      self.targets_BT[b, at:at + n] = continuation[1:]
       self.segment_ids_BT[b, at:at + n] = j + 1
       self.positions_BT[b, at:at + n] = m + np.arange(n)
-      self.owner_BT[b, at:at + n] = r
+      window = at - (m - 1)  # The input at row position `at` is window position `window`.
+      self.targets_BC[b, window:window + n] = continuation[1:]
+      self.owner_BC[b, window:window + n] = r
       at += n
       owners.append((r, i))
     return owners
 
   def astuple(self):
-    return (self.tokens_BT, self.segment_ids_BT, self.positions_BT, self.targets_BT,
-            self.owner_BT, self.first_row_R, self.first_position_R, self.first_target_R)
+    return (self.tokens_BT, self.segment_ids_BT, self.positions_BT, self.window_start_B,
+            self.targets_BC, self.owner_BC, self.first_row_R, self.first_target_R)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'layout'))
-def _score_packed(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, targets_BT,
-                  owner_BT, first_row_R, first_position_R, first_target_R, *, layout):
+def _score_packed(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, window_start_B,
+                  targets_BC, owner_BC, first_row_R, first_target_R, *, layout):
   """Per result slot r: the continuation's summed log-probability and whether each of its tokens
-  is the argmax. Attention honours SHARED_PREFIX segments (lm/attention.py); a token's
-  log-probability goes to slot owner_BT."""
+  is the argmax. Attention honours SHARED_PREFIX segments (lm/attention.py); logits are computed
+  on each row's window only (a context's other positions predict nothing scored), and a
+  token's log-probability goes to slot owner_BC."""
   mesh, rules = layout
   R = first_row_R.shape[0]
   with sharding.active(mesh, dict(rules)):
-    logits_BTV = model_lib.apply(graphdef, params, tokens_BT, segment_ids_BT, positions_BT)
+    model = nnx.merge(graphdef, params)
+    hidden_BTD = model(tokens_BT, segment_ids_BT, positions_BT, hidden_only=True)
+    C = targets_BC.shape[1]
+    window_BC = jnp.minimum(window_start_B[:, None] + jnp.arange(C), tokens_BT.shape[1] - 1)
+    logits_BCV = model.logits(jnp.take_along_axis(hidden_BTD, window_BC[..., None], axis=1))
   tail_logprob_R = jax.ops.segment_sum(
-      _target_logprobs(logits_BTV, targets_BT).ravel(), owner_BT.ravel(), R + 1)[:R]
-  is_argmax_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.int32)
-  tail_greedy_R = jax.ops.segment_min(is_argmax_BT.ravel(), owner_BT.ravel(), R + 1)[:R] > 0
-  first_logits_RV = logits_BTV[first_row_R, first_position_R]
+      _target_logprobs(logits_BCV, targets_BC).ravel(), owner_BC.ravel(), R + 1)[:R]
+  is_argmax_BC = (jnp.argmax(logits_BCV, axis=-1) == targets_BC).astype(jnp.int32)
+  tail_greedy_R = jax.ops.segment_min(is_argmax_BC.ravel(), owner_BC.ravel(), R + 1)[:R] > 0
+  first_logits_RV = logits_BCV[first_row_R, 0]
   first_logprob_R = _target_logprobs(first_logits_RV, first_target_R)
   first_greedy_R = jnp.argmax(first_logits_RV, axis=-1) == first_target_R
   return first_logprob_R + tail_logprob_R, first_greedy_R & tail_greedy_R
