@@ -76,16 +76,24 @@ def _is_axes(x) -> bool:
   return isinstance(x, tuple)
 
 
-def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; weight decay only on matrices (not norms or biases).
+def is_decayed(name: str) -> bool:
+  """Whether weight decay applies to the parameter named `name`: every weight matrix, embedding
+  and LoRA adapter; no norm scale or bias ('scale', 'bias', 'b_*')."""
+  return not (name in ('scale', 'bias') or name.startswith('b_'))
 
-  A parameter is a matrix when it has two or more axes besides the stacked 'layers' axis. The
+
+def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; weight decay on weights and embeddings, not on norms or
+  biases.
+
+  What decays is decided by a parameter's role, its name (is_decayed), not by its rank: gpt2's
+  attention biases b_q, b_k, b_v have two axes (heads, head_dim) and are still biases. The
   optimizer covers the trained parameters only (`split_trained(params, trained_paths(...))[0]`):
   frozen ones get no gradient, no optimizer state and no update, so they stay bit-identical.
   """
   trained, _ = split_trained(logical_axes, trained_paths(t, logical_axes))
-  decay_mask = jax.tree.map(
-      lambda axes: len([a for a in axes if a != 'layers']) >= 2, trained, is_leaf=_is_axes)
+  decay_mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: is_decayed(path[-1].key), trained, is_leaf=_is_axes)
   adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
                       weight_decay=t.weight_decay, mask=decay_mask)
   # Always chained, so turning clipping on or off keeps the optimizer state's structure.

@@ -95,6 +95,12 @@ def test_weight_decay_skips_norms_and_biases():
   assert not decayed['blocks']['mlp']['b_up']
   assert not decayed['blocks']['attention_norm']['scale']
   assert not decayed['final_norm']['bias']
+  # Every bias, the two-axis attention biases (heads, head_dim) included, and every norm: none.
+  flat = {path[-1].key: value for path, value in jax.tree_util.tree_leaves_with_path(decayed)}
+  for name in ('b_q', 'b_k', 'b_v', 'b_o', 'b_up', 'b_down', 'scale', 'bias'):
+    assert not flat[name], name
+  for name in ('w_q', 'w_k', 'w_v', 'w_o', 'w_up', 'w_down', 'embed', 'pos_embed'):
+    assert flat[name], name
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
