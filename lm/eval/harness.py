@@ -202,7 +202,7 @@ def main(argv: list[str]) -> None:
   # The harness's bootstrap forks worker processes, which JAX's threads make unsafe.
   os.environ.setdefault('DISABLE_MULTIPROC', '1')
   argv = harness_argv(argv)
-  _check_paths(argv)
+  _check_include_path(argv)
   setup_logging()
   sys.argv = ['python -m lm.eval'] + argv
   parser = HarnessCLI()
@@ -218,12 +218,12 @@ def main(argv: list[str]) -> None:
       print(f'wrote {path}')
 
 
-def _check_paths(argv: list[str]) -> None:
-  for flag in ('--include_path',):
-    if flag in argv[:-1]:
-      path = argv[argv.index(flag) + 1]
-      if not os.path.exists(path):
-        sys.exit(f'error: {flag} {path} does not exist (a folder of task YAML files)')
+def _check_include_path(argv: list[str]) -> None:
+  """A missing --include_path is one line here; the harness would only say the tasks are unknown."""
+  if '--include_path' in argv[:-1]:
+    path = argv[argv.index('--include_path') + 1]
+    if not os.path.exists(path):
+      sys.exit(f'error: --include_path {path} does not exist (a folder of task YAML files)')
 
 
 def write_tables(output_path: str, since: float = 0.0) -> list[str]:
