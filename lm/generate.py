@@ -177,7 +177,8 @@ def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 6
   tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts, multiple=prompt_len or 16)
   out_BN, logprobs_BN, lengths_B = _sample(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP, np.asarray(seeds, np.uint32),
-      _stop_array(stop_tokens), np.float32(temperature), np.int32(min(top_k, cfg.vocab_size)),
+      _stop_array(stop_tokens + _pieces_holding(tokenizer, stop_strings, stop_tokens)),
+      np.float32(temperature), np.int32(min(top_k, cfg.vocab_size)),
       np.float32(top_p), _num_pieces(tokenizer, cfg), max_new_tokens=max_new_tokens,
       greedy=temperature == 0)
   out_BN, logprobs_BN, lengths_B = jax.device_get((out_BN, logprobs_BN, lengths_B))
@@ -350,6 +351,17 @@ def _stop_array(stop_tokens: list[int]) -> np.ndarray:
   """Stop tokens padded with -1 (never a token) to a multiple of 8 entries: one compilation."""
   size = max(8, -(-len(stop_tokens) // 8) * 8)
   return np.asarray(stop_tokens + [-1] * (size - len(stop_tokens)), np.int32)
+
+
+def _pieces_holding(tokenizer, stop_strings, stop_tokens) -> list[int]:
+  """Pieces (besides stop_tokens) whose text contains a stop string: a row that emits one has
+  reached the string, so decoding stops there instead of running on to max_new_tokens. Unlike
+  a stop token, the piece stays in the completion, whose text is cut at the string as always;
+  strings spanning several pieces are still found when decoding ends."""
+  if not stop_strings or not hasattr(tokenizer, 'piece_texts'):
+    return []
+  return [i for i, text in enumerate(tokenizer.piece_texts())
+          if text and i not in stop_tokens and any(s in text for s in stop_strings)]
 
 
 def _stop_tokens(stop_tokens, tokenizer, stop_strings) -> list[int]:

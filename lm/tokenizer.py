@@ -59,6 +59,7 @@ class Tokenizer:
     except (RuntimeError, OSError) as e:
       raise ValueError(f'{path!r} is not a valid SentencePiece model file: {e}') from e
     self._num_threads = os.cpu_count() or 1
+    self._piece_texts = None
 
   @property
   def vocab_size(self) -> int:
@@ -94,7 +95,10 @@ class Tokenizer:
 
   def piece_texts(self) -> list[str]:
     """The text each piece stands for ('▁' as a space; a byte piece as its character when it
-    is ASCII, else ''; control and unknown pieces ''), e.g. to find pieces holding a stop string."""
+    is ASCII, else ''; control and unknown pieces ''), e.g. to find pieces holding a stop string.
+    Computed once per Tokenizer."""
+    if self._piece_texts is not None:
+      return self._piece_texts
     sp, texts = self._sp, []
     for i in range(self.vocab_size):
       if sp.IsByte(i):
@@ -104,6 +108,7 @@ class Tokenizer:
         texts.append('')
       else:
         texts.append(sp.IdToPiece(i).replace('▁', ' '))
+    self._piece_texts = texts
     return texts
 
   def token_bytes(self) -> np.ndarray:

@@ -76,7 +76,6 @@ class Scorer:
     self.batch_size = _parse_batch_size(batch_size)
     self.progress = progress
     self.truncation = Truncation()
-    self._piece_texts = None
     self._data_ways = math.prod(
         mesh.shape[a] for a in rules['act_batch'] if mesh.shape[a] > 1)
 
@@ -252,7 +251,6 @@ class Scorer:
       fitted.append(list(prompt))
     order = sorted(range(len(fitted)), key=lambda i: (-len(fitted[i]), i))
     stop_strings = [s for s in until if s]
-    stop_tokens = [self.tokenizer.eos_id] + self._pieces_holding(stop_strings)
     texts = [None] * len(fitted)
     with tqdm.tqdm(total=len(fitted), desc=description, disable=not self.progress,
                    leave=False) as bar:
@@ -268,31 +266,12 @@ class Scorer:
           completions = generate_lib.sample(
               self.graphdef, self.params, batch, tokenizer=self.tokenizer,
               max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-              stop_tokens=stop_tokens, stop_strings=stop_strings, seed=seeds, prompt_len=P)
+              stop_strings=stop_strings, seed=seeds, prompt_len=P)
         for i, completion in zip(chunk, completions):
-          texts[i] = self._text_before_stop(completion.tokens, stop_strings)
+          texts[i] = completion.text
         bar.update(len(chunk))
         start += len(chunk)
     return texts
-
-  def _text_before_stop(self, tokens: list[int], stop_strings: list[str]) -> str:
-    """The decoded tokens (a final EOS excluded), cut before the first stop string."""
-    if tokens and tokens[-1] == self.tokenizer.eos_id:
-      tokens = tokens[:-1]
-    text = self.tokenizer.decode(tokens)
-    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
-    return text[:cut]
-
-  def _pieces_holding(self, stop_strings: list[str]) -> list[int]:
-    """Pieces whose text contains a stop string: a row that emits one has reached the string, so
-    decoding stops there instead of running to max_new_tokens (the text is cut at the string
-    either way; strings spanning several pieces are found when decoding ends)."""
-    if not stop_strings:
-      return []
-    if self._piece_texts is None:
-      self._piece_texts = self.tokenizer.piece_texts()
-    return [i for i, text in enumerate(self._piece_texts)
-            if text and any(s in text for s in stop_strings)]
 
   def log_truncation(self) -> None:
     t = self.truncation
