@@ -3,7 +3,9 @@
 Each checkpoint is a step directory with two items: 'state' (params, optimizer state, step,
 RNG) and 'data' (the iterator's JSON state). Orbax writes a step into a temporary directory and
 renames it only once complete, so a run killed mid-save leaves the previous checkpoints intact
-and the next run resumes from the newest complete one.
+and the next run resumes from the newest complete one. A step that is complete but does not
+restore (files damaged on disk) is moved aside to STEP.corrupt once an older one restores: the
+resumed run then saves that step afresh, and whatever takes the newest step skips it.
 
 Parameters alone (`save_params`, `restore_params`) start other runs (config.init_from): they are
 read from a directory holding a 'params' item (lm/vocab.py writes those) or from the 'state' of
@@ -41,7 +43,8 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict) -> None:
-    """Starts an async save of `step` (a no-op if that step is already saved)."""
+    """Starts an async save of `step` (a no-op if that step is already saved: restore_latest
+    leaves no step newer than the one it restored, so a resumed run saves every step it trains)."""
     if step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.Composite(
@@ -57,22 +60,53 @@ class Checkpointer:
   def restore_latest(self, target):
     """(state, data_state) from the newest checkpoint that restores, or None if there is none.
 
-    A checkpoint that fails to restore (e.g. files damaged on disk) is reported and skipped in
-    favour of the one before it; it is never deleted.
+    A checkpoint that fails to restore (e.g. files damaged on disk) is skipped in favour of the
+    one before it, and once one restores it is moved aside (_set_aside), never deleted. When none
+    restores, nothing is moved (a rerun would then start afresh) and CheckpointError names every
+    failure.
     """
-    steps = sorted(self._manager.all_steps(), reverse=True)
-    errors = []
-    for step in steps:
+    damaged = {}
+    for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        return self.restore(step, target)
+        restored = self.restore(step, target)
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('checkpoint %s/%d does not restore (%s); trying an older one',
                         self.directory, step, e)
-        errors.append(f'step {step}: {type(e).__name__}: {e}')
-    if errors:
-      raise CheckpointError(
-          f'no checkpoint in {self.directory} could be restored:\n' + '\n'.join(errors))
+        damaged[step] = f'{type(e).__name__}: {e}'
+        continue
+      self._set_aside(damaged)
+      return restored
+    if damaged:
+      raise CheckpointError(f'no checkpoint in {self.directory} could be restored:\n'
+                            + '\n'.join(f'step {step}: {error}' for step, error in damaged.items()))
     return None
+
+  def _set_aside(self, damaged: dict[int, str]) -> None:
+    """Renames each damaged step directory to STEP.corrupt (STEP.corrupt-N if that is taken), so
+    that orbax no longer lists it and the run saves that step again. Process 0 renames; every
+    process waits for it, then rereads the steps, and all raise if one is still there."""
+    if not damaged:
+      return
+    refused = []
+    if jax.process_index() == 0:
+      for step, error in damaged.items():
+        path = os.path.join(self.directory, str(step))
+        aside = _unused_path(path + '.corrupt')
+        try:
+          os.rename(path, aside)
+        except OSError as e:
+          refused.append(f'{type(e).__name__}: {e}')
+          continue
+        logging.warning('checkpoint step %d does not restore (%s); moved it to %s', step, error,
+                        aside)
+    ocp.multihost.sync_global_processes(f'lm_checkpoint_set_aside_{min(damaged)}')
+    self._manager.reload()
+    left = sorted(set(damaged) & set(self._manager.all_steps()))
+    if left:
+      raise CheckpointError(
+          f'checkpoint steps {left} in {self.directory} do not restore and could not be moved '
+          f'aside ({"; ".join(refused) or "on process 0"}): move or delete them, or this '
+          'run would never save those steps again')
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -80,6 +114,15 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _unused_path(path: str) -> str:
+  """`path`, or the first of path-1, path-2, ... that does not exist."""
+  candidate, n = path, 0
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f'{path}-{n}'
+  return candidate
 
 
 FROZEN = 'frozen'  # WORKDIR/FROZEN/params: the parameters a run does not train.
