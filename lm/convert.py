@@ -21,7 +21,7 @@ permuted the q/k rows of Meta's checkpoints. Meta's own layout rotates the inter
 layout. tests/test_convert.py checks that lm's logits equal transformers' to 1e-4.
 
 hf-to-lm writes a directory like lm.vocab's extended checkpoint, so `config.init_from=OUT` and
-`python -m lm.tokenizer extend-checkpoint --checkpoint OUT` take it:
+`python -m lm.vocab extend-checkpoint --checkpoint OUT` take it:
   params/          the parameters (an orbax item; lm.checkpoint.restore_params reads it)
   config.json      lm.config.base_config() with the model's fields, init_from pointing here
   config.py        get_config() of config.json, wherever the directory has moved

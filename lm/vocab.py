@@ -1,5 +1,10 @@
 """Growing a trained model's vocabulary to a merged tokenizer's (OpenHathi-style extension).
 
+  python -m lm.vocab extend-checkpoint --checkpoint DIR --base BASE.model \\
+      --merged MERGED.model --init mean|normal|subword_mean --out DIR [--seed 0]
+
+(`python -m lm.tokenizer extend-checkpoint ...`, the command's old spelling, runs it too.)
+
 A tokenizer merged from a base model and one trained on a new language keeps every base piece at
 its id and appends the new ones. `extend_checkpoint` gives a model trained with the base tokenizer
 embedding rows (and, when untied, output columns) for the new pieces, padded to a multiple of 128.
@@ -33,9 +38,12 @@ the new run reads a stream tokenized differently. A run from it (config.init_fro
 embedding matrices, as OpenHathi did.
 """
 
+import argparse
+from collections.abc import Sequence
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -43,7 +51,6 @@ import sentencepiece as spm
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
-from lm import data as data_lib
 from lm import tokenizer as tokenizer_lib
 
 INITS = ('mean', 'normal', 'subword_mean')
@@ -90,7 +97,7 @@ def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: s
   _check_vocab(old_vocab, len(base_pieces), checkpoint, base, config.data.tokenizer)
 
   new_pieces = merged_pieces[len(base_pieces):]
-  new_vocab = data_lib.padded_vocab_size(len(merged_pieces))
+  new_vocab = tokenizer_lib.padded_vocab_size(len(merged_pieces))
   params = extend_params(
       checkpoint_lib.restore_params(checkpoint, shapes), base_size=len(base_pieces),
       merged_size=len(merged_pieces), vocab_size=new_vocab, init=init, seed=seed,
@@ -178,12 +185,13 @@ def _check_extends(base_pieces: list[str], merged_pieces: list[str], base: str, 
 
 
 def _check_vocab(old_vocab: int, base_size: int, checkpoint: str, base: str, trained_with: str):
-  if old_vocab not in (base_size, data_lib.padded_vocab_size(base_size)):
+  padded = tokenizer_lib.padded_vocab_size(base_size)
+  if old_vocab not in (base_size, padded):
     raise ValueError(
         f'{checkpoint} has model.vocab_size={old_vocab} but the base tokenizer {base} has '
-        f'{base_size} pieces (expected {base_size} or {data_lib.padded_vocab_size(base_size)}, '
-        f'padded): is it the tokenizer the model was trained with (data.tokenizer='
-        f'{trained_with!r}, or WORKDIR/tokenizer/spm.model when that is empty)?')
+        f'{base_size} pieces (expected {base_size} or {padded}, padded): is it the tokenizer the '
+        f'model was trained with (data.tokenizer={trained_with!r}, or WORKDIR/tokenizer/spm.model '
+        'when that is empty)?')
 
 
 def _write_directory(out: str, params: dict, merged: str, files: dict[str, str]) -> None:
@@ -201,3 +209,37 @@ def _write_directory(out: str, params: dict, merged: str, files: dict[str, str])
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m lm.vocab', description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest='command', required=True)
+  extend = commands.add_parser('extend-checkpoint',
+                               help="grow a checkpoint's embeddings to a merged vocabulary")
+  extend.add_argument('--checkpoint', required=True)
+  extend.add_argument('--base', required=True, help='the tokenizer the checkpoint was trained with')
+  extend.add_argument('--merged', required=True,
+                      help="lm.tokenizer merge's output: the base plus new pieces")
+  extend.add_argument('--init', choices=INITS, required=True,
+                      help='how the new embedding rows start')
+  extend.add_argument('--out', required=True)
+  extend.add_argument('--seed', type=int, default=0)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  args = _parser().parse_args(argv)
+  try:
+    summary = extend_checkpoint(args.checkpoint, args.base, args.merged, args.init, args.out,
+                                seed=args.seed)
+  except (OSError, ValueError, checkpoint_lib.CheckpointError) as e:  # The user's to fix.
+    sys.exit(f'python -m lm.vocab {args.command}: error: {e}')
+  width = max(map(len, summary), default=0)
+  for key, value in summary.items():
+    print(f'{key:<{width}}  {value}')
+
+
+if __name__ == '__main__':
+  main()

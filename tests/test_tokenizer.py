@@ -2,6 +2,8 @@
 
 import glob
 import os
+import subprocess
+import sys
 import sysconfig
 
 import numpy as np
@@ -130,3 +132,18 @@ def test_corrupt_model_file(tmp_path):
   path.write_bytes(b'not a sentencepiece model \x00\x01\x02')
   with pytest.raises(ValueError, match='bad.model'):
     tokenizer_lib.Tokenizer(str(path))
+
+
+def test_padded_vocab_size():
+  sizes = [tokenizer_lib.padded_vocab_size(n) for n in (1, 128, 129, 32_000)]
+  assert sizes == [128, 128, 256, 32_000]
+
+
+def test_the_runtime_imports_no_other_lm_module():
+  """lm.data, lm.generate and lm.eval import it: it must not pull in the tools, lm.vocab or
+  lm.config (JAX, and through lm.config's lm.data this module again)."""
+  code = ('import sys, lm.tokenizer; '
+          'print(sorted(m for m in sys.modules if m == "lm" or m.startswith("lm.")))')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.stdout.strip() == "['lm', 'lm.files', 'lm.tokenizer']"

@@ -1,4 +1,4 @@
-"""Tests of lm/tokenizer.py's tools: train, merge Hindi pieces into an English base, fertility.
+"""Tests of lm/tokenizer_tools.py: train, merge Hindi pieces into an English base, fertility.
 
 The base is trained here as Llama-2's was (BPE, byte fallback, identity normaliser, digits split),
 at 4,000 pieces instead of 32,000 for speed; bench/tokenizer.py runs the full size on real text.
@@ -21,6 +21,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 import lm
 from lm import tokenizer as tokenizer_lib
+from lm import tokenizer_tools
 
 Piece = model_pb2.ModelProto.SentencePiece
 proto = tokenizer_lib.read_model_proto
@@ -86,18 +87,18 @@ def files(tmp_path_factory) -> dict:
 def models(files, tmp_path_factory) -> dict:
   """A Llama-2-style English base, a Hindi BPE model and a Hindi unigram model (.model paths)."""
   root = tmp_path_factory.mktemp('models')
-  base = tokenizer_lib.train_model([files['english']], 4000, str(root / 'base'))
-  hindi = tokenizer_lib.train_model([files['hindi']], 700, str(root / 'hindi'))
-  unigram = tokenizer_lib.train_model([files['hindi']], 350, str(root / 'unigram'),
-                                      model_type='unigram')
+  base = tokenizer_tools.train_model([files['english']], 4000, str(root / 'base'))
+  hindi = tokenizer_tools.train_model([files['hindi']], 700, str(root / 'hindi'))
+  unigram = tokenizer_tools.train_model([files['hindi']], 350, str(root / 'unigram'),
+                                        model_type='unigram')
   return dict(base=base['model'], hindi=hindi['model'], unigram=unigram['model'])
 
 
 @pytest.fixture(scope='module')
 def merged(models, files, tmp_path_factory) -> tuple[str, dict]:
   path = str(tmp_path_factory.mktemp('merged') / 'merged.model')
-  return path, tokenizer_lib.merge_models(models['base'], models['hindi'], path,
-                                          check=files['english'])
+  return path, tokenizer_tools.merge_models(models['base'], models['hindi'], path,
+                                            check=files['english'])
 
 
 def hand_made_model(path, pieces) -> str:
@@ -156,7 +157,7 @@ def test_train_on_word_frequencies(tmp_path):
   words = sorted(set(' '.join(HINDI_SENTENCES).replace('।', '').split()))
   counts = write_lines(tmp_path / 'words.tsv', [f'{w}\t{1000 if w == "पुस्तकालय" else 1}'
                                                 for w in words])
-  summary = tokenizer_lib.train_model([counts], 330, str(tmp_path / 'freq'), input_format='tsv')
+  summary = tokenizer_tools.train_model([counts], 330, str(tmp_path / 'freq'), input_format='tsv')
   sp = spm.SentencePieceProcessor(model_file=summary['model'])
   assert sp.EncodeAsPieces('पुस्तकालय') == ['▁पुस्तकालय']
   assert len(sp.EncodeAsPieces('दिलचस्प')) > 1  # Seen once: not a piece at this size.
@@ -171,7 +172,7 @@ def test_train_bad_inputs(tmp_path, line, error):
   path = tmp_path / 'words.tsv'
   path.write_bytes(b'ok\t3\n' + line)
   with pytest.raises(ValueError, match=error):
-    tokenizer_lib.train_model([str(path)], 300, str(tmp_path / 'm'), input_format='tsv')
+    tokenizer_tools.train_model([str(path)], 300, str(tmp_path / 'm'), input_format='tsv')
   assert nothing_written(str(tmp_path / 'm.model')) and not os.path.exists(tmp_path / 'm.vocab')
 
 
@@ -234,8 +235,8 @@ def test_english_tokenized_as_before(models, files, merged):
 
 
 def test_hindi_needs_far_fewer_tokens(models, files, merged):
-  rows = tokenizer_lib.fertility(dict(base=models['base'], merged=merged[0]),
-                                 dict(hi=files['hindi']))
+  rows = tokenizer_tools.fertility(dict(base=models['base'], merged=merged[0]),
+                                   dict(hi=files['hindi']))
   before, after = rows
   assert before['byte_fallback_share'] > 0.8 and after['byte_fallback_share'] == 0
   assert after['tokens_per_word'] < before['tokens_per_word'] / 4
@@ -256,7 +257,7 @@ def test_merge_special_and_user_defined_pieces(tmp_path):
       ('<hi>', 0, Piece.CONTROL), ('<user>', 0, Piece.USER_DEFINED), ('<unused>', 0, Piece.UNUSED),
       ('▁क', -1), ('a', -2), ('क', -3), ('b', -4)])
   out = str(tmp_path / 'merged.model')
-  summary = tokenizer_lib.merge_models(base, add, out)
+  summary = tokenizer_tools.merge_models(base, add, out)
   added = [(p.piece, p.score, p.type) for p in proto(out).pieces[262:]]
   # Below the base's lowest score (-3), with the added model's gaps; user-defined stays so.
   assert added == [('<user>', -4, Piece.USER_DEFINED), ('▁क', -5, Piece.NORMAL),
@@ -274,16 +275,16 @@ def test_merge_check_protects_text_that_added_pieces_would_change(tmp_path, monk
   add = hand_made_model(tmp_path / 'add.model', [('),', -1), ('▁क', -2), ('क', -3)])
   check = write_lines(tmp_path / 'english.txt', ['a), a'])
   unprotected = str(tmp_path / 'unprotected.model')
-  tokenizer_lib.merge_models(base, add, unprotected)
+  tokenizer_tools.merge_models(base, add, unprotected)
   assert spm.SentencePieceProcessor(model_file=unprotected).EncodeAsPieces('a),') == ['▁a', '),']
   out = str(tmp_path / 'merged.model')
-  summary = tokenizer_lib.merge_models(base, add, out, check=check)
+  summary = tokenizer_tools.merge_models(base, add, out, check=check)
   assert (summary['added'], summary['skipped_in_check_text']) == (2, 1)
   assert summary['check'] == f'{check}: unchanged on all 1 lines (4 tokens)'
   # The verification stands on its own: without the protection, it refuses to write.
-  monkeypatch.setattr(tokenizer_lib, '_normalized_lines', lambda proto, path: '')
+  monkeypatch.setattr(tokenizer_tools, '_normalized_lines', lambda proto, path: '')
   with pytest.raises(ValueError, match=r'tokenizes 1 of the 1 lines of .*english\.txt'):
-    tokenizer_lib.merge_models(base, add, str(tmp_path / 'bad.model'), check=check)
+    tokenizer_tools.merge_models(base, add, str(tmp_path / 'bad.model'), check=check)
   assert nothing_written(str(tmp_path / 'bad.model'))
 
 
@@ -301,7 +302,7 @@ def test_merge_refuses_bad_inputs(models, merged, tmp_path):
   ]
   for (base, add), error, message in cases:
     with pytest.raises(error, match=message):
-      tokenizer_lib.merge_models(base, add, out)
+      tokenizer_tools.merge_models(base, add, out)
     assert nothing_written(out)
 
 
@@ -327,7 +328,7 @@ def test_fertility_by_hand(tmp_path):
                                                  ('b', -4)])
   text = tmp_path / 't.txt'
   text.write_text('ab ab\n\nbé\n', encoding='utf-8')
-  [row] = tokenizer_lib.fertility(dict(m=model), dict(t=str(text)))
+  [row] = tokenizer_tools.fertility(dict(m=model), dict(t=str(text)))
   # 'ab ab' -> ▁ab ▁ab; 'bé' -> ▁ b <0xC3> <0xA9>: 6 tokens, 2 of them bytes, for 3 words,
   # 7 characters and 8 bytes.
   assert row == dict(model='m', text='t', words=3, chars=7, bytes=8, tokens=6,
@@ -356,44 +357,36 @@ def test_fertility_command(models, merged, files, tmp_path, capsys):
 def test_fertility_bad_text(models, tmp_path, content, message):
   (tmp_path / 'empty.txt').write_bytes(content)
   with pytest.raises(ValueError, match=message):
-    tokenizer_lib.fertility(dict(base=models['base']), dict(x=str(tmp_path / 'empty.txt')))
+    tokenizer_tools.fertility(dict(base=models['base']), dict(x=str(tmp_path / 'empty.txt')))
   with pytest.raises(SystemExit, match=r'fertility: error: .*' + message):
     tokenizer_lib.main(['fertility', '--model', models['base'], '--text',
                         str(tmp_path / 'empty.txt'), '--out', str(tmp_path / 'report')])
   assert not os.path.exists(tmp_path / 'report')
 
 
-# extend-checkpoint (implemented in lm/vocab.py)
+# The command line's old spelling, and the functions once in lm/tokenizer.py
 
 
-def test_extend_checkpoint_dispatch(monkeypatch, capsys):
-  """The command hands its flags to lm.vocab.extend_checkpoint (faked here, as JAX is slow)."""
+def test_extend_checkpoint_forwards_to_lm_vocab(monkeypatch):
+  """`python -m lm.tokenizer extend-checkpoint` runs lm.vocab's command (faked: JAX is slow)."""
   calls = []
+  fake = types.SimpleNamespace(main=calls.append)
+  monkeypatch.setitem(sys.modules, 'lm.vocab', fake)
+  monkeypatch.setattr(lm, 'vocab', fake, raising=False)
+  flags = ['extend-checkpoint', '--checkpoint', 'ckpt', '--base', 'b.model', '--out', 'new']
+  tokenizer_lib.main(flags)
+  assert calls == [flags]
 
-  class CheckpointError(RuntimeError):
-    pass
 
-  def extend_checkpoint(*args, **kwargs):
-    calls.append((args, kwargs))
-    if args[0] == 'missing':
-      raise CheckpointError('no checkpoint in missing')
-    return dict(vocab_size=5, added=2)
-
-  fakes = dict(vocab=types.SimpleNamespace(extend_checkpoint=extend_checkpoint),
-               checkpoint=types.SimpleNamespace(CheckpointError=CheckpointError))
-  for name, fake in fakes.items():
-    monkeypatch.setitem(sys.modules, f'lm.{name}', fake)
-    monkeypatch.setattr(lm, name, fake, raising=False)
-  flags = ['--base', 'b.model', '--merged', 'm.model', '--init', 'mean', '--out', 'new']
-  tokenizer_lib.main(['extend-checkpoint', '--checkpoint', 'ckpt'] + flags)
-  assert calls == [(('ckpt', 'b.model', 'm.model', 'mean', 'new'), dict(seed=0))]
-  assert 'added       2' in capsys.readouterr().out
-  with pytest.raises(SystemExit, match='extend-checkpoint: error: no checkpoint in missing'):
-    tokenizer_lib.main(['extend-checkpoint', '--checkpoint', 'missing'] + flags)
+def test_the_tools_are_still_found_in_lm_tokenizer():
+  for name in ('train_model', 'merge_models', 'fertility', 'format_fertility', 'plot_fertility'):
+    assert getattr(tokenizer_lib, name) is getattr(tokenizer_tools, name)
+  with pytest.raises(AttributeError, match='no attribute .*_normalized_lines'):
+    getattr(tokenizer_lib, '_normalized_lines')
 
 
 def test_tokenizer_tools_do_not_import_jax():
-  code = 'import sys, lm.tokenizer; print(sorted({"jax", "flax"} & set(sys.modules)))'
+  code = 'import sys, lm.tokenizer_tools; print(sorted({"jax", "flax"} & set(sys.modules)))'
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.stdout.strip() == '[]'

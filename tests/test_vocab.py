@@ -273,6 +273,27 @@ def test_output_appears_whole_or_not_at_all(run, tokenizers, tmp_path, monkeypat
   assert os.listdir(tmp_path) == ['ext'] and 'params' in os.listdir(out)
 
 
+
+def test_extend_checkpoint_command(monkeypatch, capsys):
+  """`python -m lm.vocab extend-checkpoint` hands its flags to extend_checkpoint (faked here, as
+  the real one is tested above) and prints the summary; a bad checkpoint exits with one line."""
+  calls = []
+
+  def extend_checkpoint(*args, **kwargs):
+    calls.append((args, kwargs))
+    if args[0] == 'missing':
+      raise checkpoint_lib.CheckpointError('no checkpoint in missing')
+    return dict(vocab_size=5, added=2)
+
+  monkeypatch.setattr(vocab, 'extend_checkpoint', extend_checkpoint)
+  flags = ['--base', 'b.model', '--merged', 'm.model', '--init', 'mean', '--out', 'new']
+  vocab.main(['extend-checkpoint', '--checkpoint', 'ckpt'] + flags)
+  assert calls == [(('ckpt', 'b.model', 'm.model', 'mean', 'new'), dict(seed=0))]
+  assert capsys.readouterr().out == 'vocab_size  5\nadded       2\n'
+  with pytest.raises(SystemExit, match='^python -m lm.vocab extend-checkpoint: error: no '
+                                       'checkpoint in missing$'):
+    vocab.main(['extend-checkpoint', '--checkpoint', 'missing'] + flags)
+
 def test_a_run_continues_from_the_extended_checkpoint_training_only_embeddings(
     run, tokenizers, tmp_path):
   base, merged = tokenizers
