@@ -50,7 +50,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +60,7 @@ import sentencepiece as spm
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
+from lm import files as files_lib
 from lm import model as model_lib
 from lm import vocab as vocab_lib
 
@@ -151,7 +151,7 @@ def hf_to_lm(hf_dir: str, out: str, param_dtype: str = 'float32',
     raise ValueError(f'param_dtype={param_dtype!r}: expected float32 or bfloat16')
   if rotary_layout not in ROTARY_LAYOUTS:
     raise ValueError(f'rotary_layout={rotary_layout!r}: expected one of {ROTARY_LAYOUTS}')
-  out = _check_out(out)
+  out = files_lib.new_directory(out)
   config_path = os.path.join(hf_dir, 'config.json')
   if not os.path.isfile(config_path):
     raise ValueError(f'{hf_dir} has no config.json: expected a HuggingFace model directory')
@@ -177,16 +177,13 @@ def hf_to_lm(hf_dir: str, out: str, param_dtype: str = 'float32',
                                       'num_kv_heads', 'd_ff', 'tie_embeddings', 'rope_theta')},
       tokenizer=tokenizer or '')
 
-  def fill(directory):
+  with files_lib.atomic_directory(out) as directory:
     checkpoint_lib.save_params(directory, params)
     if tokenizer:
       shutil.copyfile(tokenizer, os.path.join(directory, 'tokenizer.model'))
     shutil.copyfile(config_path, os.path.join(directory, 'hf_config.json'))
-    _write_text(directory, {
-        'config.json': config.to_json_best_effort(indent=2), 'config.py': vocab_lib._CONFIG_PY,
-        'conversion.json': json.dumps(summary, indent=2)})
-
-  _write_directory(out, fill)
+    vocab_lib.write_checkpoint_config(directory, config)
+    _write_text(directory, {'conversion.json': json.dumps(summary, indent=2)})
   return summary
 
 
@@ -369,7 +366,7 @@ def lm_to_hf(checkpoint: str, out: str, tokenizer: str | None = None, dtype: str
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(f'dtype={dtype!r}: expected one of {DTYPES}')
   max_bytes = parse_size(max_shard_size)
-  out = _check_out(out)
+  out = files_lib.new_directory(out)
   config = config_lib.checkpoint_config(checkpoint)
   cfg = model_lib.ModelConfig.from_config(config, 'float32')
   if cfg.block != 'llama':
@@ -395,7 +392,7 @@ def lm_to_hf(checkpoint: str, out: str, tokenizer: str | None = None, dtype: str
       hf_config=hf_source or '', **ids)
   sizes = axis_sizes(cfg)
 
-  def fill(directory):
+  with files_lib.atomic_directory(out) as directory:
     weight_map = {}
     for i, shard in enumerate(shards):
       file = 'model.safetensors' if len(shards) == 1 else _SHARD.format(i + 1, len(shards))
@@ -415,8 +412,6 @@ def lm_to_hf(checkpoint: str, out: str, tokenizer: str | None = None, dtype: str
       shutil.copyfile(tokenizer, os.path.join(directory, 'tokenizer.model'))
       files.update(_tokenizer_files(sp, cfg.max_seq_len))
     _write_text(directory, {k: json.dumps(v, indent=2) + '\n' for k, v in files.items()})
-
-  _write_directory(out, fill)
   return summary
 
 
@@ -434,7 +429,7 @@ def lm_to_peft(checkpoint: str, out: str, base: str | None = None,
   from lm import lora as lora_lib  # pylint: disable=g-import-not-at-top
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(f'dtype={dtype!r}: expected one of {DTYPES}')
-  out = _check_out(out)
+  out = files_lib.new_directory(out)
   config = config_lib.checkpoint_config(checkpoint)
   cfg = model_lib.ModelConfig.from_config(config, 'float32')
   if not cfg.lora_rank:
@@ -474,13 +469,11 @@ def lm_to_peft(checkpoint: str, out: str, base: str | None = None,
       inference_mode=True, init_lora_weights=True, use_rslora=False, use_dora=False,
       modules_to_save=None)
 
-  def fill(directory):
+  with files_lib.atomic_directory(out) as directory:
     save_file(arrays, os.path.join(directory, 'adapter_model.safetensors'),
               metadata={'format': 'pt'})
     os.chmod(os.path.join(directory, 'adapter_model.safetensors'), 0o644)
     _write_text(directory, {'adapter_config.json': json.dumps(adapter_config, indent=2) + '\n'})
-
-  _write_directory(out, fill)
   return dict(checkpoint=os.path.abspath(checkpoint), out=out, dtype=dtype, rank=cfg.lora_rank,
               alpha=cfg.lora_alpha, target_modules=','.join(adapter_config['target_modules']),
               tensors=len(arrays), num_params=sum(int(v.size) for v in arrays.values()),
@@ -567,34 +560,13 @@ def _tokenizer_files(sp: spm.SentencePieceProcessor, max_seq_len: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Output directories.
-
-
-def _check_out(out: str) -> str:
-  out = os.path.abspath(out)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise FileExistsError(f'{out} already exists and is not empty; choose a new output directory')
-  return out
+# Output files.
 
 
 def _write_text(directory: str, files: dict[str, str]) -> None:
   for name, text in files.items():
     with open(os.path.join(directory, name), 'w') as f:
       f.write(text)
-
-
-def _write_directory(out: str, fill) -> None:
-  """fill(tmp) writes into a temporary sibling of `out`, which is then renamed to `out`: a
-  failed or killed conversion leaves no partial output."""
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f'.{os.path.basename(out)}.tmp-')
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise stay on `out`.
-    fill(tmp)
-    os.rename(tmp, out)  # Fails, rather than mixing files, if `out` filled up meanwhile.
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 # ---------------------------------------------------------------------------------------------

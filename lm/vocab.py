@@ -44,33 +44,16 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 import sentencepiece as spm
 
 from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
+from lm import files as files_lib
 from lm import tokenizer as tokenizer_lib
 
 INITS = ('mean', 'normal', 'subword_mean')
-
-_CONFIG_PY = '''"""The config of the checkpoint in this directory (written by lm.vocab or lm.convert):
-python -m lm.main --config THIS_FILE --workdir NEW_WORKDIR [--config.train.trainable=embeddings]"""
-
-import os
-
-from lm import config as config_lib
-
-
-def get_config():
-  here = os.path.dirname(os.path.abspath(__file__))  # Wherever this directory has moved to.
-  config = config_lib.config_from_json(os.path.join(here, 'config.json'))
-  config.init_from = here
-  if os.path.exists(os.path.join(here, 'tokenizer.model')):
-    config.data.tokenizer = os.path.join(here, 'tokenizer.model')
-  return config
-'''
 
 
 def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: str,
@@ -85,9 +68,7 @@ def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: s
   """
   if init not in INITS:
     raise ValueError(f'init={init!r}: expected one of {INITS}')
-  out = os.path.abspath(out)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise FileExistsError(f'{out} already exists and is not empty; choose a new output directory')
+  out = files_lib.new_directory(out)
   base_pieces, merged_pieces = _pieces(base), _pieces(merged)
   _check_extends(base_pieces, merged_pieces, base, merged)
   shapes = checkpoint_lib.params_shapes(checkpoint)
@@ -110,13 +91,43 @@ def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: s
       merged=os.path.abspath(merged), old_vocab_size=old_vocab, new_vocab_size=new_vocab,
       rows_added=len(new_pieces), padding_rows=new_vocab - len(merged_pieces), init=init,
       seed=seed, out=out)
-  files = {'config.json': config.to_json_best_effort(indent=2), 'config.py': _CONFIG_PY,
-           'extension.json': json.dumps(summary, indent=2)}
-  if hf_config:  # An imported HF model: lm.convert lm-to-hf restores its dtype and token ids.
-    with open(hf_config) as f:
-      files['hf_config.json'] = f.read()
-  _write_directory(out, params, merged, files)
+  with files_lib.atomic_directory(out) as directory:
+    checkpoint_lib.save_params(directory, params)
+    shutil.copyfile(merged, os.path.join(directory, 'tokenizer.model'))
+    write_checkpoint_config(directory, config)
+    with open(os.path.join(directory, 'extension.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    if hf_config:  # An imported HF model: lm.convert lm-to-hf restores its dtype and token ids.
+      shutil.copyfile(hf_config, os.path.join(directory, 'hf_config.json'))
   return summary
+
+
+_CONFIG_PY = '''"""The config of the checkpoint in this directory (written by lm.vocab or lm.convert):
+python -m lm.main --config THIS_FILE --workdir NEW_WORKDIR [--config.train.trainable=embeddings]"""
+
+import os
+
+from lm import config as config_lib
+
+
+def get_config():
+  here = os.path.dirname(os.path.abspath(__file__))  # Wherever this directory has moved to.
+  config = config_lib.config_from_json(os.path.join(here, 'config.json'))
+  config.init_from = here
+  if os.path.exists(os.path.join(here, 'tokenizer.model')):
+    config.data.tokenizer = os.path.join(here, 'tokenizer.model')
+  return config
+'''
+
+
+def write_checkpoint_config(directory: str, config) -> None:
+  """Writes config.json and config.py (its get_config(), pointing init_from, and data.tokenizer
+  when there is a tokenizer.model, at wherever the directory has moved) into a checkpoint
+  directory: this module's extended checkpoints and lm.convert's imported models."""
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(directory, 'config.py'), 'w') as f:
+    f.write(_CONFIG_PY)
 
 
 def extend_params(params: dict, *, base_size: int, merged_size: int, vocab_size: int, init: str,
@@ -192,23 +203,6 @@ def _check_vocab(old_vocab: int, base_size: int, checkpoint: str, base: str, tra
         f'{base_size} pieces (expected {base_size} or {padded}, padded): is it the tokenizer the '
         f'model was trained with (data.tokenizer={trained_with!r}, or WORKDIR/tokenizer/spm.model '
         'when that is empty)?')
-
-
-def _write_directory(out: str, params: dict, merged: str, files: dict[str, str]) -> None:
-  """Writes params, the merged model and `files` into a temporary sibling, then renames it."""
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f'.{os.path.basename(out)}.tmp-')
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise stay on `out`.
-    checkpoint_lib.save_params(tmp, params)
-    shutil.copyfile(merged, os.path.join(tmp, 'tokenizer.model'))
-    for name, text in files.items():
-      with open(os.path.join(tmp, name), 'w') as f:
-        f.write(text)
-    os.rename(tmp, out)  # Fails, rather than mixing files, if `out` filled up meanwhile.
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def _parser() -> argparse.ArgumentParser:
