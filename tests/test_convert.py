@@ -19,6 +19,7 @@ from lm import data as data_lib
 from lm import lora
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
+from requirements import require
 
 TOL = 1e-4  # Max abs logit difference, lm (JAX, fp32) vs transformers (torch, fp32).
 BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -34,7 +35,7 @@ SENTENCES = ['def read(self, path):\n    """Return the  value of 12345 at path."
 
 
 def _hf_libs():
-  return pytest.importorskip('torch'), pytest.importorskip('transformers')
+  return require('torch'), require('transformers')
 
 
 @pytest.fixture(scope='module')
@@ -323,7 +324,6 @@ def test_lm_run_with_tokenizer_loads_in_transformers(tokenizer, tmp_path):
 
 
 def test_lora_adapters_are_merged(tokenizer, tmp_path):
-  pytest.importorskip('lm.lora')
   cfg, params = _lm_run(tmp_path / 'run', tokenizer, rank=2, alpha=4.0, targets='all')
   assert 'w_q_lora_a' in params['blocks']['attention']
   summary = convert.lm_to_hf(str(tmp_path / 'run'), str(tmp_path / 'hf'), dtype='float32')
@@ -363,7 +363,7 @@ def test_lora_adapters_export_unmerged_for_peft(tokenizer, tmp_path):
     update = adapter[prefix + '.lora_B.weight'] @ adapter[prefix + '.lora_A.weight']
     np.testing.assert_allclose(merged[name], base[name] + 2.0 * update, atol=1e-6, err_msg=name)
 
-  peft = pytest.importorskip('peft')
+  peft = require('peft')
   model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / 'hf_base'))
   model = peft.PeftModel.from_pretrained(model, str(tmp_path / 'adapter')).eval()
   tokens = np.random.default_rng(3).integers(0, 400, (2, 24))
