@@ -13,8 +13,9 @@ Three sections, each a table and a part of the JSON report (--out):
    real parameter shapes, no compilation: it stands in for the ~125M/1B/7B configs on a CPU.
    The batch is --plan_batch sequences of the config's own data.seq_len (0: the config's batch).
 2. Measured step, full fine-tuning vs LoRA, for --configs: the project's own jitted, donated
-   train.sharded_train_step on a one-device mesh (as bench/train_throughput.py builds it; a
-   LoRA step differentiates and updates the adapters only), with XLA's compiled bytes
+   step on a one-device mesh (lm.train.setup, as training builds it; a LoRA step differentiates
+   and updates the adapters only), in the dtype 'auto' picks (fp32 for a config that is also
+   compared with PEFT in section 3), with XLA's compiled bytes
    (lm.memory.xla_bytes) and the planner's figure for the same run. On a GPU, pass the 125m/1b
    configs with a --batch that fits; the device's peak bytes in use are reported there too.
 3. lm's LoRA step against transformers' LlamaForCausalLM wrapped by peft.get_peft_model at the
@@ -98,31 +99,27 @@ def plan(names: list[str], rank: int, batch: int) -> dict:
   return results
 
 
-def jax_setup(name: str, trainable: str, rank: int, batch: int, warmup: int):
+def jax_setup(name: str, trainable: str, rank: int, batch: int, warmup: int, dtype: str = ''):
   """lm's sharded, jitted, donated train_step on one device for `trainable`, warmed up; with
-  XLA's compiled bytes and the planner's for the same run."""
+  XLA's compiled bytes and the planner's for the same run. dtype: '' keeps the config's."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lm import flops, memory, sharding, train  # pylint: disable=g-import-not-at-top
-  from lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  from lm import flops, memory, model as model_lib, train  # pylint: disable=g-import-not-at-top
 
   config = lora_config(name, trainable, rank, batch)
-  config.model.dtype = flops.resolve_dtype(config.model.dtype)  # Timed, compiled, planned alike.
-  t, devices = config.train, jax.devices()[:1]
-  mesh, rules = sharding.make_mesh(config.mesh, devices), sharding.parse_rules(config.mesh.rules)
-  cfg = model_lib.ModelConfig.from_config(config)
-  optimizer = train.make_optimizer(t, model_lib.logical_axes(cfg))
-  trained = train.trained_paths(t, model_lib.logical_axes(cfg))
-  step_fn, shardings, batch_sharding = train.sharded_train_step(cfg, t, optimizer, mesh, rules)
-  state = jax.jit(functools.partial(train.init_state, cfg, optimizer, t.seed, trained=trained),
-                  out_shardings=shardings)()
+  # Timed, compiled and planned alike, in the pinned dtype or the one 'auto' picks here.
+  config.model.dtype = dtype or flops.resolve_dtype(config.model.dtype)
+  devices = jax.devices()[:1]
+  run = train.setup(config, devices)
+  cfg, t = run.cfg, config.train
+  state = run.init_state()
   arrays = jax.device_put(
       tt.synthetic_batch(t.batch_size, config.data.seq_len, cfg.vocab_size, t.seed),
-      batch_sharding)
+      run.batch_sharding)
   holder = {'state': state}
 
   def step():
-    with sharding.active(mesh, rules):
-      holder['state'], metrics = step_fn(holder['state'], arrays)
+    with run.active():
+      holder['state'], metrics = run.step_fn(holder['state'], arrays)
     jax.block_until_ready((holder['state'], metrics))
 
   first = _warm(step, warmup)
@@ -131,7 +128,7 @@ def jax_setup(name: str, trainable: str, rank: int, batch: int, warmup: int):
   return step, dict(
       first_step_s=first, backend=jax.default_backend(), dtype=cfg.dtype,
       attention=cfg.attention, params=model_lib.count_params(params),
-      trainable_params=model_lib.count_params(train.split_trained(params, trained)[0]),
+      trainable_params=model_lib.count_params(train.split_trained(params, run.trained)[0]),
       xla_bytes=memory.xla_bytes(config, devices)['total'],
       plan_bytes=memory.estimate(config, (1, 1, 1)).total,
       device_peak_bytes=stats.get('peak_bytes_in_use'))
@@ -176,9 +173,9 @@ def measure(name: str, sides: list[str], args) -> dict:
           workers[side] = _Worker(peft_setup, name, args.rank, args.batch, threads, args.warmup)
         except RuntimeError as e:  # Its traceback names the import or call that failed.
           entry['peft_missing'] = str(e).strip().splitlines()[-1]
-      else:
+      else:  # Against PEFT's fp32, lm's sides run fp32 too, wherever bf16 would be faster.
         workers[side] = _Worker(jax_setup, name, VARIANTS[side], args.rank, args.batch,
-                                args.warmup)
+                                args.warmup, 'float32' if 'peft' in sides else '')
     timed = _measure(workers, args.steps, min(args.rounds, args.steps))
   finally:
     for worker in workers.values():
@@ -215,7 +212,7 @@ def _print_plan(results: dict, args) -> None:
 
 
 def _print_steps(results: dict) -> None:
-  print('\n2. Measured train step, full fine-tuning vs LoRA (lm.train.sharded_train_step, one '
+  print('\n2. Measured train step, full fine-tuning vs LoRA (lm.train.setup, one '
         "device); speedup = full step / LoRA step; MiB of XLA's compiled step and the planner's")
   header = (f'{"config":<10} {"variant":<7} {"device":>6} {"BxT":>7} {"dtype":>8} '
             f'{"trainable":>11} {"step ms":>8} {"tok/s":>8} {"speedup":>7} {"XLA MiB":>8} '

@@ -4,7 +4,7 @@
 
 For a small Llama (d_model 256, 4 layers, 8 heads, d_ff 768, vocab 4096, 128 tokens, batch 16,
 fp32, 'blocked' attention as 'auto' picks on CPU) and each mesh: the median time of the real
-sharded train step (train.sharded_train_step) over --steps steps after --warmup, XLA's
+sharded train step (lm.train.setup's) over --steps steps after --warmup, XLA's
 per-device memory of that compiled step (memory_analysis: argument + output - alias + temp),
 lm.memory's estimate beside it, and the bytes of parameters + optimizer state the first device
 actually holds (sharding.bytes_per_device). All 8 "devices" share this machine's cores, so step
@@ -19,7 +19,6 @@ os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 
 import argparse  # pylint: disable=g-import-not-at-top,wrong-import-position
-import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import statistics  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -32,7 +31,6 @@ sys.path.insert(0, _ROOT)
 
 from lm import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lm import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lm import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lm import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lm import train as train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -73,19 +71,13 @@ def run(name: str, mesh_sizes, steps: int, warmup: int) -> dict:
   """Compiles the sharded step once, reads XLA's memory, then times it on real arrays."""
   config = bench_config(mesh_sizes)
   devices = jax.devices()[:int(np.prod(mesh_sizes))]
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.parse_rules(config.mesh.rules)
-  cfg = memory.model_config(config)
-  optimizer = train_lib.make_optimizer(config.train, model_lib.logical_axes(cfg))
-  step_fn, shardings, batch_sharding = train_lib.sharded_train_step(
-      cfg, config.train, optimizer, mesh, rules)
-  state = jax.jit(functools.partial(train_lib.init_state, cfg, optimizer, 0),
-                  out_shardings=shardings)()
+  setup = train_lib.setup(config, devices)
+  state = setup.init_state()
   held = sharding.bytes_per_device((state.params, state.opt_state))
-  batch = jax.device_put(synthetic_batch(config), batch_sharding)
+  batch = jax.device_put(synthetic_batch(config), setup.batch_sharding)
   start = time.perf_counter()
-  with sharding.active(mesh, rules):
-    compiled = step_fn.lower(state, batch).compile()
+  with setup.active():
+    compiled = setup.step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   stats = compiled.memory_analysis()
   xla = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes

@@ -6,8 +6,8 @@
 For each config, one full training step (forward, backward, clipping, AdamW) is timed on both
 sides at the same shape, batch and sequence length, on synthetic packed batches (2-4 documents
 per row, as the data pipeline makes them). The JAX side runs the project's own code path:
-train.make_optimizer, train.init_state and train.sharded_train_step (a jitted, donated
-train.train_step), as train.train builds them. Each side runs in
+lm.train.setup's jitted, donated train_step and sharded initial state, as training builds them,
+in fp32 like the PyTorch side (--dtype picks another only with --skip_torch). Each side runs in
 its own process (so the frameworks' thread pools never compete), set up and warmed up once
 (--warmup steps, the first compiling); then --steps timed steps per side alternate between the
 sides in --rounds rounds, so that load from other processes falls on both alike. Step times are
@@ -20,7 +20,6 @@ so a peak measured on a busy machine never inflates MFU.
 
 import argparse
 import datetime
-import functools
 import importlib.util
 import json
 import multiprocessing
@@ -142,34 +141,31 @@ def _warm(step, warmup: int) -> float:
 
 
 def jax_setup(config_name: str, grad_accum_steps: int, dtype: str, attention: str, warmup: int):
-  """lm's own sharded, jitted, donated train_step (as train.train builds it), warmed up."""
+  """lm's own sharded, jitted, donated train step (lm.train.setup, as training builds it),
+  warmed up. dtype '' keeps the config's."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lm import flops, model as model_lib, sharding, train  # pylint: disable=g-import-not-at-top
+  from lm import flops, model as model_lib, train  # pylint: disable=g-import-not-at-top
 
   config = load_config(config_name, grad_accum_steps)
   if attention:
     config.model.attention = attention
-  t = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.parse_rules(config.mesh.rules)
-  dtype = flops.resolve_dtype(dtype or config.model.dtype)
-  cfg = model_lib.ModelConfig.from_config(config, dtype)
-  optimizer = train.make_optimizer(t, model_lib.logical_axes(cfg))
-  step_fn, shardings, batch_sharding = train.sharded_train_step(cfg, t, optimizer, mesh, rules)
-  state = jax.jit(functools.partial(train.init_state, cfg, optimizer, t.seed),
-                  out_shardings=shardings)()
+  config.model.dtype = dtype or config.model.dtype
+  run = train.setup(config)
+  cfg, t = run.cfg, config.train
+  state = run.init_state()
   batch = jax.device_put(
-      synthetic_batch(t.batch_size, config.data.seq_len, cfg.vocab_size, t.seed), batch_sharding)
+      synthetic_batch(t.batch_size, config.data.seq_len, cfg.vocab_size, t.seed),
+      run.batch_sharding)
   holder = {'state': state}
 
   def step():
-    with sharding.active(mesh, rules):
-      holder['state'], metrics = step_fn(holder['state'], batch)
+    with run.active():
+      holder['state'], metrics = run.step_fn(holder['state'], batch)
     jax.block_until_ready((holder['state'], metrics))
 
   first = _warm(step, warmup)
-  return step, dict(first_step_s=first, dtype=dtype, attention=cfg.attention,
-                    devices=jax.device_count(), mesh=dict(mesh.shape),
+  return step, dict(first_step_s=first, dtype=cfg.dtype, attention=cfg.attention,
+                    devices=jax.device_count(), mesh=dict(run.mesh.shape),
                     params=model_lib.count_params(holder['state'].params),
                     flops_per_token=flops.flops_per_token(cfg, config.data.seq_len))
 
@@ -304,7 +300,8 @@ def main():
                       help='untimed steps first (the first one compiles)')
   parser.add_argument('--skip_torch', action='store_true', help='time the JAX side only')
   parser.add_argument('--dtype', default='',
-                      help="JAX compute dtype; default the config's (usually 'auto')")
+                      help="JAX compute dtype; default float32 (PyTorch's), or with --skip_torch "
+                      "the config's (usually 'auto')")
   parser.add_argument('--attention', default='', help='override config.model.attention')
   parser.add_argument('--grad_accum_steps', type=int, default=0,
                       help='override config.train.grad_accum_steps on both sides (0: keep)')
@@ -313,6 +310,11 @@ def main():
   args = parser.parse_args()
   if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
     parser.error('--warmup, --steps and --rounds must be at least 1')
+  if not args.skip_torch and args.dtype not in ('', 'float32'):
+    parser.error(f'--dtype {args.dtype} against the PyTorch side, which runs float32: the ratio '
+                 'would compare dtypes, not frameworks; add --skip_torch')
+  if not args.skip_torch:
+    args.dtype = 'float32'
 
   import jax  # pylint: disable=g-import-not-at-top
   from lm import flops  # pylint: disable=g-import-not-at-top

@@ -95,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.learning_rate = 3e-4  # Peak learning rate, reached after warmup.
   t.warmup_steps = 100  # Linear warmup from 0 to learning_rate.
   t.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate * min_lr_ratio.
+  # Resuming with a different steps, warmup_steps, learning_rate or min_lr_ratio would bend the
+  # learning-rate curve mid-run, so it is refused unless this is True (the change is then logged
+  # and the previous config.json kept as config.step-STEP.json).
+  t.allow_schedule_change = False
   t.weight_decay = 0.1  # AdamW decoupled weight decay, applied to weight matrices and embeddings only.
   t.b1 = 0.9  # AdamW first-moment decay.
   t.b2 = 0.95  # AdamW second-moment decay.
@@ -211,6 +215,30 @@ def config_from_json(path: str) -> ml_collections.ConfigDict:
   return config
 
 
+def config_from_checkpoint(checkpoint: str) -> ml_collections.ConfigDict:
+  """The config to train on from `checkpoint` (a training workdir, an lm.convert or lm.vocab
+  output): its saved config.json, with init_from set to it and data.tokenizer to its
+  tokenizer.model when it has one.
+
+  What `--config DIR/config.json` (configs/from_checkpoint.py) runs: JSON is data, whereas a
+  config.py shipped with someone else's checkpoint is code that ml-collections would execute.
+  """
+  if os.path.basename(checkpoint) == 'config.json':
+    checkpoint = os.path.dirname(checkpoint) or '.'
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
+  config = checkpoint_config(checkpoint)
+  directory = run_directory(checkpoint)
+  config.init_from = directory
+  config.model_from_init = False  # Its config.json already holds the model it was made with.
+  # An export's tokenizer.model, or a training run's own (trained into its workdir's cache).
+  for tokenizer in ('tokenizer.model', os.path.join('tokenizer', 'spm.model')):
+    if os.path.isfile(os.path.join(directory, tokenizer)):
+      config.data.tokenizer = os.path.join(directory, tokenizer)
+      break
+  return config
+
+
 def checkpoint_config(checkpoint: str) -> ml_collections.ConfigDict:
   """The run config of a checkpoint: config.json in it or up to two directories above (a step
   directory is WORKDIR/checkpoints/STEP). FileNotFoundError if there is none."""
@@ -283,6 +311,7 @@ def parse_flags(argv):
   """absl's flag parser for the CLIs, with a misspelled --config.a.b override reported as one
   clear line instead of a traceback."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = _config_json_as_file(argv)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -291,6 +320,27 @@ def parse_flags(argv):
     sys.exit(f'error: no such config field ({reason}); overrides given: {overrides}')
   except flags.Error as e:
     sys.exit(f'error: {e}')
+
+
+_FROM_CHECKPOINT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'from_checkpoint.py')
+
+
+def _config_json_as_file(argv: list[str]) -> list[str]:
+  """`--config PATH/config.json` (or a checkpoint directory) -> configs/from_checkpoint.py:PATH,
+  so a saved config runs as data, without executing any code shipped beside it."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      value, spelled = arg.split('=', 1)[1], lambda v: f'--config={v}'
+    elif arg == '--config' and i + 1 < len(argv):
+      value, spelled, i = argv[i + 1], lambda v: v, i + 1
+    else:
+      continue
+    if value.endswith('.json') or os.path.isdir(value):
+      argv[i] = spelled(f'{_FROM_CHECKPOINT}:{value}')
+    break
+  return argv
 
 
 class ConfigError(ValueError):
@@ -323,7 +373,7 @@ _NON_NEGATIVE = (
     'train.warmup_steps', 'train.learning_rate', 'train.weight_decay', 'train.grad_clip',
     'train.z_loss', 'train.label_smoothing', 'train.min_lr_ratio', 'data.max_chars',
     'train.steps_per_run', 'sample.temperature', 'sample.top_k', 'sample.beam_size',
-    'sample.length_alpha', 'lora.rank', 'lora.alpha', 'lora.dropout')
+    'sample.length_alpha', 'sample.seed', 'lora.rank', 'lora.alpha', 'lora.dropout')
 
 
 def _get(config, dotted):
@@ -399,9 +449,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f'config.train.batch_size={t.batch_size} is not divisible by '
         f'config.train.grad_accum_steps={t.grad_accum_steps}')
-  if t.warmup_steps > t.steps:
+  if t.warmup_steps >= t.steps:
     raise ConfigError(
-        f'config.train.warmup_steps={t.warmup_steps} exceeds config.train.steps={t.steps}')
+        f'config.train.warmup_steps={t.warmup_steps} leaves no steps of config.train.steps='
+        f'{t.steps} for the cosine decay: it must be smaller')
   if not 0 < d.eval_fraction < 1:
     raise ConfigError(f'config.data.eval_fraction={d.eval_fraction}: must be in (0, 1)')
   if not 0 <= config.distributed.process_id < config.distributed.num_processes:

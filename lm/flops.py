@@ -1,25 +1,30 @@
 """Model FLOPs per token, device peak FLOP/s, and the CPU compute dtype: the pieces of MFU.
 
 MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s of the devices). Model FLOPs
-follow the PaLM paper (appendix B): 6N + 12·L·H·Q·T per token, where N counts every parameter
+follow the PaLM paper (appendix B): 6N + 12·L·H·Q·T per token (4N + 2N_trained + 12·L·H·Q·T
+when some weights are frozen: flops_per_token), where N counts every parameter
 that takes part in a matmul (all but the input embedding and position tables; the output
 projection counts whether or not it is tied to the input embedding) and 12·L·H·Q·T is the
 attention score and value matmuls, forward and backward, over a context of T tokens.
 
 On GPUs and TPUs the peak comes from the vendor's dense bf16 figure. On CPUs there is no
-reliable figure (machines of one kind differ: AMX vs AVX2), so the peak is measured once with a
-short jitted matmul loop and cached on disk, and 'auto' picks whichever of fp32 and bf16 is
-faster there.
+reliable figure (machines of one kind differ: AMX vs AVX2), so the peak is measured with a short
+jitted matmul loop, the best figure seen is kept on disk, and 'auto' picks whichever of fp32 and
+bf16 is faster there.
 """
 
 import functools
 import json
+import math
 import os
 import platform
 import time
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
+
+from lm import files as files_lib
 
 # Dense bf16 peak FLOP/s per device, matched against jax.Device.device_kind (lowercase prefix).
 _ACCELERATOR_PEAK_BF16 = {
@@ -50,10 +55,47 @@ def matmul_params(cfg) -> int:
   return L * (attention + mlp) + D * cfg.vocab_size
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-  """Training FLOPs (forward + backward) per token, PaLM appendix B."""
+def flops_per_token(cfg, seq_len: int, matmul: int | None = None,
+                    trained_matmul: int | None = None) -> float:
+  """Training FLOPs (forward + backward) per token, PaLM appendix B.
+
+  Every weight costs 2 FLOPs per token forward, 2 for the gradient of its input and 2 for its
+  own gradient; a frozen weight (LoRA's base, an embeddings-only run) skips the last, so with
+  N matmul parameters of which N_trained train it is 4N + 2N_trained (6N when all train).
+  `matmul` and `trained_matmul` are matmul_param_counts' (default: matmul_params(cfg), all
+  trained).
+  """
+  matmul = matmul_params(cfg) if matmul is None else matmul
+  trained_matmul = matmul if trained_matmul is None else trained_matmul
   attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
-  return 6 * matmul_params(cfg) + attention
+  return 4 * matmul + 2 * trained_matmul + attention
+
+
+def is_matmul_weight(path: tuple, tie_embeddings: bool) -> bool:
+  """Whether the parameter at `path` multiplies activations (counts in N): the w_* projections
+  (LoRA's adapters w_*_lora_a/b too) and the output projection; not norms, biases or lookups."""
+  name = path[-1]
+  return name.startswith('w_') or name == 'unembed' or (name == 'embed' and tie_embeddings)
+
+
+def matmul_param_counts(params: dict, trained=None, tie_embeddings: bool = False) -> tuple:
+  """(N, N_trained): matmul parameters of a parameter tree (arrays or shapes), all and those
+  among the `trained` paths (lm.train.trained_paths; None: all)."""
+  sizes = {path: math.prod(leaf.shape) for path, leaf in traverse_util.flatten_dict(params).items()
+           if is_matmul_weight(path, tie_embeddings)}
+  total = sum(sizes.values())
+  if trained is None:
+    return total, total
+  trained = set(trained)
+  return total, sum(size for path, size in sizes.items() if path in trained)
+
+
+def describe_flops(matmul: int, trained_matmul: int) -> str:
+  """How flops_per_token counted, for a log line."""
+  if trained_matmul == matmul:
+    return f'6N + attention, N={matmul:,}'
+  return (f'4N + 2N_trained + attention, N={matmul:,}, N_trained={trained_matmul:,}: frozen '
+          'weights get no weight gradient')
 
 
 def _head_dim(cfg) -> int:
@@ -102,25 +144,29 @@ def measure_matmul_flops(dtype: str, n: int = 1024, repeats: int = 16, trials: i
 
 @functools.cache
 def cpu_peak_flops() -> dict:
-  """{'float32': flop/s, 'bfloat16': flop/s} of this CPU, measured once and cached on disk."""
+  """{'float32': flop/s, 'bfloat16': flop/s} of this CPU: the higher of a short fresh
+  measurement (~1 s, once per process) and the best one cached on disk for this CPU.
+
+  A measurement can only come out low (other processes sharing the cores slow it down), never
+  high, so the best seen is the closest to the peak; keeping only the first would let one taken
+  on a busy machine inflate every later MFU.
+  """
   key = _cpu_key()
   try:
     with open(_CACHE) as f:
       cached = json.load(f)
-    if key in cached:
-      return cached[key]
   except (OSError, ValueError):
     cached = {}
-  peaks = {dtype: measure_matmul_flops(dtype) for dtype in ('float32', 'bfloat16')}
-  cached[key] = peaks
-  try:
-    os.makedirs(os.path.dirname(_CACHE), exist_ok=True)
-    tmp = f'{_CACHE}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(cached, f, indent=1)
-    os.replace(tmp, _CACHE)
-  except OSError:
-    pass  # A read-only home only costs a re-measurement next time.
+  fresh = {dtype: measure_matmul_flops(dtype, repeats=8, trials=3)
+           for dtype in ('float32', 'bfloat16')}
+  best = cached.get(key, {}) if isinstance(cached.get(key), dict) else {}
+  peaks = {dtype: max(fresh[dtype], float(best.get(dtype, 0.0))) for dtype in fresh}
+  if peaks != best:
+    cached[key] = peaks
+    try:
+      files_lib.write_atomically(_CACHE, lambda f: json.dump(cached, f, indent=1))
+    except OSError:
+      pass  # A read-only home only costs the higher cached figure next time.
   return peaks
 
 

@@ -314,24 +314,16 @@ def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   (+ generated code, 0 on CPU).
   """
   from lm import train as train_lib  # pylint: disable=g-import-not-at-top
-  devices = jax.devices() if devices is None else devices
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.parse_rules(config.mesh.rules)
-  cfg = model_config(config)
-  t = config.train
-  optimizer = train_lib.make_optimizer(t, model_lib.logical_axes(cfg))
-  step_fn, shardings, batch_sharding = train_lib.sharded_train_step(cfg, t, optimizer, mesh, rules)
-  state = jax.tree.map(
-      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-      jax.eval_shape(functools.partial(
-          train_lib.init_state, cfg, optimizer, 0,
-          trained=train_lib.trained_paths(t, model_lib.logical_axes(cfg)))), shardings)
+  config = config.copy_and_resolve_references()
+  config.model.dtype = compute_dtype(config.model)  # As estimate() plans it.
+  setup = train_lib.setup(config, devices)
+  state, t, batch_sharding = setup.abstract_state(), config.train, setup.batch_sharding
   shape = (t.batch_size, config.data.seq_len)
   batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
            for name in ('inputs', 'targets', 'segment_ids', 'positions')}
   batch['loss_mask'] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)
-  with sharding.active(mesh, rules):
-    stats = step_fn.lower(state, batch).compile().memory_analysis()
+  with setup.active():
+    stats = setup.step_fn.lower(state, batch).compile().memory_analysis()
   out = {
       'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
       'alias': stats.alias_size_in_bytes, 'temp': stats.temp_size_in_bytes,

@@ -5,13 +5,17 @@ clipping, AdamW), `eval_step`, then `train`, the loop with logging, evaluation, 
 resume.
 """
 
+from collections.abc import Callable
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import math
 import os
+import shutil
 import signal
+import sys
 import time
 
 import flax.struct
@@ -29,6 +33,7 @@ from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
 from lm import data as data_lib
 from lm import distributed
+from lm import files as files_lib
 from lm import flops
 from lm import lora as lora_lib
 from lm import metrics as metrics_lib
@@ -221,21 +226,86 @@ def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules,
 
 
 def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict, optimizer,
-                       mesh, rules):
-  """(jitted train_step, state shardings, batch sharding) for a mesh.
+                       shardings: TrainState, batch_sharding: NamedSharding,
+                       trained: tuple | None = None):
+  """train_step jitted for the shardings of state_shardings (donating the state).
 
-  Call the step inside `sharding.active(mesh, rules)` so the model's activation constraints
-  apply when it is traced.
+  Call it inside `sharding.active(mesh, rules)` so the model's activation constraints apply when
+  it is traced.
   """
-  trained = trained_paths(t, model_lib.logical_axes(cfg))
-  shardings = state_shardings(cfg, optimizer, mesh, rules, trained)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  step_fn = jax.jit(
+  replicated = NamedSharding(batch_sharding.mesh, P())
+  return jax.jit(
       functools.partial(train_step, graphdef=model_lib.graphdef(cfg), optimizer=optimizer, t=t,
                         trained=trained),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=0)
-  return step_fn, shardings, batch_sharding
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+      donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run builds from its config before touching data or parameters (`setup`).
+
+  Training, the memory planner, the benchmarks and every other mode that steps an optimizer
+  start here, so a mesh, a model config or a sharding is decided in exactly one place.
+  """
+  config: ml_collections.ConfigDict  # config.model_from_init applied; validated.
+  mesh: jax.sharding.Mesh
+  rules: dict
+  cfg: model_lib.ModelConfig  # The model, with its compute dtype resolved.
+  optimizer: optax.GradientTransformation
+  trained: tuple | None  # Paths of the trained parameters (trained_paths); None: all.
+  shardings: TrainState  # Where each leaf of the train state lives.
+  batch_sharding: NamedSharding  # Of [batch, seq] input arrays.
+  step_fn: Callable  # Jitted, donated train_step; call it inside `active()`.
+
+  @property
+  def graphdef(self):
+    return model_lib.graphdef(self.cfg)
+
+  def abstract_state(self) -> TrainState:
+    """The train state as jax.ShapeDtypeStructs carrying their shardings: nothing allocated."""
+    return jax.tree.map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        jax.eval_shape(functools.partial(init_state, self.cfg, self.optimizer,
+                                         self.config.train.seed, trained=self.trained)),
+        self.shardings)
+
+  def init_state(self, params=None) -> TrainState:
+    """A fresh train state created sharded (from `params`, as init_state takes them)."""
+    return jax.jit(functools.partial(init_state, self.cfg, self.optimizer,
+                                     self.config.train.seed, trained=self.trained),
+                   out_shardings=self.shardings, donate_argnums=0)(params)
+
+  def active(self):
+    """The context in which the model's activation sharding constraints apply."""
+    return sharding.active(self.mesh, self.rules)
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  """Validates `config` (raising config.ConfigError) and builds its mesh, model, optimizer,
+  shardings and jitted step, joining a multi-process job first (config.distributed).
+
+  Raises sharding.ShardingError when the mesh does not divide the model or the batch. `devices`
+  (default: all) lets a planner or benchmark build the run on a subset.
+  """
+  config = config_lib.resolve_model_from_init(config)
+  config_lib.validate(config)
+  distributed.initialize(config.distributed)  # Before anything touches a device.
+  t = config.train
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.parse_rules(config.mesh.rules)
+  cfg = model_lib.ModelConfig.from_config(config, flops.resolve_dtype(config.model.dtype))
+  axes = model_lib.logical_axes(cfg)
+  optimizer = make_optimizer(t, axes)
+  trained = trained_paths(t, axes)
+  shardings = state_shardings(cfg, optimizer, mesh, rules, trained)  # Checks the model fits.
+  sharding.check_batch(t.batch_size // t.grad_accum_steps, mesh, rules,
+                       'config.train.batch_size / config.train.grad_accum_steps')
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  return Setup(
+      config=config, mesh=mesh, rules=rules, cfg=cfg, optimizer=optimizer, trained=trained,
+      shardings=shardings, batch_sharding=batch_sharding,
+      step_fn=sharded_train_step(cfg, t, optimizer, shardings, batch_sharding, trained))
 
 
 class StepLog:
@@ -344,38 +414,56 @@ def _restore_frozen(frozen_dir: str, target: dict) -> dict:
   return checkpoint_lib.restore_params(frozen_dir, target)
 
 
+# The fields that shape the learning-rate curve: a resumed run that changes one would bend it
+# mid-run, so resuming refuses unless config.train.allow_schedule_change says otherwise.
+SCHEDULE_FIELDS = ('steps', 'warmup_steps', 'learning_rate', 'min_lr_ratio')
+
+
+def _record_config(config: ml_collections.ConfigDict, workdir: str, resumed_step) -> None:
+  """Writes workdir/config.json; when resuming, first compares the schedule with the saved one.
+
+  A changed schedule raises ConfigError unless config.train.allow_schedule_change, in which case
+  it is logged and the previous config.json is kept as config.step-STEP.json.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if resumed_step is not None and os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f).get('train', {})
+    changed = {name: (saved[name], config.train[name]) for name in SCHEDULE_FIELDS
+               if name in saved and saved[name] != config.train[name]}
+    if changed:
+      described = ', '.join(f'config.train.{name} {old!r} -> {new!r}'
+                            for name, (old, new) in changed.items())
+      if not config.train.allow_schedule_change:
+        raise config_lib.ConfigError(
+            f'resuming {workdir} at step {resumed_step} with a different learning-rate schedule '
+            f'({described}); set config.train.allow_schedule_change=True to continue on the new '
+            'schedule, or train in a new --workdir')
+      logging.warning('resuming at step %d on a changed schedule: %s', resumed_step, described)
+      if jax.process_index() == 0:
+        shutil.copyfile(path, os.path.join(workdir, f'config.step-{resumed_step}.json'))
+  if jax.process_index() == 0:
+    files_lib.write_atomically(path, lambda f: f.write(config.to_json_best_effort(indent=2)))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from workdir/checkpoints if there is one); returns (state, last metrics)."""
-  config = config_lib.resolve_model_from_init(config)
-  config_lib.validate(config)
-  distributed.initialize(config.distributed)  # Before anything touches a device.
-  t = config.train
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.parse_rules(config.mesh.rules)
-  dtype = flops.resolve_dtype(config.model.dtype)
-  cfg = model_lib.ModelConfig.from_config(config, dtype)
-  optimizer = make_optimizer(t, model_lib.logical_axes(cfg))
-  trained = trained_paths(t, model_lib.logical_axes(cfg))
-  # Checks the mesh fits the model.
-  shardings = state_shardings(cfg, optimizer, mesh, rules, trained)
-  graphdef = model_lib.graphdef(cfg)
-  sharding.check_batch(t.batch_size // t.grad_accum_steps, mesh, rules,
-                       'config.train.batch_size / config.train.grad_accum_steps')
-
+  run = setup(config)
+  config, t, cfg = run.config, run.config.train, run.cfg
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
+  try:
+    _record_config(config, workdir, checkpointer.latest_step())
+  except BaseException:
+    checkpointer.close()
+    raise
   data = data_lib.make_data(config.data, vocab_size=cfg.vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, shard_index=jax.process_index(),
                             shard_count=jax.process_count())
 
-  checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
-  abstract_state = jax.tree.map(
-      lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-      jax.eval_shape(functools.partial(init_state, cfg, optimizer, t.seed, trained=trained)),
-      shardings)
+  abstract_state = run.abstract_state()
+  trained = run.trained
   # Parameters the run does not train are saved once, in frozen_dir; checkpoints hold the rest.
   frozen_dir = os.path.join(workdir, checkpoint_lib.FROZEN)
   checkpointed = lambda state: state.replace(params=split_trained(state.params, trained)[0])
@@ -393,29 +481,31 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       params = checkpoint_lib.restore_params(
           config.init_from, _init_from_target(config.init_from, abstract_state.params))
       logging.info('parameters from config.init_from=%s', config.init_from)
-    state = jax.jit(functools.partial(init_state, cfg, optimizer, t.seed, trained=trained),
-                    out_shardings=shardings, donate_argnums=0)(params)
+    state = run.init_state(params)
     if trained is not None:
       checkpoint_lib.save_params(frozen_dir, split_trained(state.params, trained)[1], force=True)
 
   num_params = model_lib.count_params(state.params)
-  flops_per_token = flops.flops_per_token(cfg, config.data.seq_len)
-  peak = flops.peak_flops_per_device(dtype)
+  num_trained = model_lib.count_params(split_trained(state.params, trained)[0])
+  matmul, trained_matmul = flops.matmul_param_counts(abstract_state.params, trained,
+                                                     cfg.tie_embeddings)
+  flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
+  peak = flops.peak_flops_per_device(cfg.dtype)
   peak = peak * jax.device_count() if peak else None
-  logging.info('model: %s params, %.3g FLOPs/token, compute dtype %s, mesh %s',
-               f'{num_params:,}', flops_per_token, dtype, dict(mesh.shape))
+  logging.info('model: %s params (%s trained), %.3g FLOPs/token (%s), compute dtype %s, mesh %s',
+               f'{num_params:,}', f'{num_trained:,}', flops_per_token,
+               flops.describe_flops(matmul, trained_matmul), cfg.dtype, dict(run.mesh.shape))
 
-  step_fn, _, batch_sharding = sharded_train_step(cfg, t, optimizer, mesh, rules)
-  replicated = NamedSharding(mesh, P())
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                    in_shardings=(shardings.params, batch_sharding, replicated),
+  replicated = NamedSharding(run.mesh, P())
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef=run.graphdef),
+                    in_shardings=(run.shardings.params, run.batch_sharding, replicated),
                     out_shardings=replicated)
   token_bytes = jax.device_put(data.token_bytes, replicated)
 
   def global_batch(local_batch):
     """This process's rows of a batch -> one array over all devices."""
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local_batch)
+        lambda x: jax.make_array_from_process_local_data(run.batch_sharding, x), local_batch)
 
   writer = metrics_lib.MetricsWriter(workdir)
 
@@ -428,12 +518,14 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                                f'in {checkpointer.directory}'),
       learning_rate=t.learning_rate)
   last = {}
+  # A bar on a terminal; a redirected log (clusters, sweeps) gets one line per log window.
+  on_terminal = jax.process_index() == 0 and sys.stderr.isatty()
   progress = tqdm(total=t.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
-                  disable=jax.process_index() != 0)
+                  disable=not on_terminal)
   try:
-    with _StopRequested() as stop, sharding.active(mesh, rules):
+    with _StopRequested() as stop, run.active():
       while step < last_step and not stop.requested:
-        state, step_metrics = step_fn(state, global_batch(next(data.train_iter)))
+        state, step_metrics = run.step_fn(state, global_batch(next(data.train_iter)))
         step += 1
         step_log.add(step, step_metrics)
         if step == first_step + 1:  # Keep compilation out of the throughput window.
@@ -448,6 +540,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
           if last:
             writer.write(step, last)
             progress.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:,.0f}')
+            if not on_terminal:
+              logging.info('step %d/%d: loss %.4f, %s tokens/s, MFU %.1f%%', step, t.steps,
+                           last['loss'], f'{last["tokens_per_sec"]:,.0f}', 100 * last['mfu'])
 
         if step % t.eval_every == 0 or step == t.steps:
           step_log.check()

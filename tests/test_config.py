@@ -11,7 +11,9 @@ from lm import config as config_lib
 from lm import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+# configs/from_checkpoint.py takes a checkpoint (test_a_saved_config_json_runs_as_data).
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not p.endswith('from_checkpoint.py'))
 
 
 def _load(path):
@@ -144,3 +146,21 @@ def test_a_bad_mixture_is_a_config_error():
   config.data.mixture = 'hi=stdlib'
   with pytest.raises(config_lib.ConfigError, match='config.data.mixture'):
     config_lib.validate(config)
+
+
+def test_a_saved_config_json_runs_as_data(tmp_path):
+  saved = config_lib.base_config()
+  saved.model.d_model = 48
+  (tmp_path / 'config.json').write_text(saved.to_json())
+  (tmp_path / 'tokenizer.model').write_bytes(b'')
+  argv = config_lib._config_json_as_file(['lm', '--config', str(tmp_path / 'config.json'), '-x'])
+  assert argv == ['lm', '--config', f'{config_lib._FROM_CHECKPOINT}:{tmp_path}/config.json', '-x']
+  assert config_lib._config_json_as_file(['lm', f'--config={tmp_path}'])[1].endswith(
+      f'from_checkpoint.py:{tmp_path}')
+  assert config_lib._config_json_as_file(['lm', '--config=configs/tiny.py']) == [
+      'lm', '--config=configs/tiny.py']
+  config = config_lib.config_from_checkpoint(str(tmp_path / 'config.json'))
+  assert (config.model.d_model, config.init_from) == (48, str(tmp_path))
+  assert config.data.tokenizer == str(tmp_path / 'tokenizer.model')
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    config_lib.config_from_checkpoint(str(tmp_path / 'missing'))

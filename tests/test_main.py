@@ -38,7 +38,9 @@ def test_cli_trains_with_overrides_then_resumes_and_plots(tmp_path):
   first = subprocess.run(base + ['--config.train.steps=6'], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert 'loss=' in first.stderr and 'tok_s=' in first.stderr  # The progress bar.
+  # Redirected output gets a log line per log window, not a progress bar's '\r' updates.
+  assert 'step 2/6: loss' in first.stderr and 'tokens/s, MFU' in first.stderr
+  assert '\r' not in first.stderr
 
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
   assert [r['step'] for r in rows if 'loss' in r] == [2, 4, 6]
@@ -49,11 +51,27 @@ def test_cli_trains_with_overrides_then_resumes_and_plots(tmp_path):
   assert json.load(open(workdir / 'config.json'))['model']['d_model'] == 64
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6']
 
-  second = subprocess.run(base + ['--config.train.steps=8'], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+  second = subprocess.run(
+      base + ['--config.train.steps=8', '--config.train.allow_schedule_change=True'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'resumed from step 6' in second.stderr
+  assert 'config.train.steps 6 -> 8' in second.stderr
+  assert json.load(open(workdir / 'config.step-6.json'))['train']['steps'] == 6
+  assert json.load(open(workdir / 'config.json'))['train']['steps'] == 8
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6', '8']
+
+  # A run started from the checkpoint's config.json: data, so the config.py beside it never runs.
+  (workdir / 'config.py').write_text(
+      f'open({str(tmp_path / "executed")!r}, "w")\ndef get_config(): raise SystemExit(1)\n')
+  continued = subprocess.run(
+      [sys.executable, '-m', 'lm.main', '--config', str(workdir / 'config.json'),
+       '--workdir', str(tmp_path / 'continued'), '--config.train.steps=3'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert continued.returncode == 0, continued.stderr[-3000:]
+  assert f'parameters from config.init_from={workdir}' in continued.stderr
+  assert not (tmp_path / 'executed').exists()
+  assert json.load(open(tmp_path / 'continued' / 'config.json'))['model']['d_model'] == 64
 
   plot = subprocess.run([sys.executable, '-m', 'lm.plot', str(workdir)], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)

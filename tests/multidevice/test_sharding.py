@@ -56,8 +56,9 @@ def _run(mesh, steps=3, **train_overrides):
   """Trains `steps` steps on the mesh; returns (losses, final params, grads at a new batch)."""
   t = _train_config(**train_overrides)
   optimizer = train_lib.make_optimizer(t, model_lib.logical_axes(CFG))
-  step_fn, shardings, batch_sharding = train_lib.sharded_train_step(
-      CFG, t, optimizer, mesh, sharding.RULES)
+  shardings = train_lib.state_shardings(CFG, optimizer, mesh, sharding.RULES)
+  batch_sharding = sharding.batch_sharding(mesh, sharding.RULES)
+  step_fn = train_lib.sharded_train_step(CFG, t, optimizer, shardings, batch_sharding)
   state = jax.jit(functools.partial(train_lib.init_state, CFG, optimizer, 0),
                   out_shardings=shardings)()
   *train_batches, probe = _batches(steps + 1)
