@@ -1,10 +1,12 @@
 """Documents -> tokens -> packed fixed-length rows -> shuffled batches, exactly resumable.
 
 The corpus is tokenized once into a single stream, [BOS] doc [EOS] [BOS] doc [EOS] ..., with the
-documents in a seeded random order, and cached in WORKDIR/data. Row i is the window
-stream[i*L : i*L + L + 1] (L = data.seq_len), so consecutive rows share one token and no token is
-wasted. The last data.eval_fraction of the rows are held out. Training batches come from a grain
-pipeline whose iterator state is a small JSON-serializable dict, saved with each checkpoint.
+documents in a seeded random order and exact duplicates dropped, and cached in WORKDIR/data. The
+documents from the one starting nearest the last data.eval_fraction of the stream are held out,
+so every document is wholly trained on or wholly held out, and none has a copy on the other side.
+Each part is cut into rows: row i is the window part[i*L : i*L + L + 1] (L = data.seq_len), so
+consecutive rows share one token. Training batches come from a grain pipeline whose iterator
+state is a small JSON-serializable dict, saved with each checkpoint.
 
 A mixture (data.mixture = 'NAME=SOURCE@WEIGHT; ...') does all of that per source, each with its
 own cache in WORKDIR/data/NAME, and interleaves the sources' shuffled rows in the proportions of
@@ -41,7 +43,7 @@ from lm import tokenizer as tokenizer_lib
 
 _SOURCE_FORMS = ("'stdlib', 'text:GLOB', 'jsonl:GLOB', 'tfds:NAME[:SPLIT]' (e.g. 'tfds:lm1b', "
                  "'tfds:wiki40b/hi:train')")
-_CACHE_VERSION = 1  # Bump when the token stream layout changes, to invalidate old caches.
+_CACHE_VERSION = 2  # Bump when the token stream layout changes, to invalidate old caches.
 _CHUNK_CHARS = 4_000_000  # Characters handed to SentencePiece per batch encode call.
 
 
@@ -56,15 +58,19 @@ class SourceStats:
   chars: int = 0  # Characters yielded (after any max_chars cut).
   empty_documents: int = 0  # Documents skipped because they hold only whitespace.
   non_utf8_documents: int = 0  # Documents with bytes that are not UTF-8, decoded as U+FFFD.
+  duplicate_documents: int = 0  # Documents skipped as exact copies of earlier ones.
 
 
 def iter_documents(source: str, text_field: str = 'text', *, max_chars: int = 0,
-                   stats: SourceStats | None = None, where: str = '') -> Iterator[str]:
+                   drop_duplicates: bool = False, stats: SourceStats | None = None,
+                   where: str = '') -> Iterator[str]:
   """Yields the documents of `source` (see data.source in configs/base.py) as strings.
 
-  Stops once max_chars characters are read (0: no limit), cutting the last document. Counts go to
-  `stats`. Raises ValueError for an unknown source or a corpus with no text; the source is checked
-  here, the files as they are read. Errors name `where` (default: data.source=SOURCE).
+  Stops once max_chars characters are read (0: no limit), cutting the last document. With
+  drop_duplicates, a document identical to one yielded before is skipped (and counts toward
+  nothing but stats.duplicate_documents). Counts go to `stats`. Raises ValueError for an unknown
+  source or a corpus with no text; the source is checked here, the files as they are read. Errors
+  name `where` (default: data.source=SOURCE).
   """
   where = where or f'data.source={source!r}'
   check_source(source, where)
@@ -77,7 +83,8 @@ def iter_documents(source: str, text_field: str = 'text', *, max_chars: int = 0,
     raw = _jsonl_documents(_glob(arg, where), text_field)
   else:
     raw = _tfds_documents(arg, text_field)
-  return _counted(raw, where, max_chars, stats if stats is not None else SourceStats())
+  return _counted(raw, where, max_chars, drop_duplicates,
+                  stats if stats is not None else SourceStats())
 
 
 def check_source(source: str, where: str = '') -> None:
@@ -99,9 +106,11 @@ def _decode(data: bytes | str) -> tuple[str, bool]:
     return data.decode('utf-8', errors='replace'), True
 
 
-def _counted(raw: Iterable[tuple[str, bool]], where: str, max_chars: int,
+def _counted(raw: Iterable[tuple[str, bool]], where: str, max_chars: int, drop_duplicates: bool,
              stats: SourceStats) -> Iterator[str]:
-  """Counts documents, skips empty ones, stops at max_chars; an empty corpus is an error."""
+  """Counts documents, skips empty ones (and repeated ones, if asked), stops at max_chars; an
+  empty corpus is an error."""
+  seen = set()  # 128-bit digests of the documents yielded, when dropping duplicates.
   for doc, non_utf8 in raw:
     stats.non_utf8_documents += non_utf8
     if not doc.strip():
@@ -109,6 +118,12 @@ def _counted(raw: Iterable[tuple[str, bool]], where: str, max_chars: int,
       continue
     if max_chars > 0:
       doc = doc[:max_chars - stats.chars]
+    if drop_duplicates:
+      digest = hashlib.blake2b(doc.encode('utf-8', 'surrogatepass'), digest_size=16).digest()
+      if digest in seen:
+        stats.duplicate_documents += 1
+        continue
+      seen.add(digest)
     stats.documents += 1
     stats.chars += len(doc)
     yield doc
@@ -337,7 +352,7 @@ def _cached_tokens(data_config, source: str, where: str, tokenizer: tokenizer_li
   logging.info('Tokenizing %s into %s', where, tokens_path)
   source_stats = SourceStats()
   docs = iter_documents(source, data_config.text_field, max_chars=data_config.max_chars,
-                        stats=source_stats, where=where)
+                        drop_duplicates=True, stats=source_stats, where=where)
   stream = tokenize_documents(docs, tokenizer, seed=seed,
                               total_chars=data_config.max_chars or None)
   files_lib.write_atomically(tokens_path, lambda f: np.save(f, stream), mode='wb')
@@ -442,23 +457,55 @@ def make_batch(rows_BxL1: np.ndarray, bos_id: int) -> dict[str, np.ndarray]:
               loss_mask=(targets_BxL != bos_id).astype(np.float32))
 
 
-def split_rows(num_tokens: int, seq_len: int, eval_fraction: float,
-               batch_size: int) -> tuple[int, int]:
-  """(train rows, eval rows). Eval gets eval_fraction of the rows rounded up to whole batches,
-  but never so many that fewer than one train batch is left."""
-  num_rows = (num_tokens - 1) // seq_len
-  num_eval = 0
-  if eval_fraction > 0:
-    num_eval = -(-int(np.ceil(eval_fraction * num_rows)) // batch_size) * batch_size
-    num_eval = min(num_eval, num_rows - batch_size)
-  if num_rows - num_eval < batch_size or (eval_fraction > 0 and num_eval < 1):
-    needed = batch_size + (eval_fraction > 0)
+def rows_of(stream: np.ndarray, seq_len: int) -> Rows:
+  """All the whole rows of `stream` (its last < seq_len tokens may be in none)."""
+  return Rows(stream, seq_len, 0, max(len(stream) - 1, 0) // seq_len)
+
+
+def held_out_start(stream: np.ndarray, *, seq_len: int, eval_fraction: float, batch_size: int,
+                   bos_id: int, eos_id: int) -> int:
+  """Where the held-out documents begin: the document start nearest to where the last
+  eval_fraction of the stream begins (len(stream) if eval_fraction is 0), so that no document is
+  on both sides. Leaves at least one batch of train rows before it and one eval row after it."""
+  num_tokens = len(stream)
+  # Bounds on the start: one batch of train rows before it, one eval row after it.
+  first = batch_size * seq_len + 1
+  last = num_tokens - seq_len - 1 if eval_fraction > 0 else num_tokens
+  if first > last:
     raise ValueError(
-        f'The corpus is too small: {num_tokens} tokens make {num_rows} rows of data.seq_len='
-        f'{seq_len}, but one batch of train.batch_size={batch_size} rows'
-        f'{" plus one eval row" if eval_fraction > 0 else ""} needs {needed}. Use more text '
-        '(data.source, data.max_chars), or a smaller data.seq_len or train.batch_size.')
-  return num_rows - num_eval, num_eval
+        f'The corpus is too small: {num_tokens} tokens make {(num_tokens - 1) // seq_len} rows of '
+        f'data.seq_len={seq_len}, but one batch of train.batch_size={batch_size} rows'
+        f'{" plus one eval row" if eval_fraction > 0 else ""} needs '
+        f'{first + (eval_fraction > 0) * (seq_len + 1)} tokens. Use more text (data.source, '
+        'data.max_chars), or a smaller data.seq_len or train.batch_size.')
+  if eval_fraction == 0:
+    return num_tokens
+  target = min(max(round(num_tokens * (1 - eval_fraction)), first), last)
+  start = _document_start_near(stream, target, first, last, bos_id, eos_id)
+  if start is None:
+    raise ValueError(
+        f'The corpus is too small to hold out whole documents: of its {num_tokens} tokens, none '
+        f'from token {first} (after one batch of train.batch_size={batch_size} rows of '
+        f'data.seq_len={seq_len}) to token {last} (before one eval row) starts a document. Use '
+        'more documents (data.source, data.max_chars), or a smaller data.seq_len or '
+        'train.batch_size.')
+  return start
+
+
+def _document_start_near(stream: np.ndarray, target: int, first: int, last: int, bos_id: int,
+                         eos_id: int) -> int | None:
+  """The document start (a BOS right after an EOS) in [first, last] nearest `target`, the earlier
+  of two as near; None if there is none. Reads outward from target, not the whole stream."""
+  width = 1 << 16
+  while True:
+    begin, end = max(first, target - width), min(last, target + width)
+    window = np.asarray(stream[begin - 1:end + 1])
+    starts = begin + np.flatnonzero((window[1:] == bos_id) & (window[:-1] == eos_id))
+    if len(starts):
+      return int(starts[np.argmin(np.abs(starts - target))])
+    if (begin, end) == (first, last):
+      return None
+    width *= 4
 
 
 def train_iterator(rows: Rows, *, batch_size: int, seed: int, bos_id: int, shard_index: int = 0,
@@ -573,19 +620,25 @@ def _source_rows(data_config, source: str, where: str, tokenizer: tokenizer_lib.
   stream, manifest, cached = _cached_tokens(data_config, source, where, tokenizer, seed,
                                             directory)
   try:
-    num_train, num_eval = split_rows(len(stream), data_config.seq_len, data_config.eval_fraction,
-                                     batch_size)
+    start = held_out_start(stream, seq_len=data_config.seq_len,
+                           eval_fraction=data_config.eval_fraction, batch_size=batch_size,
+                           bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from e
   if manifest['non_utf8_documents']:
     logging.warning('%d documents of %s had bytes that are not UTF-8 (replaced by U+FFFD).',
                     manifest['non_utf8_documents'], where)
+  if manifest['duplicate_documents']:
+    logging.info('Dropped %d documents of %s that repeat earlier ones exactly.',
+                 manifest['duplicate_documents'], where)
+  train_rows = rows_of(stream[:start], data_config.seq_len)
+  eval_rows = rows_of(stream[start:], data_config.seq_len)
   counts = dict(documents=manifest['documents'], chars=manifest['chars'], tokens=len(stream),
                 empty_documents=manifest['empty_documents'],
-                non_utf8_documents=manifest['non_utf8_documents'], train_rows=num_train,
-                eval_rows=num_eval, tokens_cached=cached)
-  return (Rows(stream, data_config.seq_len, 0, num_train),
-          Rows(stream, data_config.seq_len, num_train, num_train + num_eval), counts)
+                non_utf8_documents=manifest['non_utf8_documents'],
+                duplicate_documents=manifest['duplicate_documents'], train_rows=len(train_rows),
+                eval_rows=len(eval_rows), tokens_cached=cached)
+  return train_rows, eval_rows, counts
 
 
 def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workdir: str,
@@ -598,10 +651,11 @@ def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workd
   data.mixture, data.source is unused and data.text_field, max_chars and eval_fraction apply to
   each of its sources.
 
-  stats holds counts (documents, chars, tokens, empty_documents, non_utf8_documents, train_rows,
-  eval_rows; summed over a mixture's sources), the tokenizer's path, whether it was trained now,
-  and whether all tokens came from the cache. A mixture adds sources: {NAME: {source, weight,
-  share (its expected fraction of the training rows), the same counts, tokens_cached}}.
+  stats holds counts (documents, chars, tokens, empty_documents, non_utf8_documents,
+  duplicate_documents, train_rows, eval_rows; summed over a mixture's sources), the tokenizer's
+  path, whether it was trained now, and whether all tokens came from the cache. A mixture adds
+  sources: {NAME: {source, weight, share (its expected fraction of the training rows), the same
+  counts, tokens_cached}}.
   """
   mixture = parse_mixture(data_config.mixture) if data_config.mixture else []
   tokenizer, trained = _cached_tokenizer(data_config, mixture, vocab_size, seed, workdir)
@@ -620,7 +674,7 @@ def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workd
                                share=entry.weight / sum(e.weight for e in entries), **counts)
   stats = {name: sum(counts[name] for counts in sources.values())
            for name in ('documents', 'chars', 'tokens', 'empty_documents', 'non_utf8_documents',
-                        'train_rows', 'eval_rows')}
+                        'duplicate_documents', 'train_rows', 'eval_rows')}
   stats.update(tokenizer=tokenizer.path, tokenizer_trained=trained,
                tokens_cached=all(counts['tokens_cached'] for counts in sources.values()))
   if mixture:

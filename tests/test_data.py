@@ -1,4 +1,5 @@
-"""Tests of lm/data.py: sources, packing, the token cache, exactly resumable iteration, mixtures."""
+"""Tests of lm/data.py: sources, packing, the token cache, the train/eval split, exactly resumable
+iteration, mixtures."""
 
 import collections
 import json
@@ -83,6 +84,16 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, message):
     list(data_lib.iter_documents(f'jsonl:{tmp_path}/a.jsonl'))
 
 
+def test_drop_duplicates(tmp_path):
+  write_files(tmp_path, {'a.txt': 'same', 'b.txt': 'other', 'c.txt': 'same', 'd.txt': 'same '})
+  stats = data_lib.SourceStats()
+  docs = list(data_lib.iter_documents(f'text:{tmp_path}/*.txt', drop_duplicates=True,
+                                      stats=stats))
+  assert docs == ['same', 'other', 'same ']  # Exact copies only: 'same ' differs by a space.
+  assert (stats.documents, stats.duplicate_documents, stats.chars) == (3, 1, 14)
+  assert len(list(data_lib.iter_documents(f'text:{tmp_path}/*.txt'))) == 4  # Off by default.
+
+
 def test_stdlib_with_max_chars():
   stats = data_lib.SourceStats()
   docs = list(data_lib.iter_documents('stdlib', max_chars=300_000, stats=stats))
@@ -164,13 +175,47 @@ def test_tokenize_documents_frames_and_shuffles(tmp_path):
   np.testing.assert_array_equal(stream, data_lib.tokenize_documents(iter(docs), tok, seed=3))
 
 
-def test_split_rows():
-  assert data_lib.split_rows(1001, 10, 0.05, 4) == (92, 8)  # 100 rows; 5 eval -> 2 batches.
-  assert data_lib.split_rows(1001, 10, 0.0, 4) == (100, 0)
-  assert data_lib.split_rows(61, 10, 0.5, 4) == (4, 2)  # Eval shrinks to leave one train batch.
-  with pytest.raises(ValueError, match=r'41 tokens make 4 rows of data.seq_len=10.*'
-                     r'train.batch_size=4 rows plus one eval row needs 5'):
-    data_lib.split_rows(41, 10, 0.02, 4)
+def hand_stream(lengths: list[int]) -> np.ndarray:
+  """Documents of the given lengths in tokens, BOS and EOS included."""
+  return np.concatenate([[BOS] + [7] * (n - 2) + [EOS] for n in lengths]).astype(np.uint16)
+
+
+def held_out_start(stream, seq_len=4, eval_fraction=0.22, batch_size=2) -> int:
+  return data_lib.held_out_start(stream, seq_len=seq_len, eval_fraction=eval_fraction,
+                                 batch_size=batch_size, bos_id=BOS, eos_id=EOS)
+
+
+def test_held_out_start_is_a_document_start():
+  # Ten documents of 10 tokens at 0, 10, ..., 90. Splitting rows of 4 would hold out rows 18-23,
+  # from token 72: document 7 would be on both sides. The nearest start to 78 (22% from the end)
+  # is 80; in a tie the earlier start wins.
+  assert held_out_start(hand_stream([10] * 10)) == 80
+  assert held_out_start(hand_stream([10] * 10), eval_fraction=0.25) == 70
+  # A long document around the target: its start is farther than the next one's.
+  assert held_out_start(hand_stream([10] * 5 + [40] + [10] * 2), eval_fraction=0.3) == 90
+  # The nearest start may lie far beyond the first window read around the target.
+  assert held_out_start(hand_stream([200_000, 10, 10]), eval_fraction=0.5) == 200_000
+  assert held_out_start(hand_stream([10] * 10), eval_fraction=0.0) == 100
+
+
+def test_held_out_start_keeps_the_fraction():
+  lengths = np.random.default_rng(0).integers(5, 60, 2000).tolist()
+  stream = hand_stream(lengths)
+  start = held_out_start(stream, seq_len=16, eval_fraction=0.1, batch_size=4)
+  assert stream[start] == BOS and stream[start - 1] == EOS
+  assert abs(len(stream) - start - 0.1 * len(stream)) <= max(lengths) / 2
+
+
+def test_held_out_start_errors():
+  with pytest.raises(ValueError, match=r'too small: 13 tokens make 3 rows of data.seq_len=4, but '
+                     r'one batch of train.batch_size=2 rows plus one eval row needs 14 tokens'):
+    held_out_start(hand_stream([10, 3]))
+  with pytest.raises(ValueError, match='batch_size=2 rows needs 9 tokens'):
+    held_out_start(hand_stream([8]), eval_fraction=0.0)
+  # Enough rows, but the only other document starts too late to leave an eval row after it.
+  with pytest.raises(ValueError, match=r'too small to hold out whole documents: of its 33 tokens, '
+                     r'none from token 9 .* to token 28 \(before one eval row\) starts a document'):
+    held_out_start(hand_stream([30, 3]))
 
 
 def test_train_iterator_cycles_reshuffled_epochs():
@@ -226,47 +271,61 @@ def test_make_data_batches(built):
   stats = data.stats
   assert json.loads(json.dumps(stats)) == stats
   assert stats['chars'] == 200_000 and stats['tokenizer_trained'] and not stats['tokens_cached']
-  assert stats['train_rows'] + stats['eval_rows'] == (stats['tokens'] - 1) // SEQ_LEN
+  # Each part may leave its last < SEQ_LEN tokens out of its rows.
+  assert (stats['tokens'] - 1) // SEQ_LEN - (stats['train_rows'] + stats['eval_rows']) in (0, 1)
 
 
-def test_rows_reconstruct_the_stream(built):
+def built_start(data, workdir, name='') -> tuple[np.ndarray, int]:
+  """(token stream, where its held-out documents start) of a make_data source."""
+  stream = np.load(os.path.join(workdir, 'data', name, 'tokens.npy'))
+  return stream, data_lib.held_out_start(stream, seq_len=SEQ_LEN, eval_fraction=0.05,
+                                         batch_size=BATCH_SIZE, bos_id=BOS, eos_id=EOS)
+
+
+def test_eval_rows_reconstruct_the_held_out_stream(built):
   data, workdir = built
-  stream = np.load(os.path.join(workdir, 'data', 'tokens.npy'))
-  train_rows, eval_rows = data.stats['train_rows'], data.stats['eval_rows']
-  rows = data_lib.Rows(stream, SEQ_LEN, 0, train_rows + eval_rows)
-  batches = data_lib.eval_batches(rows, 10**9, batch_size=BATCH_SIZE, bos_id=BOS, pad_id=3)
+  stream, start = built_start(data, workdir)
+  assert stream[start] == BOS and stream[start - 1] == EOS  # A document starts the held-out part.
+  assert data.stats['train_rows'] == (start - 1) // SEQ_LEN
+  assert data.stats['eval_rows'] == (len(stream) - start - 1) // SEQ_LEN
+  batches = data.eval_batches(10**9)
+  n = data.stats['eval_rows'] * SEQ_LEN
   inputs = np.concatenate([b['inputs'] for b in batches]).reshape(-1)
-  n = (train_rows + eval_rows) * SEQ_LEN
-  np.testing.assert_array_equal(inputs[:n], stream[:n])
-  assert batches[-1]['targets'][-1, -1] == stream[n]
+  np.testing.assert_array_equal(inputs[:n], stream[start:start + n])
+  last = next(row for row in range(len(inputs) // SEQ_LEN)[::-1]
+              if np.concatenate([b['loss_mask'] for b in batches])[row].any())
+  assert np.concatenate([b['targets'] for b in batches])[last, -1] == stream[start + n]
 
 
 def test_train_and_eval_rows_are_disjoint(built):
-  """An epoch of train batches draws from rows [0, train_rows) only; eval is exactly the rest."""
+  """An epoch of train batches draws from the rows before the held-out start only; eval is the
+  rows after it."""
   data, workdir = built
-  stream = np.load(os.path.join(workdir, 'data', 'tokens.npy'))
+  stream, start = built_start(data, workdir)
   num_train, num_eval = data.stats['train_rows'], data.stats['eval_rows']
-  assert num_eval > 0 and num_eval % BATCH_SIZE == 0
+  assert num_eval > 0
 
-  def row(i):
-    return bytes(stream[i * SEQ_LEN:(i + 1) * SEQ_LEN].astype(np.int32))
+  def row(begin):
+    return bytes(stream[begin:begin + SEQ_LEN].astype(np.int32))
 
   def rows_of(batches):
-    return collections.Counter(bytes(inputs) for batch in batches for inputs in batch['inputs'])
+    return collections.Counter(bytes(inputs) for batch in batches
+                               for inputs, mask in zip(batch['inputs'], batch['loss_mask'])
+                               if mask.any())
 
   fresh = make_data(data_config(), workdir)  # Its own iterator, not the shared fixture's.
   train_epoch = rows_of(next(fresh.train_iter) for _ in range(num_train // BATCH_SIZE))
-  assert not train_epoch - collections.Counter(row(i) for i in range(num_train))
+  assert not train_epoch - collections.Counter(row(i * SEQ_LEN) for i in range(num_train))
   assert train_epoch.total() == num_train // BATCH_SIZE * BATCH_SIZE
   assert rows_of(data.eval_batches(10**6)) == collections.Counter(
-      row(i) for i in range(num_train, num_train + num_eval))
+      row(start + i * SEQ_LEN) for i in range(num_eval))
 
 
 def test_eval_batches_are_deterministic(built):
   data, _ = built
   one, two = data.eval_batches(1), data.eval_batches(5)
   assert len(one) == 1 and len(two) == 5
-  assert len(data.eval_batches(10**6)) == data.stats['eval_rows'] // BATCH_SIZE
+  assert len(data.eval_batches(10**6)) == -(-data.stats['eval_rows'] // BATCH_SIZE)
   for name in one[0]:
     np.testing.assert_array_equal(one[0][name], two[0][name])
 
@@ -344,6 +403,60 @@ def test_corpus_too_small(built, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# No document on both sides of the split.
+
+
+def tagged_documents(count: int) -> list[str]:
+  """Distinct documents of a few lines each; every line names its document, as dIx."""
+  rng = np.random.default_rng(0)
+  words = ['alpha', 'beta', 'gamma', 'delta', 'omega', 'sigma', 'kappa', 'theta']
+  return [''.join(f'd{i}x {" ".join(rng.choice(words, 6))}\n' for _ in range(rng.integers(3, 9)))
+          for i in range(count)]
+
+
+def tags_in(batches, tokenizer) -> set[int]:
+  """The documents (by tag) whose text is in the rows of the batches; padding rows left out."""
+  texts = [tokenizer.decode(inputs.tolist()) for batch in batches
+           for inputs, mask in zip(batch['inputs'], batch['loss_mask']) if mask.any()]
+  return {int(tag) for text in texts for tag in re.findall(r'\bd(\d+)x\b', text)}
+
+
+@pytest.mark.parametrize('kind', ['text', 'jsonl', 'tfds'])
+def test_no_document_in_both_splits(built, tmp_path, kind):
+  """Documents (and their exact copies, which are dropped and counted) are wholly train or eval,
+  and the held-out share stays near data.eval_fraction, for every kind of source."""
+  docs = tagged_documents(60)
+  copies = [docs[i] for i in (3, 11, 11, 27, 40, 59)]
+  everything = docs + copies
+  if kind == 'text':
+    write_files(tmp_path / 'corpus', {f'{i:03}.txt': doc for i, doc in enumerate(everything)})
+    source = f'text:{tmp_path}/corpus/*.txt'
+  elif kind == 'jsonl':
+    lines = ''.join(json.dumps({'text': doc}) + '\n' for doc in everything)
+    write_files(tmp_path / 'corpus', {'a.jsonl': lines})
+    source = f'jsonl:{tmp_path}/corpus/a.jsonl'
+  else:
+    source = 'tfds:lm1b'  # A registered name; the mock supplies its examples.
+  config = data_config(source=source, max_chars=0, eval_fraction=0.1,
+                       tokenizer=built[0].tokenizer.path)
+  examples = [{'text': doc.encode()} for doc in everything]
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+    data = make_data(config, tmp_path / 'workdir')
+    again = make_data(config, tmp_path / 'workdir')
+  stats = data.stats
+  assert (stats['documents'], stats['duplicate_documents']) == (60, 6)
+  manifest = json.loads((tmp_path / 'workdir' / 'data' / 'manifest.json').read_text())
+  assert manifest['duplicate_documents'] == 6 and manifest['key']['version'] >= 2
+  assert again.stats == dict(stats, tokens_cached=True)
+  num_train = stats['train_rows']
+  train = tags_in((next(data.train_iter) for _ in range(-(-num_train // BATCH_SIZE) + 1)),
+                  data.tokenizer)
+  held_out = tags_in(data.eval_batches(10**6), data.tokenizer)
+  assert train.isdisjoint(held_out) and train | held_out == set(range(60))
+  assert abs(stats['eval_rows'] / (num_train + stats['eval_rows']) - 0.1) < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
 # Mixtures: data.mixture.
 
 
@@ -414,15 +527,17 @@ def mixed(tmp_path_factory, corpora):
   return make_data(mixture_config(corpora), workdir), workdir
 
 
-def row_owners(workdir, stats) -> dict[bytes, tuple[str, str]]:
+def row_owners(data, workdir) -> dict[bytes, tuple[str, str]]:
   """(source, 'train' or 'eval') of every row of a mixture, keyed by the row's inputs."""
   owners = {}
-  for name, counts in stats['sources'].items():
-    stream = np.load(os.path.join(workdir, 'data', name, 'tokens.npy')).astype(np.int32)
-    for i in range(counts['train_rows'] + counts['eval_rows']):
-      split = 'train' if i < counts['train_rows'] else 'eval'
-      owners[bytes(stream[i * SEQ_LEN:(i + 1) * SEQ_LEN])] = name, split
-  assert len(owners) == stats['train_rows'] + stats['eval_rows']  # No row in two places.
+  for name, counts in data.stats['sources'].items():
+    stream, start = built_start(data, workdir, name)
+    stream = stream.astype(np.int32)
+    for split, begin, num_rows in (('train', 0, counts['train_rows']),
+                                   ('eval', start, counts['eval_rows'])):
+      for i in range(num_rows):
+        owners[bytes(stream[begin + i * SEQ_LEN:begin + (i + 1) * SEQ_LEN])] = name, split
+  assert len(owners) == data.stats['train_rows'] + data.stats['eval_rows']  # No row in two places.
   return owners
 
 
@@ -441,10 +556,11 @@ def test_mixture_stats(mixed):
   assert list(sources) == ['en', 'hi']
   assert [counts['share'] for counts in sources.values()] == [0.25, 0.75]
   for name, counts in sources.items():
-    assert counts['documents'] == 12 and counts['eval_rows'] % BATCH_SIZE == 0
-    assert counts['train_rows'] + counts['eval_rows'] == (counts['tokens'] - 1) // SEQ_LEN
+    assert counts['documents'] == 12 and counts['eval_rows'] > 0
+    num_rows = counts['train_rows'] + counts['eval_rows']
+    assert (counts['tokens'] - 1) // SEQ_LEN - num_rows in (0, 1)
     assert os.path.exists(os.path.join(workdir, 'data', name, 'tokens.npy'))
-  for name in ('documents', 'chars', 'tokens', 'train_rows', 'eval_rows'):
+  for name in ('documents', 'chars', 'tokens', 'duplicate_documents', 'train_rows', 'eval_rows'):
     assert stats[name] == sum(counts[name] for counts in sources.values()), name
   # The tokenizer was trained on both scripts: neither needs byte fallback.
   for alphabet in (LATIN, DEVANAGARI):
@@ -454,7 +570,7 @@ def test_mixture_stats(mixed):
 
 def test_mixture_rows_follow_the_weights(mixed, corpora):
   data, workdir = mixed
-  owners = row_owners(workdir, data.stats)
+  owners = row_owners(data, workdir)
   fresh = make_data(mixture_config(corpora), workdir)  # Its own iterator, not the fixture's.
   batches = [next(fresh.train_iter) for _ in range(50)]
   drawn = owners_of(batches, owners)
@@ -467,19 +583,20 @@ def test_mixture_rows_follow_the_weights(mixed, corpora):
 
 def test_mixture_eval_sets(mixed):
   data, workdir = mixed
-  owners = row_owners(workdir, data.stats)
+  owners = row_owners(data, workdir)
   sources = data.stats['sources']
   assert list(data.eval_sets) == ['en', 'hi']
   for name, eval_set in data.eval_sets.items():
     batches = eval_set(10**6)
-    assert len(batches) == sources[name]['eval_rows'] // BATCH_SIZE and len(eval_set(1)) == 1
+    assert len(batches) == -(-sources[name]['eval_rows'] // BATCH_SIZE) and len(eval_set(1)) == 1
     assert owners_of(batches, owners) == [(name, 'eval')] * sources[name]['eval_rows']
   # The union interleaves the sources 1:3 until one runs out; each source's rows in order.
   union = data.eval_batches(10**6)
   drawn = owners_of(union, owners)
   counts = collections.Counter(name for name, _ in drawn)
   assert {split for _, split in drawn} == {'eval'} and abs(counts['hi'] - 3 * counts['en']) <= 3
-  assert counts['en'] == sources['en']['eval_rows'] or counts['hi'] == sources['hi']['eval_rows']
+  # It ends within a row of where the first source runs out (grain rounds to whole rows).
+  assert min(sources[name]['eval_rows'] - counts[name] for name in counts) <= 1
   assert len(union) == -(-len(drawn) // BATCH_SIZE)
   in_union = [bytes(inputs) for batch in union
               for inputs, mask in zip(batch['inputs'], batch['loss_mask']) if mask.any()]
