@@ -30,7 +30,6 @@ import json
 import logging as std_logging
 import os
 import shlex
-import shutil
 import sys
 import time
 import types
@@ -73,17 +72,10 @@ def prepare_shared_data(sweep, workdir: str) -> dict:
 
 
 def seed_data_cache(workdir: str, run_dir: str) -> None:
-  """Hard-links the tokens prepared once into the run's data cache (lm.data's layout: DIR/data/
-  tokens.npy and manifest.json), so runs skip tokenizing; lm.data re-tokenizes if they differ."""
-  for name in ('tokens.npy', 'manifest.json'):
-    source = os.path.join(workdir, 'shared', 'data', name)
-    target = os.path.join(run_dir, 'data', name)
-    if os.path.exists(source) and not os.path.exists(target):
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      try:
-        os.link(source, target)
-      except OSError:
-        shutil.copyfile(source, target)
+  """Hard-links the tokens prepared once into the run's data cache, so runs skip tokenizing;
+  lm.data re-tokenizes if they differ."""
+  from lm import token_cache  # pylint: disable=g-import-not-at-top
+  token_cache.copy_cache(os.path.join(workdir, 'shared', 'data'), os.path.join(run_dir, 'data'))
 
 
 def prepare(sweep, workdir: str, write: bool = True) -> list:

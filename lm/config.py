@@ -467,9 +467,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{tuple(PARAM_GROUPS)}; separate several with commas')
   _validate_lora(config)
   if d.mixture:
-    from lm import data as data_lib  # pylint: disable=g-import-not-at-top
+    from lm import sources as sources_lib  # pylint: disable=g-import-not-at-top
     try:
-      data_lib.parse_mixture(d.mixture)
+      sources_lib.parse_mixture(d.mixture)
     except ValueError as e:
       raise ConfigError(str(e)) from None
   if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):

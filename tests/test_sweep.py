@@ -11,8 +11,10 @@ import sys
 import time
 
 import pytest
+import requirements
 
 from lm import config as config_lib
+from lm import token_cache
 from launch import backends
 from launch import plan as plan_lib
 from launch import sweep as sweep_lib
@@ -97,6 +99,20 @@ def test_a_failing_job_is_retried_then_reported_while_the_others_finish(tmp_path
       os.path.join(workdir, 'runs', 'bad', 'log.txt')).read().count('===')
 
 
+def test_seed_data_cache_links_the_shared_tokens_into_a_run(tmp_path):
+  """Each run reads the tokens prepared once, through lm.token_cache's own layout."""
+  workdir, run = str(tmp_path), str(tmp_path / 'runs' / 'a')
+  shared = os.path.join(workdir, 'shared', 'data')
+  os.makedirs(shared)
+  for path in token_cache.cache_files(shared):
+    with open(path, 'w') as f:
+      f.write('prepared')
+  sweep_lib.seed_data_cache(workdir, run)
+  for source, target in zip(token_cache.cache_files(shared),
+                            token_cache.cache_files(os.path.join(run, 'data'))):
+    assert os.path.samefile(source, target)
+
+
 def _sweep_command(config, workdir):
   return [sys.executable, '-m', 'launch.sweep', '--config', config, '--workdir', str(workdir),
           '--max_parallel', '2', '--retries', '1']
@@ -156,7 +172,7 @@ def test_local_micro_sweep_killed_midway_resumes_and_completes(tmp_path):
 
 
 def test_ray_micro_sweep_runs_jobs_on_a_local_instance_and_stops_it(tmp_path):
-  ray = pytest.importorskip('ray', reason="Ray is not installed: pip install 'ray>=2.50'")
+  ray = requirements.require('ray')
   _, sweep = _micro_sweep(tmp_path, budgets=(1.6e9,), sizes_per_budget=2)
   workdir = str(tmp_path / 'sweep')
   runs = sweep_lib.prepare(sweep, workdir)
