@@ -36,13 +36,14 @@ from lm import token_cache
 from lm import tokenizer as tokenizer_lib
 
 # Re-exported, so that lm.data stays the one import for reading documents and sizing vocabularies.
+DataError = sources_lib.DataError
 SourceStats = sources_lib.SourceStats
 iter_documents = sources_lib.iter_documents
 check_source = sources_lib.check_source
 MixtureSource = sources_lib.MixtureSource
 parse_mixture = sources_lib.parse_mixture
 tokenize_documents = token_cache.tokenize_documents
-padded_vocab_size = token_cache.padded_vocab_size
+padded_vocab_size = tokenizer_lib.padded_vocab_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def held_out_start(stream: np.ndarray, *, seq_len: int, eval_fraction: float, ba
   first = batch_size * seq_len + 1
   last = num_tokens - seq_len - 1 if eval_fraction > 0 else num_tokens
   if first > last:
-    raise ValueError(
+    raise sources_lib.DataError(
         f'The corpus is too small: {num_tokens} tokens make {(num_tokens - 1) // seq_len} rows of '
         f'data.seq_len={seq_len}, but one batch of train.batch_size={batch_size} rows'
         f'{" plus one eval row" if eval_fraction > 0 else ""} needs '
@@ -108,7 +109,7 @@ def held_out_start(stream: np.ndarray, *, seq_len: int, eval_fraction: float, ba
   target = min(max(round(num_tokens * (1 - eval_fraction)), first), last)
   start = _document_start_near(stream, target, first, last, bos_id, eos_id)
   if start is None:
-    raise ValueError(
+    raise sources_lib.DataError(
         f'The corpus is too small to hold out whole documents: of its {num_tokens} tokens, none '
         f'from token {first} (after one batch of train.batch_size={batch_size} rows of '
         f'data.seq_len={seq_len}) to token {last} (before one eval row) starts a document. Use '
@@ -175,7 +176,7 @@ def _batches(rows: grain.MapDataset, *, batch_size: int, bos_id: int, shard_inde
 
 def _local_batch_size(batch_size: int, shard_count: int) -> int:
   if batch_size % shard_count:
-    raise ValueError(f'train.batch_size={batch_size} is not divisible by the {shard_count} '
+    raise sources_lib.DataError(f'train.batch_size={batch_size} is not divisible by the {shard_count} '
                      'processes that each read a slice of it')
   return batch_size // shard_count
 
@@ -248,8 +249,8 @@ def _source_rows(data_config, source: str, where: str, tokenizer: tokenizer_lib.
     start = held_out_start(stream, seq_len=data_config.seq_len,
                            eval_fraction=data_config.eval_fraction, batch_size=batch_size,
                            bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-  except ValueError as e:
-    raise ValueError(f'{where}: {e}') from e
+  except sources_lib.DataError as e:
+    raise sources_lib.DataError(f'{where}: {e}') from e
   if manifest['non_utf8_documents']:
     logging.warning('%d documents of %s had bytes that are not UTF-8 (replaced by U+FFFD).',
                     manifest['non_utf8_documents'], where)
@@ -286,7 +287,7 @@ def make_data(data_config, *, vocab_size: int, batch_size: int, seed: int, workd
   tokenizer, trained = token_cache.cached_tokenizer(data_config, mixture, vocab_size, seed,
                                                     workdir)
   if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
-    raise ValueError(f'Tokenizer {tokenizer.path!r} has no BOS or EOS piece (bos_id='
+    raise sources_lib.DataError(f'Tokenizer {tokenizer.path!r} has no BOS or EOS piece (bos_id='
                      f'{tokenizer.bos_id}, eos_id={tokenizer.eos_id}); packing needs both.')
   # Without a mixture, data.source is one source named '' (cached in WORKDIR/data itself).
   entries = mixture or [sources_lib.MixtureSource('', data_config.source, 1.0)]

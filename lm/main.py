@@ -22,38 +22,39 @@ class _OnlyWarningsFromLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+  """The project's errors for bad input (a config field, a file, a corpus, a checkpoint, a run
+  that diverged): each names what is wrong, so it is reported in one line. Any other exception
+  is a bug and keeps its traceback."""
+  # pylint: disable=g-import-not-at-top
+  from lm import checkpoint, distributed, sharding, sources, tokenizer, train
+  return (config_lib.ConfigError, sharding.ShardingError, checkpoint.CheckpointError,
+          distributed.DistributedError, train.NonFiniteLossError, sources.DataError,
+          tokenizer.TokenizerError, FileNotFoundError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  try:
-    if config.mode == 'train':
-      config = config_lib.resolve_model_from_init(config)
-    config_lib.validate(config)
-  except config_lib.ConfigError as e:
-    sys.exit(f'error: {e}')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
-
-  if config.mode == 'train':
-    from lm import checkpoint, distributed, train  # pylint: disable=g-import-not-at-top
-    try:
+  try:
+    if config.mode == 'train':  # lm.train.setup validates the config.
+      from lm import train  # pylint: disable=g-import-not-at-top
       _, metrics = train.train(config, _WORKDIR.value)
-    except (train.NonFiniteLossError, checkpoint.CheckpointError, distributed.DistributedError,
-            ValueError, FileNotFoundError) as e:  # ShardingError and data errors are ValueErrors.
-      sys.exit(f'error: {e}')
-    logging.info('done: %s', metrics)
-  elif config.mode == 'sample':
-    from lm import checkpoint, generate  # pylint: disable=g-import-not-at-top
-    try:
-      results = generate.sample_from_config(config, _WORKDIR.value)
-    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
-      sys.exit(f'error: {e}')
-    for prompt, completions in results:
-      for i, completion in enumerate(completions):
-        score = '' if completion.score is None else f', score {completion.score:.3f}'
-        print(f'=== prompt {prompt!r}, completion {i} ({completion.finish_reason}{score})')
-        print(prompt + completion.text, flush=True)
+      logging.info('done: %s', metrics)
+      return
+    config_lib.validate(config)
+    from lm import generate  # pylint: disable=g-import-not-at-top
+    results = generate.sample_from_config(config, _WORKDIR.value)
+  except _input_errors() as e:
+    sys.exit(f'error: {e}')
+  for prompt, completions in results:
+    for i, completion in enumerate(completions):
+      score = '' if completion.score is None else f', score {completion.score:.3f}'
+      print(f'=== prompt {prompt!r}, completion {i} ({completion.finish_reason}{score})')
+      print(prompt + completion.text, flush=True)
 
 
 def run():

@@ -20,6 +20,11 @@ _SOURCE_FORMS = ("'stdlib', 'text:GLOB', 'jsonl:GLOB', 'tfds:NAME[:SPLIT]' (e.g.
                  "'tfds:wiki40b/hi:train')")
 
 
+class DataError(ValueError):
+  """A source, corpus or cache lm cannot train on (no files, no text, a bad line, too few
+  tokens for a batch); the message names it."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents.
 
@@ -65,7 +70,7 @@ def check_source(source: str, where: str = '') -> None:
   files: a glob that matches nothing passes here and fails when read."""
   kind, _, arg = source.partition(':')
   if source != 'stdlib' and not (kind in ('text', 'jsonl', 'tfds') and arg):
-    raise ValueError(f'{where or f"data.source={source!r}"} is not a valid source; expected one '
+    raise DataError(f'{where or f"data.source={source!r}"} is not a valid source; expected one '
                      f'of {_SOURCE_FORMS}.')
 
 
@@ -103,14 +108,14 @@ def _counted(raw: Iterable[tuple[str, bool]], where: str, max_chars: int, drop_d
     if 0 < max_chars <= stats.chars:
       return
   if stats.documents == 0:
-    raise ValueError(f'{where} holds no text: {stats.empty_documents} documents, all empty.')
+    raise DataError(f'{where} holds no text: {stats.empty_documents} documents, all empty.')
 
 
 def _glob(pattern: str, where: str) -> list[str]:
   paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
   if not paths:
-    raise ValueError(f'{where}: no files match {pattern!r}.')
+    raise DataError(f'{where}: no files match {pattern!r}.')
   return paths
 
 
@@ -140,10 +145,10 @@ def _jsonl_documents(paths: list[str], text_field: str) -> Iterator[tuple[str, b
         try:
           record = json.loads(text)
         except json.JSONDecodeError as e:
-          raise ValueError(f'{path}:{line_number}: not a JSON line ({e}).') from e
+          raise DataError(f'{path}:{line_number}: not a JSON line ({e}).') from e
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
           found = sorted(record) if isinstance(record, dict) else type(record).__name__
-          raise ValueError(f'{path}:{line_number}: no string field data.text_field='
+          raise DataError(f'{path}:{line_number}: no string field data.text_field='
                            f'{text_field!r} (found {found}).')
         text = record[text_field]
         try:
@@ -163,7 +168,7 @@ def _tfds_documents(arg: str, text_field: str) -> Iterator[tuple[str, bool]]:
   for index in range(len(examples)):
     example = examples[index]
     if text_field not in example:
-      raise ValueError(f'tfds:{arg} example {index} has no field data.text_field={text_field!r} '
+      raise DataError(f'tfds:{arg} example {index} has no field data.text_field={text_field!r} '
                        f'(found {sorted(example)}).')
     text = example[text_field]
     yield _decode(text.item() if isinstance(text, np.ndarray) else text)
@@ -234,7 +239,7 @@ def parse_mixture(text: str) -> list[MixtureSource]:
                  'which')
     sources.append(MixtureSource(name, source, weight))
   if not sources:
-    raise ValueError(f'config.data.mixture={text!r} holds no entries; expected '
+    raise DataError(f'config.data.mixture={text!r} holds no entries; expected '
                      "'NAME=SOURCE@WEIGHT; ...', or empty to use data.source alone.")
   return sources
 

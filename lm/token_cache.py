@@ -148,12 +148,6 @@ def cached_tokens(data_config, source: str, where: str, tokenizer: tokenizer_lib
 # The tokenizer: given, or trained on the corpus.
 
 
-def padded_vocab_size(pieces: int) -> int:
-  """Embedding rows for a tokenizer of `pieces` pieces, rounded up to a multiple of 128 so the
-  vocab dimension tiles evenly in matmuls; the extra rows are never inputs or targets."""
-  return -(-pieces // 128) * 128
-
-
 def cached_tokenizer(data_config, mixture: list[sources_lib.MixtureSource], vocab_size: int,
                      seed: int, workdir: str) -> tuple[tokenizer_lib.Tokenizer, bool]:
   """(tokenizer, whether it was trained now): data.tokenizer, or one trained on the corpus.
@@ -163,11 +157,12 @@ def cached_tokenizer(data_config, mixture: list[sources_lib.MixtureSource], voca
   """
   if data_config.tokenizer:
     tokenizer = tokenizer_lib.Tokenizer(data_config.tokenizer)
-    if vocab_size not in (tokenizer.vocab_size, padded_vocab_size(tokenizer.vocab_size)):
-      raise ValueError(
+    padded = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
+    if vocab_size not in (tokenizer.vocab_size, padded):
+      raise sources_lib.DataError(
           f'model.vocab_size={vocab_size} but data.tokenizer={data_config.tokenizer!r} has '
           f'{tokenizer.vocab_size} pieces; set model.vocab_size={tokenizer.vocab_size} (or '
-          f'{padded_vocab_size(tokenizer.vocab_size)}, padded for faster matmuls).')
+          f'{padded}, padded for faster matmuls).')
     return tokenizer, False
   model_path = os.path.join(workdir, 'tokenizer', 'spm.model')
   manifest_path = os.path.join(workdir, 'tokenizer', 'manifest.json')

@@ -44,6 +44,10 @@ LLAMA2_TRAINER_OPTIONS = dict(
     max_sentence_length=4 * _MAX_LINE_CHARS, num_threads=os.cpu_count() or 1, minloglevel=2)
 
 
+class TokenizerError(ValueError):
+  """A tokenizer that cannot be loaded or trained (a bad model file, a corpus it does not fit)."""
+
+
 class Tokenizer:
   """A SentencePiece model file, with the few operations the data pipeline and the trainer need."""
 
@@ -55,7 +59,7 @@ class Tokenizer:
     try:
       self._sp.Load(path)
     except (RuntimeError, OSError) as e:
-      raise ValueError(f'{path!r} is not a valid SentencePiece model file: {e}') from e
+      raise TokenizerError(f'{path!r} is not a valid SentencePiece model file: {e}') from e
     self._num_threads = os.cpu_count() or 1
     self._piece_texts = None
 
@@ -181,7 +185,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str, *, m
   """
   sentences = list(training_sentences(sample_texts(texts, max_chars, seed)))
   if not sentences:
-    raise ValueError('Cannot train a tokenizer on an empty corpus: the texts hold no characters.')
+    raise TokenizerError('Cannot train a tokenizer on an empty corpus: the texts hold no characters.')
   spm.set_random_generator_seed(seed)
   model = io.BytesIO()
   try:
@@ -198,14 +202,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str, *, m
   return Tokenizer(model_path)
 
 
-def training_error(e: RuntimeError, setting: str, text: str) -> ValueError:
+def training_error(e: RuntimeError, setting: str, text: str) -> TokenizerError:
   """SentencePiece's complaint, saying which vocabulary size fits the text when that was it."""
   if 'ocabulary size' not in str(e):
-    return ValueError(f'SentencePiece could not train on {text}: {e}')
+    return TokenizerError(f'SentencePiece could not train on {text}: {e}')
   high, low = re.search(r'<= (\d+)', str(e)), re.search(r'required_chars\. \d+ vs (\d+)', str(e))
   hint = (f' (at most {high.group(1)} for this text)' if high else
           f' (at least {low.group(1)} for this text)' if low else '')
-  return ValueError(f'{setting} does not fit {text}{hint}. SentencePiece said: {e}')
+  return TokenizerError(f'{setting} does not fit {text}{hint}. SentencePiece said: {e}')
 
 
 # lm/tokenizer_tools.py's public functions, once this module's: imported when first asked for.

@@ -6,6 +6,8 @@ import struct
 import subprocess
 import sys
 
+import pytest
+
 from tensorboardX.proto import event_pb2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,3 +90,21 @@ def test_cli_empty_corpus_names_the_path(tmp_path):
       cwd=tmp_path, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert str(tmp_path) in result.stderr and 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('raised, one_line', [
+    ('sources.DataError("text:x/*.txt: no files match")', True),
+    ('ValueError("an internal bug")', False)])
+def test_input_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, raised, one_line):
+  script = ('import sys; from lm import main, sources, train\n'
+            f'def fail(*args): raise {raised}\n'
+            'train.train = fail\n'
+            'sys.argv = ["lm"] + sys.argv[1:]\n'
+            'main.run()\n')
+  result = subprocess.run(
+      [sys.executable, '-c', script, '--config', os.path.join(ROOT, 'configs', 'tiny.py'),
+       '--workdir', str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert ('Traceback' not in result.stderr) == one_line, result.stderr[-2000:]
+  if one_line:
+    assert result.stderr.strip().splitlines()[-1] == 'error: text:x/*.txt: no files match'

@@ -299,11 +299,12 @@ def test_a_run_continues_from_the_extended_checkpoint_training_only_embeddings(
   base, merged = tokenizers
   ext = tmp_path / 'ext'
   vocab.extend_checkpoint(run, base, merged, 'mean', str(ext))
-  (tmp_path / 'hindi.txt').write_text('नमस्ते भारत। ' * 200 + ENGLISH * 40)
+  for i in range(10):  # Whole documents are held out, so the corpus needs several.
+    (tmp_path / f'hindi{i}.txt').write_text(f'{i} ' + 'नमस्ते भारत। ' * 20 + ENGLISH * 4)
   config = config_lib.config_from_json(str(ext / 'config.json'))
   config.train.update(steps=3, warmup_steps=1, batch_size=4, eval_every=3, eval_batches=1,
                       checkpoint_every=3, trainable='embeddings')
-  config.data.update(source=f'text:{tmp_path}/hindi.txt', seq_len=32, eval_fraction=0.1)
+  config.data.update(source=f'text:{tmp_path}/hindi*.txt', seq_len=32, eval_fraction=0.1)
   state, metrics = train_lib.train(config, str(tmp_path / 'run'))
   start = _params(ext)
   assert int(state.step) == 3 and np.isfinite(metrics['eval_loss'])
