@@ -19,10 +19,11 @@ is megabytes, not 28 GB. `restore_params` puts the two back together.
 import logging
 import os
 
-from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from lm import pytree
 
 
 class CheckpointError(RuntimeError):
@@ -128,25 +129,6 @@ def _unused_path(path: str) -> str:
 FROZEN = 'frozen'  # WORKDIR/FROZEN/params: the parameters a run does not train.
 
 
-def subtree(params: dict, paths) -> dict:
-  """The nested dict of params' leaves at `paths` (tuples of keys), in params' order."""
-  paths = set(paths)
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in paths})
-
-
-def union(*trees: dict) -> dict:
-  """One nested dict with the leaves of all `trees` (which share no leaf)."""
-  flat = {}
-  for tree in trees:
-    flat.update(traverse_util.flatten_dict(tree))
-  return traverse_util.unflatten_dict(flat)
-
-
-def leaf_paths(params: dict) -> list[tuple]:
-  return list(traverse_util.flatten_dict(params))
-
-
 def save_params(directory: str, params, force: bool = False) -> None:
   """Writes `params` as the item directory/params (synchronously; force: replacing one)."""
   ocp.PyTreeCheckpointer().save(os.path.join(os.path.abspath(directory), 'params'),
@@ -156,7 +138,7 @@ def save_params(directory: str, params, force: bool = False) -> None:
 def params_shapes(path: str) -> dict:
   """The stored parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), read from metadata
   (a run's frozen parameters included)."""
-  return union(*(_item_shapes(item, key) for item, key in _params_sources(path)))
+  return pytree.union(*(_item_shapes(item, key) for item, key in _params_sources(path)))
 
 
 def _item_shapes(item: str, key: str | None) -> dict:
@@ -172,11 +154,11 @@ def restore_params(path: str, target) -> dict:
   """Parameters of the checkpoint at `path` with the shapes, dtypes and shardings of `target`
   (numpy arrays where a leaf has no sharding); CheckpointError names every leaf that differs."""
   sources = [(item, key, _item_shapes(item, key)) for item, key in _params_sources(path)]
-  differences = _shape_differences(union(*(shapes for _, _, shapes in sources)), target)
+  differences = _shape_differences(pytree.union(*(shapes for _, _, shapes in sources)), target)
   if differences:
     raise CheckpointError(f'the parameters in {path} do not fit the model: '
                           + '; '.join(differences))
-  return union(*(_restore_item(item, key, subtree(target, leaf_paths(shapes)))
+  return pytree.union(*(_restore_item(item, key, pytree.subtree(target, pytree.leaf_paths(shapes)))
                  for item, key, shapes in sources))
 
 

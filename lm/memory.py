@@ -107,6 +107,7 @@ from ml_collections import config_flags
 from lm import attention as attention_lib
 from lm import config as config_lib
 from lm import model as model_lib
+from lm import pytree
 from lm import sharding
 
 GIB = 2 ** 30
@@ -156,12 +157,10 @@ def _parameters(cfg: model_lib.ModelConfig) -> tuple:
   """(dotted name, shape, itemsize, logical axes) of every parameter; abstract, so no memory."""
   shapes = jax.eval_shape(functools.partial(model_lib.init_params, cfg, 0))
   axes = model_lib.logical_axes(cfg)
-  flat_axes = jax.tree_util.tree_flatten_with_path(
-      axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=pytree.is_axes)[0]
   flat_shapes = jax.tree.leaves(shapes)
   return tuple(
-      ('.'.join(str(getattr(k, 'key', k)) for k in path), tuple(s.shape),
-       jnp.dtype(s.dtype).itemsize, names)
+      (pytree.dotted(path), tuple(s.shape), jnp.dtype(s.dtype).itemsize, names)
       for (path, names), s in zip(flat_axes, flat_shapes))
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lm import model as model_lib
+from lm import pytree
 
 # Per weight: how many leading axes (after 'layers' for the stacked blocks) its matmul contracts.
 CONTRACTED_AXES = {'w_q': 1, 'w_k': 1, 'w_v': 1, 'w_o': 2, 'w_up': 1, 'w_gate': 1, 'w_down': 1,
@@ -50,7 +51,7 @@ def _reduce_axes(path: tuple[str, ...]) -> tuple[int, ...] | None:
 def quantize(params: dict, include_embed: bool = False) -> dict:
   """params with their matmul weights in int8 (see the module docstring)."""
   def convert(path, w):
-    keys = tuple(str(getattr(k, 'key', k)) for k in path)
+    keys = pytree.keys(path)
     axes = _reduce_axes(keys)
     if axes is None or (keys[-1] == 'embed' and not include_embed):
       return w

@@ -23,6 +23,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 
+from lm import pytree
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # Logical axis -> mesh axes (a tuple: an axis may be split over several mesh axes; () replicates).
@@ -114,13 +116,12 @@ def spec(logical_axes, rules: dict, mesh=None, shape=None, name: str = '') -> P:
 
 def tree_shardings(logical_tree, shapes_tree, mesh, rules):
   """NamedShardings for a pytree of arrays given the matching pytree of logical-axis tuples."""
-  is_axes = lambda x: isinstance(x, tuple)
-  paths = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=is_axes)[0]
+  paths = jax.tree_util.tree_flatten_with_path(logical_tree, is_leaf=pytree.is_axes)[0]
   shapes = jax.tree.leaves(shapes_tree)
   if len(paths) != len(shapes):
     raise ShardingError('logical axes and arrays have different structures')
   shardings = [
-      NamedSharding(mesh, spec(axes, rules, mesh, shape.shape, _dotted(path)))
+      NamedSharding(mesh, spec(axes, rules, mesh, shape.shape, pytree.dotted(path)))
       for (path, axes), shape in zip(paths, shapes)]
   return jax.tree.unflatten(jax.tree.structure(shapes_tree), shardings)
 
@@ -132,10 +133,6 @@ def check_batch(batch_size: int, mesh, rules, field: str) -> None:
   if batch_size % ways:
     splits = ' x '.join(f'{a}={mesh.shape[a]}' for a in axes)
     raise ShardingError(f'{field} = {batch_size} is not divisible by {splits} = {ways}')
-
-
-def _dotted(path) -> str:
-  return '.'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

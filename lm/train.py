@@ -38,6 +38,7 @@ from lm import flops
 from lm import lora as lora_lib
 from lm import metrics as metrics_lib
 from lm import model as model_lib
+from lm import pytree
 from lm import sharding
 
 
@@ -73,12 +74,8 @@ def split_trained(params: dict, trained: tuple | None) -> tuple[dict, dict]:
   """(trained parameters, frozen parameters) as two nested dicts; trained=None: all trained."""
   if trained is None:
     return params, {}
-  frozen = [p for p in checkpoint_lib.leaf_paths(params) if p not in set(trained)]
-  return checkpoint_lib.subtree(params, trained), checkpoint_lib.subtree(params, frozen)
-
-
-def _is_axes(x) -> bool:
-  return isinstance(x, tuple)
+  frozen = [p for p in pytree.leaf_paths(params) if p not in set(trained)]
+  return pytree.subtree(params, trained), pytree.subtree(params, frozen)
 
 
 def is_decayed(name: str) -> bool:
@@ -98,7 +95,7 @@ def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.Gradient
   """
   trained, _ = split_trained(logical_axes, trained_paths(t, logical_axes))
   decay_mask = jax.tree_util.tree_map_with_path(
-      lambda path, _: is_decayed(path[-1].key), trained, is_leaf=_is_axes)
+      lambda path, _: is_decayed(path[-1].key), trained, is_leaf=pytree.is_axes)
   adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
                       weight_decay=t.weight_decay, mask=decay_mask)
   # Always chained, so turning clipping on or off keeps the optimizer state's structure.
@@ -144,7 +141,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collectio
                                 label_smoothing=t.label_smoothing)
   grad_fn = jax.grad(
       lambda trained_params, batch, rng: objective(
-          checkpoint_lib.union(trained_params, frozen_params), batch, rng), has_aux=True)
+          pytree.union(trained_params, frozen_params), batch, rng), has_aux=True)
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   if t.grad_accum_steps == 1:
     grads, sums = grad_fn(trained_params, batch, step_rng)
@@ -165,7 +162,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collectio
   tokens = jnp.maximum(sums['tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / tokens, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, trained_params)
-  params = checkpoint_lib.union(optax.apply_updates(trained_params, updates), frozen_params)
+  params = pytree.union(optax.apply_updates(trained_params, updates), frozen_params)
   metrics = {
       'loss': sums['nll'] / tokens,
       'grad_norm': optax.tree.norm(grads),
@@ -204,7 +201,7 @@ def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int, params=None,
   Optimizer state exists for the `trained` parameters only (trained_paths; None: all)."""
   fresh = model_lib.init_params(cfg, seed)
   if params is not None:
-    fresh = checkpoint_lib.union(fresh, params)
+    fresh = pytree.union(fresh, params)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=fresh,
       opt_state=optimizer.init(split_trained(fresh, trained)[0]),
@@ -400,9 +397,9 @@ class _StopRequested:
 def _init_from_target(path: str, abstract_params: dict) -> dict:
   """The parameters to take from config.init_from: all of the model's, except LoRA adapters
   that checkpoint lacks (a base model's), which start fresh (B = 0: the base model's outputs)."""
-  stored = set(checkpoint_lib.leaf_paths(checkpoint_lib.params_shapes(path)))
-  return checkpoint_lib.subtree(abstract_params, [
-      p for p in checkpoint_lib.leaf_paths(abstract_params)
+  stored = set(pytree.leaf_paths(checkpoint_lib.params_shapes(path)))
+  return pytree.subtree(abstract_params, [
+      p for p in pytree.leaf_paths(abstract_params)
       if p in stored or not lora_lib.is_adapter(p[-1])])
 
 
@@ -471,7 +468,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   if restored is not None:
     state, data_state = restored
     if trained is not None:
-      state = state.replace(params=checkpoint_lib.union(state.params, _restore_frozen(
+      state = state.replace(params=pytree.union(state.params, _restore_frozen(
           frozen_dir, split_trained(abstract_state.params, trained)[1])))
     data.train_iter.set_state(data_state)
     logging.info('resumed from step %d', int(state.step))

@@ -260,6 +260,7 @@ def test_a_lora_checkpoint_scores_as_its_unmerged_model(tiny_llama, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from lm import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lm import pytree  # pylint: disable=g-import-not-at-top
   from lm import model as model_lib  # pylint: disable=g-import-not-at-top
   from lm import sharding  # pylint: disable=g-import-not-at-top
   config = config_lib.checkpoint_config(tiny_llama.lm)
@@ -272,7 +273,7 @@ def test_a_lora_checkpoint_scores_as_its_unmerged_model(tiny_llama, tmp_path):
   rng = np.random.default_rng(0)
   adapters = jax.tree.map(lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
                           jax.eval_shape(lambda: model_lib.init_params(cfg, 0)))
-  params = checkpoint_lib.union(adapters, base)  # Base weights, random A and B.
+  params = pytree.union(adapters, base)  # Base weights, random A and B.
   run = tmp_path / 'lora_run'
   os.makedirs(run)
   checkpoint_lib.save_params(str(run), params)

@@ -15,6 +15,7 @@ from lm import config as config_lib
 from lm import generate
 from lm import lora
 from lm import model as model_lib
+from lm import pytree
 from lm import train as train_lib
 
 BASE = model_lib.ModelConfig(
@@ -242,7 +243,7 @@ def test_a_lora_run_resumes_exactly_and_checkpoints_only_what_it_trains(tmp_path
   assert 'w_q_lora_a' not in frozen['blocks']['attention']
   step_state = str(tmp_path / 'straight' / 'checkpoints' / '6')
   stored = checkpoint_lib._item_shapes(os.path.join(step_state, 'state'), 'params')
-  assert {p[-1] for p in checkpoint_lib.leaf_paths(stored)} == {
+  assert {p[-1] for p in pytree.leaf_paths(stored)} == {
       'w_q_lora_a', 'w_q_lora_b', 'w_v_lora_a', 'w_v_lora_b', 'w_down_lora_a', 'w_down_lora_b'}
   merged_base = lora.merge(jax.tree.map(np.asarray, straight.params), dataclasses.replace(
       model_lib.ModelConfig.from_config(_run_config(base, tokenizer), 'float32'),
