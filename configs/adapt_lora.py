@@ -8,7 +8,7 @@ embeddings on mostly-Hindi text, the base weights frozen bit for bit:
   python -m lm.tokenizer train --input hindi.txt --vocab_size 16000 --out hindi
   python -m lm.tokenizer merge --base llama2/tokenizer.model --add hindi.model \\
       --check english.txt --out merged.model
-  python -m lm.tokenizer extend-checkpoint --checkpoint llama2 --base llama2/tokenizer.model \\
+  python -m lm.vocab extend-checkpoint --checkpoint llama2 --base llama2/tokenizer.model \\
       --merged merged.model --init subword_mean --out llama2_hi
   python -m lm.main --config configs/adapt_lora.py --workdir run --config.init_from=llama2_hi
   python -m lm.convert lm-to-hf --checkpoint run --tokenizer merged.model --out llama2_hi_hf

@@ -131,7 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer = ''  # SentencePiece .model file; empty: train one on the corpus, cached in the workdir.
   d.tokenizer_train_chars = 20_000_000  # Characters of text sampled to train that tokenizer.
   d.max_chars = 0  # Use only the first this many characters of the corpus (0: all of it).
-  d.eval_fraction = 0.02  # Fraction of packed rows held out for evaluation.
+  # Share of the token stream held out for evaluation, cut at the nearest document start, so no
+  # document is on both sides (exact duplicate documents are dropped before the split).
+  d.eval_fraction = 0.02
   # Train on several sources at once instead of data.source: 'NAME=SOURCE@WEIGHT; ...', e.g.
   # 'hi=text:/data/hi/*.txt@0.8; en=stdlib@0.2'. Each source is tokenized and split on its own;
   # WEIGHT / sum(weights) of the training rows come from source NAME (interleaved in a fixed

@@ -12,7 +12,8 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 @pytest.fixture(scope='session')
 def tiny_llama(tmp_path_factory):
   """A random tiny HF Llama, its tokenizer and its lm.convert output (tests/eval_fixtures.py)."""
-  pytest.importorskip('torch')
+  import requirements  # pylint: disable=g-import-not-at-top
+  requirements.require('torch')
   import eval_fixtures  # pylint: disable=g-import-not-at-top
   return eval_fixtures.build_tiny_llama(str(tmp_path_factory.mktemp('tiny_llama')))
 
