@@ -8,6 +8,7 @@ token. Each row draws its random numbers from its own seed, so a row's output ne
 which other prompts share its batch. `load` restores a trained model from a workdir.
 """
 
+import bisect
 import dataclasses
 import functools
 import json
@@ -26,9 +27,18 @@ from lm import tokenizer as tokenizer_lib
 
 @dataclasses.dataclass
 class Completion:
-  tokens: list[int]  # Generated tokens (prompt excluded), up to and including a stop token.
+  """One generated sequence, ending where decoding stopped.
+
+  `tokens` end with the token that ended decoding, kept: a stop token, or the first token at
+  which the text decoded so far holds a stop string (where a reader of the stream would stop).
+  `text` is those tokens decoded, less a final stop token, cut just before the first stop
+  string in it. So text is a prefix of decode(tokens) and logprobs cover exactly the tokens
+  chosen; text == decode(tokens) cannot hold in general, as one piece may hold text on both
+  sides of a stop string ('a\\n' with the stop string '\\n').
+  """
+  tokens: list[int]  # Generated tokens (prompt excluded).
   logprobs: list[float]  # The model's log-probability of each token (unscaled, unfiltered).
-  text: str | None  # The tokens decoded (stop token excluded, cut before a stop string).
+  text: str | None  # None without a tokenizer.
   finish_reason: str  # 'stop_token', 'stop_string' or 'length'.
   score: float | None = None  # Beam search: sum(logprobs) / len(tokens) ** length_alpha.
 
@@ -40,19 +50,21 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
   """Logits divided by temperature, -inf outside the top k and outside the nucleus.
 
   The nucleus is the smallest set of most likely tokens whose probability (after top-k) reaches
-  top_p; top_k=0 and top_p=1 disable those filters. The arguments may be traced scalars, so one
-  compilation serves every setting.
+  top_p; top_k=0 and top_p=1 disable those filters. Equal logits rank by token id, the lower
+  first (as argmax picks), so top-k keeps exactly k tokens even among ties, and the nucleus
+  exactly its set. The arguments may be traced scalars, so one compilation serves every setting.
   """
   logits_BV = logits_BV.astype(jnp.float32) / temperature
-  V = logits_BV.shape[-1]
-  sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+  B, V = logits_BV.shape
+  order_BV = jnp.argsort(-logits_BV, axis=-1)  # Stable: ties stay in token-id order.
+  sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
   k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-  in_top_k_BV = sorted_BV >= sorted_BV[:, k - 1][:, None]
-  probs_BV = jax.nn.softmax(jnp.where(in_top_k_BV, sorted_BV, -jnp.inf), axis=-1)
+  in_top_k_V = jnp.arange(V) < k
+  probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BV, -jnp.inf), axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-  keep_BV = in_top_k_BV & ((mass_before_BV < top_p) | (top_p >= 1))
-  smallest_kept_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), -1, keepdims=True)
-  return jnp.where(logits_BV < smallest_kept_B1, -jnp.inf, logits_BV)
+  keep_sorted_BV = in_top_k_V & ((mass_before_BV < top_p) | (top_p >= 1))
+  keep_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order_BV].set(keep_sorted_BV)
+  return jnp.where(keep_BV, logits_BV, -jnp.inf)
 
 
 def choose_tokens(logits_BV, keys_B, temperature, top_k, top_p, *, greedy: bool = False):
@@ -120,9 +132,10 @@ def _token_logprobs(logits_BV, tokens_B):
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'greedy'))
 def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, stop_tokens_N,
-            temperature, top_k, top_p, num_pieces, *, max_new_tokens, greedy):
+            stop_pieces_M, temperature, top_k, top_p, num_pieces, *, max_new_tokens, greedy):
   """Generated tokens_BN and logprobs_BN (N = max_new_tokens) and each row's count until and
-  including its first stop token (N if none). Only ids below num_pieces are ever chosen."""
+  including its first stop token, or stop piece after its first token (N if none). Only ids
+  below num_pieces are ever chosen."""
   B, P = tokens_BP.shape
   logits_BV, cache = _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
                               P + max_new_tokens)
@@ -138,7 +151,8 @@ def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, 
     out_BN = out_BN.at[:, step].set(token_B)
     logprobs_BN = logprobs_BN.at[:, step].set(_token_logprobs(logits_BV, token_B))
     lengths_B = lengths_B + ~done_B
-    done_B = done_B | jnp.isin(token_B, stop_tokens_N)
+    done_B = (done_B | jnp.isin(token_B, stop_tokens_N)
+              | ((step > 0) & jnp.isin(token_B, stop_pieces_M)))
     logits_BV, cache = _decode_step(graphdef, params, token_B, next_position_B + step, cache)
     return step + 1, logits_BV, cache, out_BN, logprobs_BN, done_B, lengths_B
 
@@ -177,7 +191,7 @@ def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 6
   tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts, multiple=prompt_len or 16)
   out_BN, logprobs_BN, lengths_B = _sample(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP, np.asarray(seeds, np.uint32),
-      _stop_array(stop_tokens + _pieces_holding(tokenizer, stop_strings, stop_tokens)),
+      _stop_array(stop_tokens), _stop_array(_pieces_holding(tokenizer, stop_strings, stop_tokens)),
       np.float32(temperature), np.int32(min(top_k, cfg.vocab_size)),
       np.float32(top_p), _num_pieces(tokenizer, cfg), max_new_tokens=max_new_tokens,
       greedy=temperature == 0)
@@ -354,10 +368,11 @@ def _stop_array(stop_tokens: list[int]) -> np.ndarray:
 
 
 def _pieces_holding(tokenizer, stop_strings, stop_tokens) -> list[int]:
-  """Pieces (besides stop_tokens) whose text contains a stop string: a row that emits one has
-  reached the string, so decoding stops there instead of running on to max_new_tokens. Unlike
-  a stop token, the piece stays in the completion, whose text is cut at the string as always;
-  strings spanning several pieces are still found when decoding ends."""
+  """Pieces (besides stop_tokens) whose text contains a stop string: a row that emits one after
+  its first token has reached the string, so decoding stops there instead of running on to
+  max_new_tokens (Completion says what is kept). Not at the first token: decoding drops a
+  leading space there (SentencePiece's dummy prefix), which may be what held the string.
+  Strings spanning several pieces are still found when decoding ends."""
   if not stop_strings or not hasattr(tokenizer, 'piece_texts'):
     return []
   return [i for i, text in enumerate(tokenizer.piece_texts())
@@ -373,19 +388,27 @@ def _stop_tokens(stop_tokens, tokenizer, stop_strings) -> list[int]:
 
 
 def _completion(tokens, logprobs, stop_tokens, stop_strings, tokenizer) -> Completion:
-  """Host-side finish: the reason decoding stopped, the text, cut at the first stop string."""
+  """Host-side finish: the reason decoding stopped and the text, both cut as Completion says."""
   tokens, logprobs = [int(t) for t in tokens], [float(x) for x in logprobs]
   reason = 'stop_token' if tokens and tokens[-1] in stop_tokens else 'length'
   if tokenizer is None:
     return Completion(tokens, logprobs, None, reason)
   body = tokens[:-1] if reason == 'stop_token' else tokens
   text = tokenizer.decode(body)
-  cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
-  if cut < 0:
+  if _first_stop(text, stop_strings) < 0:
     return Completion(tokens, logprobs, text, reason)
-  # The fewest tokens whose text reaches the stop string.
-  n = next(n for n in range(1, len(body) + 1) if len(tokenizer.decode(body[:n])) > cut)
-  return Completion(tokens[:n], logprobs[:n], text[:cut], 'stop_string')
+  # The fewest tokens whose text holds a stop string (a longer prefix only adds text).
+  n = 1 + bisect.bisect_left(
+      range(1, len(body) + 1), True,
+      key=lambda n: _first_stop(tokenizer.decode(body[:n]), stop_strings) >= 0)
+  text = tokenizer.decode(body[:n])
+  return Completion(tokens[:n], logprobs[:n], text[:_first_stop(text, stop_strings)],
+                    'stop_string')
+
+
+def _first_stop(text: str, stop_strings) -> int:
+  """Where the earliest stop string in text begins; -1 if it holds none."""
+  return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
 
 
 def load(config, workdir: str):

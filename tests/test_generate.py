@@ -120,6 +120,19 @@ def test_top_k_and_top_p_never_emit_outside_their_set(filters, allowed):
   assert _draws(**filters) == allowed  # Every allowed token is drawn, no other ever is.
 
 
+def test_top_k_and_top_p_keep_exactly_their_count_among_tied_logits():
+  """Ties rank by token id: top_k=2 over [0, 1, 1, 1] keeps tokens 1 and 2, not all three 1s,
+  and the nucleus 0.5 keeps two of four equal logits, not all four."""
+  logits_BV = jnp.asarray([[0.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+
+  def kept(top_k, top_p):
+    return np.isfinite(np.asarray(generate.filter_logits(logits_BV, 1.0, top_k, top_p)))
+
+  np.testing.assert_array_equal(kept(2, 1.0), [[0, 1, 1, 0], [1, 1, 0, 0]])
+  np.testing.assert_array_equal(kept(1, 1.0), np.eye(4, dtype=bool)[np.argmax(logits_BV, -1)])
+  np.testing.assert_array_equal(kept(0, 0.5), [[0, 1, 1, 0], [1, 1, 0, 0]])  # 0.30 + 0.30.
+
+
 def _bigram_model():
   """SMALL with next-token probabilities that depend only on the current token: attention and
   MLP outputs are zero, tokens 1, 3, 4 embed one-hot (as dims 0, 1, 2) and the unembedding's
@@ -189,6 +202,38 @@ def test_stop_tokens_and_stop_strings_cut_the_completion():
   [cut] = generate.sample(graphdef, params, ['b'], tokenizer=tokenizer, add_bos=False,
                           max_new_tokens=4, temperature=0, stop_strings=['d'])
   assert cut.tokens == [3] and cut.text == '' and cut.finish_reason == 'stop_string'
+
+
+class _PieceTokenizer:
+  """Pieces of a few characters; like SentencePiece, decoding drops the first piece's leading
+  space (the dummy prefix) while piece_texts keeps it."""
+  bos_id, eos_id, vocab_size = 1, 2, SMALL.vocab_size
+  PIECES = {3: ' ab', 2: 'c', 0: 'd\ne'}
+
+  def decode(self, ids):
+    return ''.join(self.PIECES.get(int(t), '?') for t in ids).removeprefix(' ')
+
+  def piece_texts(self):
+    return [self.PIECES.get(i, '?') for i in range(self.vocab_size)]
+
+
+@pytest.mark.parametrize('stop_strings, tokens, text, reason', [
+    (['bc'], [3, 2], 'a', 'stop_string'),  # Spans two pieces: the one completing it is kept.
+    (['\n'], [3, 2, 0], 'abcd', 'stop_string'),  # Inside one piece, text on both sides.
+    (['q'], [3, 2, 0, 0, 0], 'abcd\ned\ned\ne', 'length'),  # Never produced.
+    ([' '], [3, 2, 0, 0, 0], 'abcd\ned\ned\ne', 'length'),  # Only in the dropped dummy prefix.
+    (['e', 'bcd'], [3, 2, 0], 'a', 'stop_string'),  # Both appear with token 0; 'bcd' first.
+], ids=['spanning', 'inside_one_piece', 'never', 'leading_space', 'earliest_of_two'])
+def test_stop_strings_end_tokens_and_text_at_one_place(stop_strings, tokens, text, reason):
+  """Greedy from BOS is 3, 2, 0, 0, ... (' ab', 'c', 'd\\ne', ...; 2 is no stop token here):
+  tokens end with the first at which the text so far holds a stop string, text just before it."""
+  graphdef, params, _ = _bigram_model()
+  [completion] = generate.sample(graphdef, params, [[1]], tokenizer=_PieceTokenizer(),
+                                 max_new_tokens=5, temperature=0, stop_tokens=[],
+                                 stop_strings=stop_strings)
+  assert (completion.tokens, completion.text, completion.finish_reason) == (tokens, text, reason)
+  assert len(completion.logprobs) == len(tokens)
+  assert _PieceTokenizer().decode(tokens).startswith(text)
 
 
 def test_bad_inputs_name_what_is_wrong(small):
