@@ -1,5 +1,5 @@
-"""Decoding speed on this machine: lm's KV-cached decoding against recomputing the whole sequence
-every step, and against HuggingFace transformers' `generate` (PyTorch, KV-cached) at the same shape.
+"""Decoding speed on this machine: lm's KV-cached decoding against recomputing the prefix every
+step, and against HuggingFace transformers' `generate` (PyTorch, KV-cached) at the same shape.
 
   pip install -e '.[bench]'   # torch==2.13.0 (CPU wheel) and transformers
   python bench/generate.py [--config tiny] [--contexts 256,1024] [--new_tokens 32] [--batch 1]
@@ -7,10 +7,11 @@ every step, and against HuggingFace transformers' `generate` (PyTorch, KV-cached
 For each context length C, a batch of random C-token prompts is extended by --new_tokens greedy
 tokens. Decode tokens/s counts decode steps only: (time for N new tokens - time for 1) / (N - 1)
 per step, so the prefill is left out; each time is the fastest of --repeats runs after a warmup
-(the first compiles), the least disturbed by other processes on a shared machine. 'no cache' is the decoder this repo had before the KV cache: each step runs
-the model over the whole fixed-length buffer (jitted, one fori_loop). The model is configs/NAME's
-shape with random fp32 weights (max_seq_len raised to fit); HF runs LlamaForCausalLM (sdpa,
-fp32, DynamicCache) with the same shape in this process after the JAX runs, on the same cores.
+(the first compiles), the least disturbed by other processes on a shared machine. 'no cache'
+(no_cache_decoder) recomputes every step from scratch: the model over the tokens so far, padded
+to a multiple of 16, logits at the last token only. The model is configs/NAME's shape with
+random fp32 weights (max_seq_len raised to fit); HF runs LlamaForCausalLM (sdpa, fp32,
+DynamicCache) with the same shape in this process after the JAX runs, on the same cores.
 
 Serving (lm/engine.py, lm/quantize.py), unless --skip_engine / --skip_int8:
   continuous batching against static batching on --requests greedy requests (prompts of 8-64
@@ -58,29 +59,57 @@ def _decode_rate(run, batch: int, new_tokens: int, repeats: int) -> float:
   return batch * (new_tokens - 1) / max(many - one, 1e-9)
 
 
-def jax_rates(cfg, prompts_BC: np.ndarray, new_tokens: int, repeats: int) -> dict:
-  """Decode tokens/s of lm.generate (KV cache) and of full recomputation every step."""
+NO_CACHE_BUCKET = 16  # The no-cache decoder pads the tokens so far to a multiple of this.
+
+
+def _round_up(length: int) -> int:
+  return -(-length // NO_CACHE_BUCKET) * NO_CACHE_BUCKET
+
+
+def no_cache_decoder(graphdef):
+  """decode(params, prompts_BC, n): the prompts followed by n greedy tokens, [B, C + n], each
+  token from a forward pass over every token before it (no KV cache), logits at the last only.
+  The tokens so far are padded to a multiple of NO_CACHE_BUCKET, so a few compilations serve
+  every step; causal attention keeps the padding out of the logits."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  @functools.partial(jax.jit, static_argnames='length')
+  def greedy_steps(params, buffer_BL, start, stop, length):
+    """Slots [start, stop) filled one by one, each from the buffer's first `length` slots."""
+    model = nnx.merge(graphdef, params)
+
+    def body(position, buffer_BL):
+      x_BLD = model(buffer_BL[:, :length], hidden_only=True)
+      next_B = jnp.argmax(model.logits(x_BLD[:, position - 1]), -1)
+      return buffer_BL.at[:, position].set(next_B.astype(buffer_BL.dtype))
+    return jax.lax.fori_loop(start, stop, body, buffer_BL)
+
+  def decode(params, prompts_BC: np.ndarray, num_tokens: int):
+    B, C = prompts_BC.shape
+    end = C + num_tokens
+    buffer_BL = jnp.zeros((B, _round_up(end)), jnp.int32).at[:, :C].set(prompts_BC)
+    for length in range(_round_up(C), _round_up(end - 1) + 1, NO_CACHE_BUCKET):
+      start = max(C, length - NO_CACHE_BUCKET + 1)  # The positions whose prefix rounds to length.
+      buffer_BL = greedy_steps(params, buffer_BL, start, min(length + 1, end), length=length)
+    return buffer_BL[:, :end]
+  return decode
+
+
+def jax_rates(cfg, prompts_BC: np.ndarray, new_tokens: int, repeats: int) -> dict:
+  """Decode tokens/s of lm.generate (KV cache) and of recomputing the prefix every step."""
+  import jax  # pylint: disable=g-import-not-at-top
   from lm import generate, model as model_lib  # pylint: disable=g-import-not-at-top
   graphdef, params = model_lib.init(cfg, 0)
-  prompts = prompts_BC.tolist()
-  B, C = prompts_BC.shape
+  prompts, B = prompts_BC.tolist(), len(prompts_BC)
+  decode_without_cache = no_cache_decoder(graphdef)
 
   def cached(n):
     generate.sample(graphdef, params, prompts, max_new_tokens=n, temperature=0, stop_tokens=[])
 
-  @functools.partial(jax.jit, static_argnames=('num_tokens',))
-  def recompute(buffer_BL, num_tokens):
-    def body(i, buffer_BL):
-      logits_BLV = model_lib.apply(graphdef, params, buffer_BL)
-      next_B = jnp.argmax(logits_BLV[:, C + i - 1], -1).astype(buffer_BL.dtype)
-      return buffer_BL.at[:, C + i].set(next_B)
-    return jax.lax.fori_loop(0, num_tokens, body, buffer_BL)
-
   def uncached(n):
-    buffer_BL = jnp.zeros((B, C + n), jnp.int32).at[:, :C].set(prompts_BC)
-    jax.block_until_ready(recompute(buffer_BL, num_tokens=n))
+    jax.block_until_ready(decode_without_cache(params, prompts_BC, n))
 
   with_cache = _decode_rate(cached, B, new_tokens, repeats)
   without = _decode_rate(uncached, B, new_tokens, max(1, repeats // 2))
@@ -247,7 +276,7 @@ def main():
   config = train_throughput.load_config(args.config)
   cfg = dataclasses.replace(
       model_lib.ModelConfig.from_config(config, 'float32'),
-      max_seq_len=max(contexts) + args.new_tokens)
+      max_seq_len=_round_up(max(contexts) + args.new_tokens))  # The no-cache decoder's padding.
   report = {
       'date': datetime.datetime.now().isoformat(timespec='seconds'),
       'machine': {'cores': os.cpu_count(), 'platform': platform.platform(),
