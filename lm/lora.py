@@ -1,12 +1,13 @@
 """LoRA (Hu et al., 2021): low-rank adapters on the frozen projections of a trained model.
 
-A targeted projection W (e.g. attention's w_q [D, H, Q]) gets two parameters beside it,
-w_q_lora_a [D, r] and w_q_lora_b [r, H, Q], and computes x W + (alpha / r) (x A) B (lm/model.py).
-B starts at zero, so a model with fresh adapters gives exactly the base model's outputs; A starts
-uniform in +-1/sqrt(fan_in), PEFT's default. Adapters carry the logical axis 'lora_rank', which
-config.train.trainable's 'lora' group selects; a run that trains only them (and perhaps the
-embeddings) keeps the base weights bit-for-bit, stores them once (lm/train.py) and checkpoints only
-what it trains. `merge` folds the adapters into W for export (lm/convert.py) and generation.
+A targeted projection W (e.g. attention's w_q [D, H, Q]) gets two parameters beside it, w_q_lora_a
+[D, r] and w_q_lora_b [r, H, Q] (`add_adapters`), and computes x W + (alpha / r) (x A) B
+(lm/model.py's `project` adds `update` to x W). B starts at zero, so a model with fresh adapters
+gives exactly the base model's outputs; A starts uniform in +-1/sqrt(fan_in), PEFT's default.
+Adapters carry the logical axis 'lora_rank', which config.train.trainable's 'lora' group selects; a
+run that trains only them (and perhaps the embeddings) keeps the base weights bit-for-bit, stores
+them once (lm/train.py) and checkpoints only what it trains. `merge` folds the adapters into W for
+export (lm/convert.py) and generation.
 
 An adapter on a [fan_in, fan_out] projection trains r * (fan_in + fan_out) parameters instead of
 fan_in * fan_out: rank 8 on a 512 x 64 projection trains 4,608 instead of 32,768.
@@ -14,6 +15,9 @@ fan_in * fan_out: rank 8 on a 512 x 64 projection trains 4,608 instead of 32,768
 
 import math
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # config.lora.targets names -> (module, parameter) in a block, and the groups naming several.
@@ -56,9 +60,43 @@ def adapter_shapes(weight_shape: tuple[int, ...], weight_name: str, rank: int):
 
 def init_a(key, shape, dtype, fan_in: int):
   """PEFT's A init: kaiming_uniform(a=sqrt(5)) on [r, fan_in] is U(-1/sqrt(fan_in), +...)."""
-  import jax  # pylint: disable=g-import-not-at-top
   bound = 1 / math.sqrt(fan_in)
   return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def add_adapters(module: nnx.Module, names: tuple[str, ...], rngs: nnx.Rngs) -> None:
+  """A and B beside each of the module's weights (among `names`) named in cfg.lora_targets.
+
+  They draw from the 'lora' random stream, so the base weights are the same with or without them.
+  """
+  cfg = module.cfg
+  for name in (n for n in names if n in cfg.lora_targets):
+    weight = getattr(module, name)
+    axes, fan_in = weight.get_metadata()['logical_axes'], INPUT_AXES[name]
+    a_shape, b_shape = adapter_shapes(weight.shape, name, cfg.lora_rank)
+    dtype = jnp.dtype(cfg.param_dtype)
+    a = init_a(rngs.lora(), a_shape, dtype, math.prod(weight.shape[:fan_in]))
+    setattr(module, name + '_lora_a', nnx.Param(a, logical_axes=axes[:fan_in] + ('lora_rank',)))
+    setattr(module, name + '_lora_b', nnx.Param(
+        jnp.zeros(b_shape, dtype), logical_axes=('lora_rank',) + axes[fan_in:]))
+
+
+def update(module: nnx.Module, name: str, x, dropout_rng=None):
+  """(alpha / r) (x A) B, what the adapter of the module's weight `name` adds to x W; dropout_rng
+  (training only) drops the adapter's input. Two 2-D matmuls over x's flattened rows, as
+  lm.model.dense computes x W."""
+  cfg, dt = module.cfg, module.cfg.dtype
+  if dropout_rng is not None and cfg.lora_dropout > 0:
+    keep = 1.0 - cfg.lora_dropout
+    key = jax.random.fold_in(dropout_rng, list(INPUT_AXES).index(name))
+    x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
+  a = getattr(module, name + '_lora_a')[...].astype(dt)
+  b = getattr(module, name + '_lora_b')[...].astype(dt)
+  rows = x.shape[:x.ndim - INPUT_AXES[name]]
+  x_NI = x.reshape(math.prod(rows), -1)
+  low_rank_NR = jnp.dot(x_NI, a.reshape(x_NI.shape[1], cfg.lora_rank))
+  update_NO = jnp.dot(low_rank_NR, b.reshape(cfg.lora_rank, -1))
+  return (cfg.lora_alpha / cfg.lora_rank) * update_NO.reshape(*rows, *b.shape[1:])
 
 
 def is_adapter(name: str) -> bool:

@@ -82,38 +82,13 @@ def _param(rngs, shape, axes, cfg: ModelConfig, std=None, init=None) -> nnx.Para
   return nnx.Param(value, logical_axes=axes)
 
 
-def add_adapters(module: nnx.Module, names: tuple[str, ...], rngs: nnx.Rngs) -> None:
-  """LoRA A and B (lm/lora.py) beside each of the module's weights named in cfg.lora_targets.
-
-  They draw from the 'lora' random stream, so the base weights are the same with or without them.
-  """
-  cfg = module.cfg
-  for name in (n for n in names if n in cfg.lora_targets):
-    weight = getattr(module, name)
-    axes, fan_in = weight.get_metadata()['logical_axes'], lora_lib.INPUT_AXES[name]
-    a_shape, b_shape = lora_lib.adapter_shapes(weight.shape, name, cfg.lora_rank)
-    dtype = jnp.dtype(cfg.param_dtype)
-    a = lora_lib.init_a(rngs.lora(), a_shape, dtype, math.prod(weight.shape[:fan_in]))
-    setattr(module, name + '_lora_a', nnx.Param(a, logical_axes=axes[:fan_in] + ('lora_rank',)))
-    setattr(module, name + '_lora_b', nnx.Param(
-        jnp.zeros(b_shape, dtype), logical_axes=('lora_rank',) + axes[fan_in:]))
-
-
 def project(module: nnx.Module, name: str, x, dropout_rng=None):
-  """x times the module's weight `name` (dense over its input axes), plus (alpha / r) x A B when
-  the weight has a LoRA adapter; dropout_rng (training only) drops the adapter's input."""
-  cfg, dt = module.cfg, module.cfg.dtype
-  axes = lora_lib.INPUT_AXES[name]
-  out = dense(x, getattr(module, name)[...].astype(dt), axes)
-  if name not in cfg.lora_targets:
-    return out
-  if dropout_rng is not None and cfg.lora_dropout > 0:
-    keep = 1.0 - cfg.lora_dropout
-    key = jax.random.fold_in(dropout_rng, list(lora_lib.INPUT_AXES).index(name))
-    x = jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0).astype(x.dtype)
-  low_rank = dense(x, getattr(module, name + '_lora_a')[...].astype(dt), axes)
-  update = dense(low_rank, getattr(module, name + '_lora_b')[...].astype(dt))
-  return out + (cfg.lora_alpha / cfg.lora_rank) * update
+  """x times the module's weight `name` (dense over its input axes), plus its LoRA update
+  (lm/lora.py) when the weight has an adapter; dropout_rng (training only) is LoRA's dropout."""
+  out = dense(x, getattr(module, name)[...].astype(module.cfg.dtype), lora_lib.INPUT_AXES[name])
+  if name in module.cfg.lora_targets:
+    out = out + lora_lib.update(module, name, x, dropout_rng)
+  return out
 
 
 def dense(x, w, axes: int = 1, preferred_element_type=None):
@@ -121,8 +96,7 @@ def dense(x, w, axes: int = 1, preferred_element_type=None):
 
   Computed as one 2-D matmul over flattened rows: XLA:CPU turns a 3-D einsum's weight gradient
   (contracting b and t) into a transposing copy and a slow dot, while a 2-D matmul's backward is
-  two plain matmuls (SwiGLU MLP forward+backward 1.5x faster on CPU); elsewhere the reshapes
-  are free.
+  two plain matmuls; elsewhere the reshapes are free (bench/train_throughput.py times the step).
   """
   rows, out_shape = x.shape[:-axes], w.shape[axes:]
   x_NI = x.reshape(math.prod(rows), -1)
@@ -156,7 +130,7 @@ def rotary(x_BTNQ, positions_BT, theta: float):
 
   With x = [x1, x2] (halves of the head dim): [x1 cos - x2 sin, x2 cos + x1 sin]. Written as
   x * [cos, cos] + swap(x) * [-sin, sin] on a [..., 2, half] view, which XLA fuses into one
-  elementwise pass; split + concatenate took twice as long on CPU, forward and backward.
+  elementwise pass, forward and backward (split + concatenate is slower on CPU).
   """
   half = x_BTNQ.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
@@ -185,7 +159,7 @@ class Attention(nnx.Module):
       self.b_k = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
       self.b_v = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
       self.b_o = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
-    add_adapters(self, ('w_q', 'w_k', 'w_v', 'w_o'), rngs)
+    lora_lib.add_adapters(self, ('w_q', 'w_k', 'w_v', 'w_o'), rngs)
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
     """Returns (out_BTD, cache). With a KV cache (decoding, lm/kv_cache.py; cache['layer'] says
@@ -232,7 +206,7 @@ class MLP(nnx.Module):
     else:
       self.b_up = _param(rngs, (F,), ('mlp',), cfg, init=jnp.zeros)
       self.b_down = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
-    add_adapters(self, ('w_gate', 'w_up', 'w_down'), rngs)
+    lora_lib.add_adapters(self, ('w_gate', 'w_up', 'w_down'), rngs)
 
   def __call__(self, x_BTD, dropout_rng=None):
     dt = self.cfg.dtype
