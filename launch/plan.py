@@ -30,9 +30,10 @@ def base_sweep_config() -> ml_collections.ConfigDict:
   # {'data': {'max_chars': 1_000_000}}; `--config.overrides.data.max_chars=...` on the CLI.
   sweep.overrides = ml_collections.ConfigDict()
   sweep.budgets = (1e12, 3e12)  # Training compute budgets, FLOPs per run (one isoFLOP curve each).
-  # How FLOPs are counted (lm.scaling.flops_per_token): '6N' (Kaplan: 6 x non-embedding params)
-  # or 'chinchilla' (every matmul, embeddings and attention included; the honest count for
-  # small models, whose embeddings and output layer are a large share of the compute).
+  # How FLOPs are counted (lm.scaling.flops_per_token_by_method): '6N' (Kaplan: 6 x
+  # non-embedding params) or 'chinchilla' (every matmul, embeddings and attention included; the
+  # honest count for small models, whose embeddings and output layer are a large share of the
+  # compute).
   sweep.flops_method = 'chinchilla'
   sweep.tokens_per_param = 20.0  # Chinchilla's rule D ≈ 20 N: places the centre of each bracket.
   sweep.rule_params = 'total'  # Which lm.scaling.param_counts N the rule uses ('total': Chinchilla).
@@ -188,6 +189,6 @@ def plan(sweep: ml_collections.ConfigDict, shared: dict = None) -> list:
           name=f'C{budget_tag(budget)}_d{model.d_model}_l{model.num_layers}', budget=budget,
           overrides=overrides, params=counts['total'],
           non_embedding_params=counts['non_embedding'], tokens=trained,
-          flops=trained * scaling.flops_per_token(model, seq_len, sweep.flops_method),
+          flops=trained * scaling.flops_per_token_by_method(model, seq_len, sweep.flops_method),
           steps=steps))
   return runs

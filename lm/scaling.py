@@ -1,7 +1,8 @@
 """Scaling laws: parameter and FLOP accounting, and Chinchilla's three compute-optimal fits.
 
-Accounting (used by the sweep launcher under launch/): `param_counts`, `flops_per_token` and
-`tokens_for_budget` take the config.model ConfigDict (or a lm.model.ModelConfig).
+Accounting (used by the sweep launcher under launch/): `param_counts`,
+`flops_per_token_by_method` and `tokens_for_budget` take the config.model ConfigDict (or a
+lm.model.ModelConfig).
 
 Fits (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", section 3):
   python -m lm.scaling fit --results results.csv --out DIR [--budget 5.76e23 ...]
@@ -67,8 +68,9 @@ def _norms_and_biases(model_cfg) -> int:
   return 2 * (2 * L + 1) * D + L * (attention_biases + mlp_biases)
 
 
-def flops_per_token(model_cfg, seq_len: int, method: str = '6N') -> float:
-  """Training (forward + backward) FLOPs per token of a sequence of `seq_len` tokens.
+def flops_per_token_by_method(model_cfg, seq_len: int, method: str = '6N') -> float:
+  """Training (forward + backward) FLOPs per token of a sequence of `seq_len` tokens, counted
+  by a scaling-law convention (lm.flops.flops_per_token is the exact count behind MFU).
 
   '6N': 6 x param_counts(model_cfg)['non_embedding'] (Kaplan's C = 6N per token; the attention
     over the context, and a tied output projection, are left out).
@@ -89,11 +91,15 @@ def flops_per_token(model_cfg, seq_len: int, method: str = '6N') -> float:
 
 def tokens_for_budget(flops: float, model_cfg, seq_len: int, method: str = '6N') -> float:
   """Training tokens D that spend `flops` on this model: C / (FLOPs per token)."""
-  return flops / flops_per_token(model_cfg, seq_len, method)
+  return flops / flops_per_token_by_method(model_cfg, seq_len, method)
 
 
 # ---------------------------------------------------------------------------------------------
 # Results: one row per training run.
+
+
+class ResultsError(ValueError):
+  """A results CSV that cannot be fitted; the message names the file and what is wrong in it."""
 
 
 def load_results(path: str, params_column: str = 'params') -> dict:
@@ -102,14 +108,25 @@ def load_results(path: str, params_column: str = 'params') -> dict:
   N is read from `params_column` (e.g. 'non_embedding_params' for Kaplan's N). A missing or
   empty `flops` is taken as 6ND. Runs whose loss is missing, non-numeric or not finite, or whose
   `status` (launch/sweep.py's column, if present) is 'failed', are dropped with a warning, as are
-  runs without a positive N or D.
+  runs without a positive N or D. Raises ResultsError for a file that cannot be read, lacks a
+  column, or has no usable run.
   """
-  with open(path, newline='') as f:
-    rows = list(csv.DictReader(f))
-  columns = set(rows[0]) if rows else set()
-  missing = {params_column, 'tokens', 'loss'} - columns
+  try:
+    with open(path, newline='') as f:
+      reader = csv.DictReader(f)
+      rows = list(reader)
+      columns = reader.fieldnames or []
+  except OSError as e:
+    raise ResultsError(f'{path}: cannot read: {e.strerror or e}') from e
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise ResultsError(f'{path}: not a readable CSV: {e}') from e
+  if not columns:
+    raise ResultsError(f'{path}: empty; expected a header with {params_column}, tokens and loss')
+  missing = {params_column, 'tokens', 'loss'} - set(columns)
   if missing:
-    raise ValueError(f'{path}: no column(s) {sorted(missing)}; columns are {sorted(columns)}')
+    raise ResultsError(f'{path}: no column(s) {sorted(missing)}; columns are {sorted(columns)}')
+  if not rows:
+    raise ResultsError(f'{path}: a header and no rows: no runs to fit')
   runs = {
       'run': np.array([r.get('run') or str(i) for i, r in enumerate(rows)]),
       'params': np.array([_number(r[params_column]) for r in rows]),
@@ -120,7 +137,11 @@ def load_results(path: str, params_column: str = 'params') -> dict:
   }
   runs['flops'] = np.where(np.isfinite(runs['flops']), runs['flops'],
                            6 * runs['params'] * runs['tokens'])
-  return _drop_unusable(runs, path)
+  runs = _drop_unusable(runs, path)
+  if not len(runs['loss']):
+    raise ResultsError(f'{path}: none of its {len(rows)} run(s) has a finite positive loss, '
+                       f'{params_column}, tokens and flops')
+  return runs
 
 
 def _number(text) -> float:
@@ -271,10 +292,18 @@ def _isoflop_profile(group: dict, budget: float, min_points: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Approach 3: the parametric loss L(N, D) = E + A / N^alpha + B / D^beta.
 
-# The paper's grid of initial (a, b, e, alpha, beta), with a = log A, b = log B, e = log E.
-_INIT_GRID = np.stack(np.meshgrid(
+# alpha and beta are bounded below: at alpha + beta = 0 the allocation (a, G) divides by zero,
+# and a negative exponent is a loss that rises with N or D. An exponent left at the bound means
+# the runs show no power-law fall in N or D, and the fit is refused as degenerate.
+_MIN_EXPONENT = 1e-3
+_LOWER_BOUNDS = np.array([-np.inf, -np.inf, -np.inf, _MIN_EXPONENT, _MIN_EXPONENT])
+_BOUNDS = optimize.Bounds(_LOWER_BOUNDS, np.inf)
+
+# The paper's grid of initial (a, b, e, alpha, beta), with a = log A, b = log B, e = log E; its
+# exponents of 0 are raised to the bound.
+_INIT_GRID = np.maximum(_LOWER_BOUNDS, np.stack(np.meshgrid(
     np.arange(0, 30, 5.0), np.arange(0, 30, 5.0), np.arange(-1, 1.5, 0.5),
-    np.arange(0, 2.5, 0.5), np.arange(0, 2.5, 0.5), indexing='ij'), -1).reshape(-1, 5)
+    np.arange(0, 2.5, 0.5), np.arange(0, 2.5, 0.5), indexing='ij'), -1).reshape(-1, 5))
 
 
 def _log_loss_pred(theta, log_n, log_d):
@@ -308,19 +337,33 @@ def fit_approach3(runs: dict, delta: float = 1e-3, starts: int = 32, init=None) 
   The paper runs L-BFGS from every point of its grid of initialisations; here the objective is
   evaluated on the whole grid and L-BFGS runs from the `starts` best points (plus `init`, e.g. a
   previous fit's ['optimizer']['theta']), keeping the best optimum: in our tests the same
-  optimum as the full grid's at a fraction of the cost.
+  optimum as the full grid's at a fraction of the cost. alpha and beta are kept above 0; a fit
+  that ends with one at its bound, or with a non-finite allocation, raises ValueError.
   """
   data = (np.log(runs['params']), np.log(runs['tokens']), np.log(runs['loss']), delta)
   grid_values, _ = _huber_objective(_INIT_GRID, *data)
   inits = list(_INIT_GRID[np.argsort(grid_values)[:starts]])
   if init is not None:
-    inits.insert(0, np.asarray(init, float))
+    inits.insert(0, np.maximum(_LOWER_BOUNDS, np.asarray(init, float)))
   best = min((optimize.minimize(_huber_objective, x0, args=data, jac=True, method='L-BFGS-B',
+                                bounds=_BOUNDS,
                                 options={'ftol': 1e-15, 'gtol': 1e-12, 'maxiter': 10_000})
               for x0 in inits), key=lambda result: result.fun)
-  optimizer = {'theta': [float(x) for x in best.x], 'objective': float(best.fun),
+  theta = [float(x) for x in best.x]
+  at_bound = [(name, variable) for name, variable, x in zip(('alpha', 'beta'), 'ND', theta[3:])
+              if x <= _MIN_EXPONENT * (1 + 1e-6)]
+  if at_bound:
+    raise ValueError(f"degenerate fit: {' and '.join(name for name, _ in at_bound)} at the lower "
+                     f'bound {_MIN_EXPONENT:g}: the loss shows no power-law fall in '
+                     f"{' or '.join(variable for _, variable in at_bound)}")
+  numbers = _parametric_numbers(best.x)
+  non_finite = [key for key, value in numbers.items() if not np.isfinite(value)]
+  if non_finite:
+    raise ValueError(f'degenerate fit: {non_finite} not finite at (log A, log B, log E, alpha, '
+                     f'beta) = {np.round(theta, 4).tolist()}')
+  optimizer = {'theta': theta, 'objective': float(best.fun),
                'converged': bool(best.success), 'message': str(best.message)}
-  return {**_parametric_numbers(best.x), 'optimizer': optimizer}
+  return {**numbers, 'optimizer': optimizer}
 
 
 def _parametric_numbers(theta) -> dict:
@@ -328,14 +371,16 @@ def _parametric_numbers(theta) -> dict:
   N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b, a = beta/(alpha+beta), b = alpha/(alpha+beta).
 
   As in the paper, the budget is read as 6ND even when the runs' FLOPs were counted otherwise
-  (e.g. flops_per_token(..., 'chinchilla')); Approaches 1 and 2 use the runs' own FLOPs."""
+  (e.g. flops_per_token_by_method(..., 'chinchilla')); Approaches 1 and 2 use the runs' own
+  FLOPs."""
   log_a, log_b, log_e, alpha, beta = (float(x) for x in theta)
   a, b = beta / (alpha + beta), alpha / (alpha + beta)
   log_g = (np.log(alpha) + log_a - np.log(beta) - log_b) / (alpha + beta)
-  G = float(np.exp(log_g))
-  return {'E': float(np.exp(log_e)), 'A': float(np.exp(log_a)), 'B': float(np.exp(log_b)),
-          'alpha': alpha, 'beta': beta, 'a': a, 'b': b, 'G': G,
-          'n_coef': G * 6.0 ** -a, 'd_coef': 6.0 ** -b / G}
+  logs = [log_e, log_a, log_b, log_g, log_g - a * np.log(6), -b * np.log(6) - log_g]
+  with np.errstate(over='ignore'):  # An overflow is a degenerate fit, which fit_approach3 refuses.
+    E, A, B, G, n_coef, d_coef = (float(x) for x in np.exp(logs))
+  return {'E': E, 'A': A, 'B': B, 'alpha': alpha, 'beta': beta, 'a': a, 'b': b, 'G': G,
+          'n_coef': n_coef, 'd_coef': d_coef}
 
 
 def parametric_loss(fit: dict, params, tokens):
@@ -351,8 +396,9 @@ def parametric_loss(fit: dict, params, tokens):
 def bootstrap(runs: dict, fit_fn, resamples: int = 200, seed: int = 0) -> dict:
   """{name: array of resampled values} for every float `fit_fn(runs)` returns.
 
-  Each resample draws len(runs) runs with replacement and refits; resamples on which the fit
-  fails (e.g. too few budgets left for Approach 2) are dropped, and their warnings silenced.
+  Each resample draws len(runs) runs with replacement and refits. A resample whose fit fails
+  (e.g. too few budgets left for Approach 2, a degenerate Approach 3) or gives a non-finite
+  number is dropped, its warnings silenced: resamples - len(any array) of them.
   """
   rng = np.random.default_rng(seed)
   count = len(runs['loss'])
@@ -362,9 +408,11 @@ def bootstrap(runs: dict, fit_fn, resamples: int = 200, seed: int = 0) -> dict:
     for _ in range(resamples):
       try:
         fit = fit_fn(take(runs, rng.integers(0, count, count)))
-      except (ValueError, np.linalg.LinAlgError):
+      except (ValueError, ArithmeticError, np.linalg.LinAlgError):
         continue
-      samples.append({k: v for k, v in fit.items() if isinstance(v, float)})
+      numbers = {k: v for k, v in fit.items() if isinstance(v, float)}
+      if all(np.isfinite(list(numbers.values()))):
+        samples.append(numbers)
   return {k: np.array([s[k] for s in samples]) for k in (samples[0] if samples else {})}
 
 
@@ -497,14 +545,20 @@ APPROACHES = {
 }
 
 
+# Fewer bootstrap resamples refitted than this share of those drawn leave intervals that
+# describe the few resamples a fit survives rather than the data: the report says so.
+_MIN_REFITTED_SHARE = 0.5
+
+
 def run_fit(results: str, out: str, budgets=(), resamples: int = 200, seed: int = 0,
             rtol: float = 0.1, params_column: str = 'params', confidence: float = 0.95) -> dict:
   """All three approaches with bootstrap intervals; writes out/fit.json and the PNGs.
 
   The allocation table is given at `budgets`, or at the runs' own budgets when none are asked.
-  An approach that cannot be fitted (e.g. one budget only) is reported with its 'error'.
+  An approach that cannot be fitted (e.g. one budget only) is reported with its 'error', and
+  each approach with the number of its bootstrap resamples refitted and dropped. Nothing is
+  written unless the results load and at least one approach fits; otherwise ResultsError.
   """
-  os.makedirs(out, exist_ok=True)
   runs = load_results(results, params_column)
   budgets = list(budgets) or list(isoflop_groups(runs['flops'], rtol)[1])
   report = {'results': results, 'params_column': params_column, 'runs': len(runs['loss']),
@@ -518,12 +572,23 @@ def run_fit(results: str, out: str, budgets=(), resamples: int = 200, seed: int 
       report[name] = {'error': str(e)}
       continue
     samples = bootstrap(runs, resample_fn(fit), resamples, seed)
+    refitted = len(next(iter(samples.values()), []))
     diagnostics = {k: v for k, v in fit.items() if not isinstance(v, float)}
     report[name] = {**summarize(fit, samples, budgets, confidence), **diagnostics,
-                    'resamples_fitted': len(next(iter(samples.values()), []))}
-  files_lib.write_atomically(os.path.join(out, 'fit.json'), lambda f: json.dump(
-      _jsonable(report), f, indent=1, allow_nan=False))
+                    'resamples_fitted': refitted, 'resamples_dropped': resamples - refitted}
+    if refitted < _MIN_REFITTED_SHARE * resamples:
+      report[name]['bootstrap_warning'] = warning = (
+          f'{name}: only {refitted} of {resamples} bootstrap resamples could be refitted (the '
+          'others failed or were degenerate): too few for reliable intervals')
+      warnings.warn(warning)
+  if not fits:
+    raise ResultsError(f'{results}: no approach could be fitted: ' + '; '.join(
+        f"{name}: {report[name]['error']}" for name in APPROACHES))
+  json_report = _jsonable(report)
   report['plots'] = _plot_all(runs, fits, out, budgets, rtol)
+  # Written last, so that a fit.json is there only with its plots.
+  files_lib.write_atomically(os.path.join(out, 'fit.json'), lambda f: json.dump(
+      json_report, f, indent=1, allow_nan=False))
   return report
 
 
@@ -578,6 +643,9 @@ def format_report(report: dict) -> str:
       continue
     for key, est in section['fit'].items():
       lines.append(f'  {key:<10} {_estimate(est)}')
+    lines.append(f"  bootstrap: {section['resamples_fitted']} resamples refitted, "
+                 f"{section['resamples_dropped']} dropped (fit failed or degenerate)"
+                 + ('; too few for reliable intervals' if 'bootstrap_warning' in section else ''))
     lines.append(f"  {'budget C':<10} {'N_opt':<30} {'D_opt':<30} D/N")
     for row in section['budgets']:
       lines.append(f"  {row['flops']:<10.3g} {_estimate(row['params']):<30} "
@@ -601,14 +669,36 @@ def main(argv=None):
   fit.add_argument('--seed', type=int, default=0, help='seed of the bootstrap')
   fit.add_argument('--rtol', type=float, default=0.1,
                    help='runs whose FLOPs differ by less than this fraction share a budget')
-  fit.add_argument('--params-column', default='params',
+  fit.add_argument('--params_column', default='params',
                    help="column holding N, e.g. 'non_embedding_params'")
+  # The earlier spelling, still accepted.
+  fit.add_argument('--params-column', dest='params_column', default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  _check_fit_args(fit, args)
   warnings.formatwarning = lambda message, *_: f'warning: {message}\n'
-  report = run_fit(args.results, args.out, args.budget, args.resamples, args.seed, args.rtol,
-                   args.params_column)
+  try:
+    report = run_fit(args.results, args.out, args.budget, args.resamples, args.seed, args.rtol,
+                     args.params_column)
+  except (ResultsError, OSError) as e:  # OSError: --out cannot be written.
+    raise SystemExit(f'error: {e}') from None
   print(format_report(report))
   print(f"\nwrote {os.path.join(args.out, 'fit.json')} and {', '.join(report['plots'])}")
+
+
+def _check_fit_args(parser: argparse.ArgumentParser, args) -> None:
+  """parser.error (usage, one error line, exit 2) for a flag no fit can use."""
+  if args.resamples < 0:
+    parser.error(f'--resamples {args.resamples}: expected a count >= 0')
+  if args.seed < 0:
+    parser.error(f'--seed {args.seed}: expected an integer >= 0')
+  if not (np.isfinite(args.rtol) and args.rtol >= 0):
+    parser.error(f'--rtol {args.rtol}: expected a finite fraction >= 0')
+  bad_budgets = [b for b in args.budget if not (np.isfinite(b) and b > 0)]
+  if bad_budgets:
+    parser.error(f'--budget {bad_budgets}: expected finite FLOP counts > 0')
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    parser.error(f'--out {args.out}: exists and is not a directory')
 
 
 if __name__ == '__main__':

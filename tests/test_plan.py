@@ -59,7 +59,8 @@ def test_budgets_become_whole_steps_of_the_base_batch(sweep, runs):
                                        sweep.flops_method)
     assert run.steps == config.train.steps == round(wanted / tokens_per_step)
     assert run.tokens == run.steps * tokens_per_step
-    per_token = scaling.flops_per_token(config.model, base.data.seq_len, sweep.flops_method)
+    per_token = scaling.flops_per_token_by_method(config.model, base.data.seq_len,
+                                                  sweep.flops_method)
     assert run.flops == pytest.approx(run.tokens * per_token)
     assert abs(run.flops / run.budget - 1) < 0.02, run.name  # Within a budget group of the fit.
     assert run.params == scaling.param_counts(config.model)['total']

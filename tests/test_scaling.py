@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -76,9 +77,9 @@ def test_param_counts_match_the_model_tree(block, tie, kv_heads):
   assert counts['non_embedding'] == counts['total'] - embedding
 
 
-def test_flops_per_token_by_hand():
+def test_flops_per_token_by_method_by_hand():
   model = config_lib.load_config('configs/tiny.py').model
-  assert scaling.flops_per_token(model, 128, '6N') == 6 * 787_584
+  assert scaling.flops_per_token_by_method(model, 128, '6N') == 6 * 787_584
   # Chinchilla appendix F, forward pass per token at T = 128 (H 4, K 2, Q 32, swiglu):
   embedding = 2 * 2048 * 128
   qkv = 2 * 128 * 32 * (4 + 2 * 2)
@@ -89,7 +90,7 @@ def test_flops_per_token_by_hand():
   layer = qkv + 2 * logits + softmax + projection + mlp  # 460288
   output = 2 * 128 * 2048
   forward = embedding + 4 * layer + output  # 2889728
-  assert scaling.flops_per_token(model, 128, 'chinchilla') == 3 * forward == 8_669_184
+  assert scaling.flops_per_token_by_method(model, 128, 'chinchilla') == 3 * forward == 8_669_184
   assert scaling.tokens_for_budget(1e18, model, 128) == 1e18 / (6 * 787_584)
   assert scaling.tokens_for_budget(1e18, model, 128, 'chinchilla') == 1e18 / 8_669_184
 
@@ -98,10 +99,10 @@ def test_chinchilla_count_is_the_mfu_count_plus_embedding_and_softmax():
   model = config_lib.load_config('configs/llama_1b.py').model
   cfg = model_lib.ModelConfig.from_config(_config(model), dtype='float32')
   extra = 3 * (2 * 32000 * 2048 + 3 * 22 * 32 * 2048)
-  assert scaling.flops_per_token(model, 2048, 'chinchilla') == (
+  assert scaling.flops_per_token_by_method(model, 2048, 'chinchilla') == (
       flops.flops_per_token(cfg, 2048) + extra)
   with pytest.raises(ValueError, match='method'):
-    scaling.flops_per_token(model, 2048, 'palm')
+    scaling.flops_per_token_by_method(model, 2048, 'palm')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +150,22 @@ def test_load_results_excludes_failed_runs_with_a_warning(tmp_path):
   np.testing.assert_allclose(loaded['flops'], [6 * 100 * 2000])  # no flops column: C = 6ND
   with pytest.raises(ValueError, match='no column'):
     scaling.load_results(str(path), params_column='non_embedding_params')
+
+
+def test_load_results_names_the_file_and_what_is_wrong(tmp_path):
+  path = tmp_path / 'results.csv'
+  path.write_text('run,params,tokens,loss\n')
+  with pytest.raises(scaling.ResultsError, match=r'results.csv: a header and no rows'):
+    scaling.load_results(str(path))
+  path.write_text('')
+  with pytest.raises(scaling.ResultsError, match=r'results.csv: empty; expected a header'):
+    scaling.load_results(str(path))
+  path.write_text('run,params,tokens,loss\na,100,2000,nan\nb,0,2000,3.0\n')
+  with pytest.warns(UserWarning, match='excluded 2'), pytest.raises(
+      scaling.ResultsError, match=r'none of its 2 run\(s\) has a finite positive loss'):
+    scaling.load_results(str(path))
+  with pytest.raises(scaling.ResultsError, match=r'absent.csv: cannot read: No such file'):
+    scaling.load_results(str(tmp_path / 'absent.csv'))
 
 
 def test_isoflop_groups_tolerate_small_differences():
@@ -201,6 +218,33 @@ def test_approach3_recovers_a_noise_free_law():
   assert n_opt == pytest.approx(TRUE_G * (5.76e23 / 6) ** TRUE_A, rel=1e-2)
 
 
+@pytest.mark.parametrize('loss', [
+    lambda n, d: np.full(len(n), 2.0),  # unbounded, alpha + beta reached 0: ZeroDivisionError
+    lambda n, d: 1 + 0.01 * np.log(n * d),  # unbounded, beta went negative and G to NaN
+], ids=['flat', 'rising'])
+def test_approach3_refuses_a_loss_that_does_not_fall_with_n_or_d(loss):
+  runs = _synthetic_runs(budgets=[1e18, 1e19, 1e20], points=4)
+  runs['loss'] = loss(runs['params'], runs['tokens'])
+  with pytest.raises(ValueError, match=r'degenerate fit: (alpha|beta) at the lower bound 0.001'):
+    scaling.fit_approach3(runs, starts=4)
+
+
+def test_bootstrap_drops_and_counts_resamples_that_fail_or_are_not_finite():
+  runs = _synthetic_runs(budgets=[1e18], points=10)
+
+  def fit_fn(sample):
+    if 'r0' in sample['run']:
+      raise ZeroDivisionError('float division by zero')
+    return {'x': float('nan') if 'r1' in sample['run'] else 1.0}
+
+  rng = np.random.default_rng(5)
+  draws = [set(runs['run'][rng.integers(0, 10, 10)]) for _ in range(50)]
+  survivors = sum(not {'r0', 'r1'} & drawn for drawn in draws)
+  samples = scaling.bootstrap(runs, fit_fn, resamples=50, seed=5)
+  assert 0 < len(samples['x']) == survivors < 50
+  assert scaling.bootstrap(runs, lambda sample: fit_fn(runs), resamples=5) == {}
+
+
 def test_bootstrap_is_seeded_and_drops_failed_refits():
   runs = _synthetic_runs(budgets=[1e18, 1e19, 1e20], points=4, noise=0.01)
   first = scaling.bootstrap(runs, scaling.fit_approach2, resamples=20, seed=3)
@@ -236,8 +280,10 @@ def test_cli_writes_fit_json_table_and_plots(cli_fit):
   report, out, result = cli_fit
   assert 'excluded 1 run(s)' in result.stderr
   assert 'approach3: parametric L(N, D)' in result.stdout and 'D/N' in result.stdout
+  assert 'resamples refitted' in result.stdout
   assert report['runs'] == 41
   for name in ('approach1', 'approach2', 'approach3'):
+    assert report[name]['resamples_fitted'] + report[name]['resamples_dropped'] == 20
     assert [row['flops'] for row in report[name]['budgets']] == [5.76e23, 1e21]
     row = report[name]['budgets'][0]
     assert row['tokens_per_param']['value'] == pytest.approx(
@@ -260,3 +306,85 @@ def test_cli_approach3_recovers_the_law_and_its_intervals_cover_it(cli_fit):
     assert fit[key]['low'] <= value <= fit[key]['high'], key
   approach2 = cli_fit[0]['approach2']['fit']['a']
   assert approach2['low'] <= TRUE_A <= approach2['high']
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI in process: bad input is one line, and --out is untouched.
+
+
+def _main(argv, monkeypatch):
+  monkeypatch.setattr(warnings, 'formatwarning', warnings.formatwarning)  # main replaces it
+  return scaling.main(['fit', *map(str, argv)])
+
+
+def _unfittable(runs, **_):
+  """Stands in for fit_approach3 where its L-BFGS runs would only slow a CLI test down."""
+  raise ValueError('degenerate fit')
+
+
+def test_cli_reports_resamples_too_few_to_give_intervals(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(scaling, 'fit_approach3', _unfittable)
+  _write_csv(tmp_path / 'results.csv', _synthetic_runs(budgets=[1e18, 1e19, 1e20], points=3))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    _main(['--results', tmp_path / 'results.csv', '--out', tmp_path / 'out', '--resamples', 10],
+          monkeypatch)
+  assert any(str(w.message).startswith('approach2: only ') for w in caught)
+  with open(tmp_path / 'out' / 'fit.json') as f:
+    approach2 = json.load(f)['approach2']
+  assert approach2['resamples_fitted'] < 5 and approach2['resamples_dropped'] > 5
+  assert 'too few for reliable intervals' in approach2['bootstrap_warning']
+  assert 'dropped (fit failed or degenerate); too few for reliable intervals' in (
+      capsys.readouterr().out)
+
+
+@pytest.mark.parametrize('contents,message', [
+    ('run,params,tokens,loss\n', 'results.csv: a header and no rows'),
+    ('run,params,tokens\na,100,2000\n', "results.csv: no column(s) ['loss']"),
+    ('run,params,tokens,loss\na,100,2000,3.0\nb,200,1000,2.9\nc,400,500,3.1\n',
+     'results.csv: no approach could be fitted: approach1: 1 compute-optimal point(s)'),
+])
+def test_cli_input_errors_are_one_line_and_leave_out_untouched(tmp_path, monkeypatch, contents,
+                                                               message):
+  monkeypatch.setattr(scaling, 'fit_approach3', _unfittable)
+  results = tmp_path / 'results.csv'
+  results.write_text(contents)
+  (tmp_path / 'old').mkdir()
+  (tmp_path / 'old' / 'fit.json').write_text('{}')
+  for out in ('new', 'old'):
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as raised:
+      warnings.simplefilter('ignore')
+      _main(['--results', results, '--out', tmp_path / out, '--resamples', 2], monkeypatch)
+    assert raised.value.code.startswith('error: ') and message in raised.value.code
+    assert '\n' not in raised.value.code
+  assert not (tmp_path / 'new').exists()
+  assert os.listdir(tmp_path / 'old') == ['fit.json']
+  assert (tmp_path / 'old' / 'fit.json').read_text() == '{}'
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--resamples', -1], 'error: --resamples -1: expected a count >= 0'),
+    (['--budget', 1e21, 0], 'error: --budget [0.0]: expected finite FLOP counts > 0'),
+    (['--rtol', 'nan'], 'error: --rtol nan: expected a finite fraction >= 0'),
+    (['--out', 'results.csv'], 'error: --out results.csv: exists and is not a directory'),
+])
+def test_cli_flag_errors_are_argparse_errors(tmp_path, monkeypatch, capsys, flags, message):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'results.csv').write_text('run,params,tokens,loss\n')
+  with pytest.raises(SystemExit) as raised:
+    _main(['--results', 'results.csv', '--out', 'out', *flags], monkeypatch)
+  assert raised.value.code == 2
+  assert capsys.readouterr().err.splitlines()[-1].endswith(message)
+  assert sorted(os.listdir(tmp_path)) == ['results.csv']
+
+
+def test_cli_params_column_takes_underscores_and_the_dashed_spelling(tmp_path, monkeypatch, capsys):
+  (tmp_path / 'results.csv').write_text('run,params,tokens,loss\na,100,2000,3.0\n')
+  for flag in ('--params_column', '--params-column'):
+    with pytest.raises(SystemExit, match=r"no column\(s\) \['non_embedding_params'\]"):
+      _main(['--results', tmp_path / 'results.csv', '--out', tmp_path / 'out', flag,
+             'non_embedding_params'], monkeypatch)
+  with pytest.raises(SystemExit):
+    _main(['-h'], monkeypatch)
+  usage = capsys.readouterr().out
+  assert '--params_column' in usage and '--params-column' not in usage
