@@ -92,7 +92,12 @@ def held_out_start(stream: np.ndarray, *, seq_len: int, eval_fraction: float, ba
                    bos_id: int, eos_id: int) -> int:
   """Where the held-out documents begin: the document start nearest to where the last
   eval_fraction of the stream begins (len(stream) if eval_fraction is 0), so that no document is
-  on both sides. Leaves at least one batch of train rows before it and one eval row after it."""
+  on both sides. Leaves at least one batch of train rows before it and one eval row after it.
+
+  Where no document starts near enough to hold out between half and twice eval_fraction (one
+  long text file, a few huge documents), the split falls back to that point inside a document,
+  logged: its two parts then go to different splits, as the usual 90/10 cut of one text does.
+  """
   num_tokens = len(stream)
   # Bounds on the start: one batch of train rows before it, one eval row after it.
   first = batch_size * seq_len + 1
@@ -108,13 +113,13 @@ def held_out_start(stream: np.ndarray, *, seq_len: int, eval_fraction: float, ba
     return num_tokens
   target = min(max(round(num_tokens * (1 - eval_fraction)), first), last)
   start = _document_start_near(stream, target, first, last, bos_id, eos_id)
-  if start is None:
-    raise sources_lib.DataError(
-        f'The corpus is too small to hold out whole documents: of its {num_tokens} tokens, none '
-        f'from token {first} (after one batch of train.batch_size={batch_size} rows of '
-        f'data.seq_len={seq_len}) to token {last} (before one eval row) starts a document. Use '
-        'more documents (data.source, data.max_chars), or a smaller data.seq_len or '
-        'train.batch_size.')
+  if start is None or not 0.5 <= (num_tokens - start) / (num_tokens - target) <= 2:
+    logging.warning(
+        'No document starts near token %d of %d, where the last data.eval_fraction=%g of the '
+        'stream begins: the held-out split starts there, inside a document, whose two parts go '
+        'to different splits. Use more, shorter documents to hold out whole ones.',
+        target, num_tokens, eval_fraction)
+    return target
   return start
 
 

@@ -80,7 +80,7 @@ def test_held_out_start_is_a_document_start():
   # A long document around the target: its start is farther than the next one's.
   assert held_out_start(hand_stream([10] * 5 + [40] + [10] * 2), eval_fraction=0.3) == 90
   # The nearest start may lie far beyond the first window read around the target.
-  assert held_out_start(hand_stream([200_000, 10, 10]), eval_fraction=0.5) == 200_000
+  assert held_out_start(hand_stream([400_000, 200_000]), eval_fraction=0.45) == 400_000
   assert held_out_start(hand_stream([10] * 10), eval_fraction=0.0) == 100
 
 
@@ -98,10 +98,16 @@ def test_held_out_start_errors():
     held_out_start(hand_stream([10, 3]))
   with pytest.raises(ValueError, match='batch_size=2 rows needs 9 tokens'):
     held_out_start(hand_stream([8]), eval_fraction=0.0)
-  # Enough rows, but the only other document starts too late to leave an eval row after it.
-  with pytest.raises(ValueError, match=r'too small to hold out whole documents: of its 33 tokens, '
-                     r'none from token 9 .* to token 28 \(before one eval row\) starts a document'):
-    held_out_start(hand_stream([30, 3]))
+
+
+def test_held_out_start_cuts_inside_a_document_only_when_no_start_is_near(caplog):
+  # One text: the cut falls where the fraction says, inside it, and says so.
+  assert held_out_start(hand_stream([100]), eval_fraction=0.2) == 80
+  assert 'inside a document' in caplog.text
+  # The only other document starts too late to leave an eval row after it.
+  assert held_out_start(hand_stream([30, 3])) == round(33 * 0.78)
+  # The nearest start would hold out 98% instead of 10%.
+  assert held_out_start(hand_stream([10, 10, 1000]), eval_fraction=0.1) == 918
 
 
 def test_train_iterator_cycles_reshuffled_epochs():
