@@ -25,6 +25,11 @@ from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 
 
+class GenerationError(ValueError):
+  """Arguments generation cannot run with (a prompt too long for the model, an empty prompt, a
+  bad sampling setting); the message names the argument."""
+
+
 @dataclasses.dataclass
 class Completion:
   """One generated sequence, ending where decoding stopped.
@@ -187,7 +192,7 @@ def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 6
   stop_tokens = _stop_tokens(stop_tokens, tokenizer, stop_strings)
   longest = max(map(len, token_prompts))
   if prompt_len is not None and prompt_len < longest:
-    raise ValueError(f'prompt_len={prompt_len} is shorter than the longest prompt ({longest})')
+    raise GenerationError(f'prompt_len={prompt_len} is shorter than the longest prompt ({longest})')
   tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts, multiple=prompt_len or 16)
   out_BN, logprobs_BN, lengths_B = _sample(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP, np.asarray(seeds, np.uint32),
@@ -203,7 +208,7 @@ def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 6
 def greedy(graphdef, params, prompt: list[int], num_tokens: int) -> list[int]:
   """The prompt followed by num_tokens greedily chosen tokens (no stop tokens)."""
   if not prompt:
-    raise ValueError('greedy decoding needs a non-empty prompt (e.g. [tokenizer.bos_id])')
+    raise GenerationError('greedy decoding needs a non-empty prompt (e.g. [tokenizer.bos_id])')
   [completion] = sample(graphdef, params, [prompt], max_new_tokens=num_tokens, temperature=0.0,
                         stop_tokens=[])
   return list(prompt) + completion.tokens
@@ -288,13 +293,13 @@ def beam_search(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: in
   search; they do not steer it).
   """
   if not 1 <= num_return <= num_beams:
-    raise ValueError(f'num_return={num_return} must be between 1 and num_beams={num_beams}')
+    raise GenerationError(f'num_return={num_return} must be between 1 and num_beams={num_beams}')
   if length_alpha < 0:
-    raise ValueError(f'length_alpha={length_alpha} must be >= 0')
+    raise GenerationError(f'length_alpha={length_alpha} must be >= 0')
   token_prompts = _encode(prompts, tokenizer, add_bos)
   cfg = _check_lengths(graphdef, params, token_prompts, max_new_tokens)
   if num_beams > cfg.vocab_size:
-    raise ValueError(f'num_beams={num_beams} exceeds the vocabulary size {cfg.vocab_size}')
+    raise GenerationError(f'num_beams={num_beams} exceeds the vocabulary size {cfg.vocab_size}')
   stop_tokens = _stop_tokens(stop_tokens, tokenizer, stop_strings)
   tokens_BP, segment_ids_BP, positions_BP = left_pad(token_prompts)
   results = _beam_search(
@@ -313,26 +318,26 @@ def beam_search(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: in
 
 def _check_sampling(temperature, top_k, top_p) -> None:
   if not temperature >= 0:
-    raise ValueError(f'temperature={temperature} must be >= 0 (0: greedy)')
+    raise GenerationError(f'temperature={temperature} must be >= 0 (0: greedy)')
   if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
-    raise ValueError(f'top_k={top_k!r} must be an integer >= 0 (0: no top-k filter)')
+    raise GenerationError(f'top_k={top_k!r} must be an integer >= 0 (0: no top-k filter)')
   if not 0 < top_p <= 1:
-    raise ValueError(f'top_p={top_p} must be in (0, 1] (1: no nucleus filter)')
+    raise GenerationError(f'top_p={top_p} must be in (0, 1] (1: no nucleus filter)')
 
 
 def _encode(prompts, tokenizer, add_bos: bool) -> list[list[int]]:
   if isinstance(prompts, (str, bytes)) or not prompts:
-    raise ValueError(f'prompts must be a non-empty list (of strings or token-id lists), got '
+    raise GenerationError(f'prompts must be a non-empty list (of strings or token-id lists), got '
                      f'{prompts!r}')
   encoded = []
   for i, prompt in enumerate(prompts):
     if isinstance(prompt, str):
       if tokenizer is None:
-        raise ValueError(f'prompt {i} is a string: pass tokenizer= to encode it')
+        raise GenerationError(f'prompt {i} is a string: pass tokenizer= to encode it')
       prompt = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
     prompt = [int(t) for t in prompt]
     if not prompt:
-      raise ValueError(f'prompt {i} is empty; start it with BOS (add_bos=True) at least')
+      raise GenerationError(f'prompt {i} is empty; start it with BOS (add_bos=True) at least')
     encoded.append(prompt)
   return encoded
 
@@ -341,14 +346,14 @@ def _check_lengths(graphdef, params, prompts, max_new_tokens: int) -> model_lib.
   """The model config, after checking every prompt's tokens are in the vocabulary and fit."""
   cfg = nnx.merge(graphdef, params).cfg
   if max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
+    raise GenerationError(f'max_new_tokens={max_new_tokens} must be at least 1')
   for i, prompt in enumerate(prompts):
     if len(prompt) + max_new_tokens > cfg.max_seq_len:
-      raise ValueError(
+      raise GenerationError(
           f'prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that '
           f'exceeds the model\'s max_seq_len={cfg.max_seq_len}')
     if not all(0 <= t < cfg.vocab_size for t in prompt):
-      raise ValueError(f'prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})')
+      raise GenerationError(f'prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})')
   return cfg
 
 
@@ -357,7 +362,7 @@ def _seeds(seed, count: int) -> list[int]:
     return [int(seed) + i for i in range(count)]
   seeds = [int(s) for s in seed]
   if len(seeds) != count:
-    raise ValueError(f'{len(seeds)} seeds for {count} prompts; give one per prompt or an int')
+    raise GenerationError(f'{len(seeds)} seeds for {count} prompts; give one per prompt or an int')
   return seeds
 
 
@@ -381,7 +386,7 @@ def _pieces_holding(tokenizer, stop_strings, stop_tokens) -> list[int]:
 
 def _stop_tokens(stop_tokens, tokenizer, stop_strings) -> list[int]:
   if stop_strings and tokenizer is None:
-    raise ValueError('stop_strings need tokenizer= to decode the generated tokens')
+    raise GenerationError('stop_strings need tokenizer= to decode the generated tokens')
   if stop_tokens is None:
     return [tokenizer.eos_id] if tokenizer is not None else []
   return [int(t) for t in stop_tokens]
@@ -521,6 +526,7 @@ def _unescape(text: str) -> str:
 def sample_from_config(config, workdir: str) -> list[tuple[str, list[Completion]]]:
   """(prompt, completions) for each of config.sample's prompts, by workdir's newest checkpoint:
   what `python -m lm.main --config.mode=sample` prints."""
+  from lm import config as config_lib  # pylint: disable=g-import-not-at-top
   from lm import sharding  # pylint: disable=g-import-not-at-top
   s = config.sample
   graphdef, params, tokenizer = load(config, workdir)
@@ -531,8 +537,8 @@ def sample_from_config(config, workdir: str) -> list[tuple[str, list[Completion]
   try:
     with sharding.active(mesh, sharding.parse_rules(config.mesh.rules)):
       results = _run(graphdef, params, prompts, s, common)
-  except ValueError as e:
-    raise ValueError(f'config.sample: {e}') from e
+  except GenerationError as e:
+    raise config_lib.ConfigError(f'config.sample: {e}') from e
   return list(zip(prompts, results))
 
 

@@ -23,6 +23,7 @@ import ml_collections
 from lm import attention as attention_lib
 from lm import kv_cache
 from lm import lora as lora_lib
+from lm import pytree
 from lm import sharding
 
 
@@ -357,17 +358,7 @@ def logical_axes(cfg: ModelConfig):
     return ('layers',) + names if path[0] == 'blocks' else names
 
   flat = {path: axes(path, v) for path, v in nnx.to_flat_state(state)}
-  return _unflatten(flat)
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
+  return pytree.unflatten(flat)
 
 
 def count_params(params) -> int:
