@@ -24,7 +24,8 @@ hf-to-lm writes a directory like lm.vocab's extended checkpoint, so `config.init
 `python -m lm.vocab extend-checkpoint --checkpoint OUT` take it:
   params/          the parameters (an orbax item; lm.checkpoint.restore_params reads it)
   config.json      lm.config.base_config() with the model's fields, init_from pointing here
-  config.py        get_config() of config.json, wherever the directory has moved
+  config.py        get_config() of config.json, wherever the directory has moved (code: prefer
+                   `--config OUT/config.json`, which runs none)
   tokenizer.model  the HF directory's SentencePiece model, when it has one (data.tokenizer)
   hf_config.json   the HF config.json as it was, so lm-to-hf restores its token ids and dtype
   conversion.json  what was done (hf_to_lm's summary)

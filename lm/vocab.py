@@ -27,8 +27,9 @@ The extended checkpoint is a directory:
   tokenizer.model  the merged SentencePiece model
   config.json      the source run's config, with model.vocab_size, data.tokenizer and init_from
                    pointing here
-  config.py        get_config() of that config.json, pointing wherever the directory now is, for
-                   `python -m lm.main --config OUT/config.py --workdir NEW [--config.a.b=...]`
+  config.py        get_config() of that config.json, pointing wherever the directory now is;
+                   code, so prefer `python -m lm.main --config OUT/config.json --workdir NEW`
+                   (lm.config.config_from_checkpoint), which runs none
   extension.json   what was done (extend_checkpoint's summary)
   hf_config.json   copied from the source when it was imported from HF (lm/convert.py), so that
                    lm-to-hf exports the extended model in its original dtype and token ids
@@ -102,8 +103,9 @@ def extend_checkpoint(checkpoint: str, base: str, merged: str, init: str, out: s
   return summary
 
 
-_CONFIG_PY = '''"""The config of the checkpoint in this directory (written by lm.vocab or lm.convert):
-python -m lm.main --config THIS_FILE --workdir NEW_WORKDIR [--config.train.trainable=embeddings]"""
+_CONFIG_PY = '''"""The config of the checkpoint in this directory (written by lm.vocab or lm.convert).
+`python -m lm.main --config DIR/config.json --workdir NEW` reads the same config as data, without
+running this file; `--config DIR/config.py` runs it."""
 
 import os
 
