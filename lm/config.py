@@ -18,8 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # What lm.main does with this config. 'train': train (resuming from DIR/checkpoints if present)
-  # and evaluate on held-out text. 'sample': print completions of config.sample's prompts by the
-  # newest checkpoint in DIR/checkpoints (the model fields must match the trained run's).
+  # and evaluate on held-out text. 'sft': the same loop, fine-tuning on config.post's
+  # prompt/response data (lm/post/). 'sample': print completions of config.sample's prompts by
+  # the newest checkpoint in DIR/checkpoints (the model fields must match the trained run's).
   config.mode = 'train'
   # Start a new run (no checkpoint in the workdir yet) from the parameters of this checkpoint: a
   # directory written by lm.vocab.extend_checkpoint, a training workdir, its checkpoints/ folder
@@ -182,6 +183,30 @@ def base_config() -> ml_collections.ConfigDict:
   # Cut each completion before the first of these strings, '|'-separated, backslash escapes
   # understood (e.g. '\n\n|\ndef '). Generation also stops at the tokenizer's EOS.
   s.stop_strings = ''
+
+  # ---------------------------------------------------------------------------------------------
+  # Post-training (mode='sft'; lm/post/). The model, optimizer, mesh and loop are config.model,
+  # config.train and config.mesh's, as for pretraining; data.seq_len is the row length and
+  # data.tokenizer (or init_from's tokenizer) encodes the examples.
+  config.post = p = ml_collections.ConfigDict()
+  # Examples: jsonl:GLOB (one JSON object per line), tfds:NAME[:SPLIT], or stdlib:functions (the
+  # standard library's documented functions: prompt = signature and docstring, response = body;
+  # real pairs on every machine, for offline runs).
+  p.data = ''
+  p.prompt_field = 'prompt'  # The record's prompt (not trained on).
+  p.response_field = 'response'  # The record's response (trained on, with the EOS after it).
+  # A FLAN-style template instead of the two fields: a name in lm.post.templates.FLAN_TEMPLATES
+  # ('instruction', 'qa', 'translate') or MODULE:ATTRIBUTE naming a list of (input, target)
+  # format strings over the record's fields; one is picked per example by train.seed.
+  p.template = ''
+  # Multi-turn data: a chat template from lm.post.templates.CHAT_TEMPLATES ('chatml', 'zephyr',
+  # 'plain') over the record's messages ([{"role": system|user|assistant, "content": ...}]);
+  # every assistant reply is trained. Empty: single-turn records.
+  p.chat_template = ''
+  p.messages_field = 'messages'
+  p.pack = True  # Pack several examples into each row (segment ids keep them apart).
+  p.eval_fraction = 0.05  # Share of the examples held out (at least one).
+  p.max_examples = 0  # Read at most this many records; 0: all.
   return config
 
 
@@ -350,7 +375,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'mode': ('train', 'sample'),
+    'mode': ('train', 'sft', 'sample'),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -398,6 +423,33 @@ def _validate_sample(config: ml_collections.ConfigDict) -> None:
     raise ConfigError('config.mode=sample needs config.sample.prompt or config.sample.prompts_file')
   if s.prompts_file and not os.path.isfile(s.prompts_file):
     raise ConfigError(f'config.sample.prompts_file={s.prompts_file!r} does not exist')
+
+
+def _validate_post(config: ml_collections.ConfigDict) -> None:
+  from lm.post import templates  # pylint: disable=g-import-not-at-top
+  p = config.post
+  if not p.data:
+    raise ConfigError(f'config.mode={config.mode!r} needs config.post.data (jsonl:GLOB or '
+                      'tfds:NAME[:SPLIT])')
+  if p.data != 'stdlib:functions' and (p.data.partition(':')[0] not in ('jsonl', 'tfds')
+                                       or not p.data.partition(':')[2]):
+    raise ConfigError(f'config.post.data={p.data!r}: expected jsonl:GLOB, tfds:NAME[:SPLIT] or '
+                      'stdlib:functions')
+  if p.chat_template and p.chat_template not in templates.CHAT_TEMPLATES:
+    raise ConfigError(f'config.post.chat_template={p.chat_template!r}: expected one of '
+                      f'{sorted(templates.CHAT_TEMPLATES)}')
+  if p.chat_template and p.template:
+    raise ConfigError('config.post.template and config.post.chat_template are both set: a '
+                      'record is either one prompt/response or a conversation')
+  if p.template:
+    try:
+      templates.flan_template(p.template)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  if not 0 < p.eval_fraction < 1:
+    raise ConfigError(f'config.post.eval_fraction={p.eval_fraction}: must be in (0, 1)')
+  if p.max_examples < 0:
+    raise ConfigError(f'config.post.max_examples={p.max_examples}: must be >= 0')
 
 
 def _validate_lora(config: ml_collections.ConfigDict) -> None:
@@ -477,3 +529,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r}: no such directory')
   _validate_sample(config)
+  if config.mode == 'sft':
+    _validate_post(config)

@@ -174,12 +174,12 @@ def _batches(rows: grain.MapDataset, *, batch_size: int, bos_id: int, shard_inde
              shard_count: int) -> grain.DatasetIterator:
   """This process's slice of consecutive global batches of `rows` (see train_iterator)."""
   dataset = (rows.slice(slice(shard_index, None, shard_count))
-             .batch(_local_batch_size(batch_size, shard_count), drop_remainder=True)
+             .batch(local_batch_size(batch_size, shard_count), drop_remainder=True)
              .map(lambda rows_BxL1: make_batch(rows_BxL1, bos_id)))
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
-def _local_batch_size(batch_size: int, shard_count: int) -> int:
+def local_batch_size(batch_size: int, shard_count: int) -> int:
   if batch_size % shard_count:
     raise sources_lib.DataError(f'train.batch_size={batch_size} is not divisible by the {shard_count} '
                      'processes that each read a slice of it')
@@ -194,7 +194,7 @@ def eval_batches(rows: Sequence[np.ndarray], n: int, *, batch_size: int, bos_id:
   has the same shape. With several processes, each gets its rows shard_index::shard_count of
   every batch."""
   if shard_count > 1:
-    _local_batch_size(batch_size, shard_count)
+    local_batch_size(batch_size, shard_count)
     return [{k: v[shard_index::shard_count] for k, v in batch.items()}
             for batch in eval_batches(rows, n, batch_size=batch_size, bos_id=bos_id,
                                       pad_id=pad_id)]

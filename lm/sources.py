@@ -54,7 +54,7 @@ def iter_documents(source: str, text_field: str = 'text', *, max_chars: int = 0,
   check_source(source, where)
   kind, _, arg = source.partition(':')
   if source == 'stdlib':
-    raw = (_decode(_read_bytes(path)) for path in _stdlib_files())
+    raw = (_decode(_read_bytes(path)) for path in stdlib_files())
   elif kind == 'text':
     raw = (_decode(_read_bytes(path)) for path in _glob(arg, where))
   elif kind == 'jsonl':
@@ -124,7 +124,7 @@ def _read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def _stdlib_files() -> list[str]:
+def stdlib_files() -> list[str]:
   """The standard library's own .py files, sorted: real text present on every machine."""
   root = sysconfig.get_paths()['stdlib']
   paths = []
@@ -172,6 +172,42 @@ def _tfds_documents(arg: str, text_field: str) -> Iterator[tuple[str, bool]]:
                        f'(found {sorted(example)}).')
     text = example[text_field]
     yield _decode(text.item() if isinstance(text, np.ndarray) else text)
+
+
+def iter_records(source: str, where: str = '') -> Iterator[tuple[str, dict]]:
+  """Yields (location, record) for each example of a jsonl:GLOB or tfds:NAME[:SPLIT] source: the
+  structured data of post-training (prompt, response, chosen, ...), bytes decoded to str.
+  `location` ('PATH:LINE', 'tfds:NAME example I') names the example in error messages."""
+  where = where or f'source {source!r}'
+  kind, _, arg = source.partition(':')
+  if kind not in ('jsonl', 'tfds') or not arg:
+    raise DataError(f'{where} is not a source of records; expected jsonl:GLOB or '
+                    'tfds:NAME[:SPLIT]')
+  if kind == 'jsonl':
+    for path in _glob(arg, where):
+      with open(path, 'rb') as f:
+        for line_number, line in enumerate(f, start=1):
+          if not line.strip():
+            continue
+          try:
+            record = json.loads(_decode(line)[0])
+          except json.JSONDecodeError as e:
+            raise DataError(f'{path}:{line_number}: not a JSON line ({e}).') from e
+          if not isinstance(record, dict):
+            raise DataError(f'{path}:{line_number}: a JSON {type(record).__name__}, not an '
+                            'object of fields')
+          yield f'{path}:{line_number}', record
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, _, split = arg.partition(':')
+  examples = tfds.data_source(name, split=split or 'train')
+  for index in range(len(examples)):
+    record = {}
+    for key, value in examples[index].items():
+      value = value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+      record[key] = _decode(value)[0] if isinstance(value, bytes) else value
+    yield f'tfds:{arg} example {index}', record
 
 
 def source_fingerprint(source: str, where: str = '') -> str:

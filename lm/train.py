@@ -443,6 +443,18 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, resumed_step
     files_lib.write_atomically(path, lambda f: f.write(config.to_json_best_effort(indent=2)))
 
 
+def make_data(config: ml_collections.ConfigDict, vocab_size: int, workdir: str) -> data_lib.Data:
+  """The mode's data, this process's slice of it: pretraining text (lm.data) or, for
+  mode='sft', config.post's prompt/response examples (lm.post.data)."""
+  shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  if config.mode == 'sft':
+    from lm.post import data as post_data  # pylint: disable=g-import-not-at-top
+    return post_data.make_sft_data(config, post_data.load_tokenizer(config, vocab_size), **shards)
+  t = config.train
+  return data_lib.make_data(config.data, vocab_size=vocab_size, batch_size=t.batch_size,
+                            seed=t.seed, workdir=workdir, **shards)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from workdir/checkpoints if there is one); returns (state, last metrics)."""
   run = setup(config)
@@ -455,9 +467,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   except BaseException:
     checkpointer.close()
     raise
-  data = data_lib.make_data(config.data, vocab_size=cfg.vocab_size, batch_size=t.batch_size,
-                            seed=t.seed, workdir=workdir, shard_index=jax.process_index(),
-                            shard_count=jax.process_count())
+  data = make_data(config, cfg.vocab_size, workdir)
 
   abstract_state = run.abstract_state()
   trained = run.trained

@@ -13,6 +13,7 @@ from lm import model as model_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/from_checkpoint.py takes a checkpoint (test_a_saved_config_json_runs_as_data).
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 + glob.glob(os.path.join(ROOT, 'configs', 'post', '*.py'))
                  if not p.endswith('from_checkpoint.py'))
 
 

@@ -77,7 +77,7 @@ def test_stdlib_with_max_chars():
   assert sum(map(len, docs)) == stats.chars == 300_000  # The last document is cut to fit.
   assert len(docs) == stats.documents > 10
   assert any('import ' in doc for doc in docs)
-  stdlib_files = sources_lib._stdlib_files()  # pylint: disable=protected-access
+  stdlib_files = sources_lib.stdlib_files()
   assert not any('site-packages' in path for path in stdlib_files)
 
 
