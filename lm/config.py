@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # What lm.main does with this config. 'train': train (resuming from DIR/checkpoints if present)
   # and evaluate on held-out text. 'sft': the same loop, fine-tuning on config.post's
-  # prompt/response data (lm/post/). 'sample': print completions of config.sample's prompts by
+  # prompt/response data (lm/post/); 'dpo': on its preference pairs. 'sample': print completions of config.sample's prompts by
   # the newest checkpoint in DIR/checkpoints (the model fields must match the trained run's).
   config.mode = 'train'
   # Start a new run (no checkpoint in the workdir yet) from the parameters of this checkpoint: a
@@ -185,13 +185,14 @@ def base_config() -> ml_collections.ConfigDict:
   s.stop_strings = ''
 
   # ---------------------------------------------------------------------------------------------
-  # Post-training (mode='sft'; lm/post/). The model, optimizer, mesh and loop are config.model,
+  # Post-training (mode='sft' or 'dpo'; lm/post/). The model, optimizer, mesh and loop are config.model,
   # config.train and config.mesh's, as for pretraining; data.seq_len is the row length and
   # data.tokenizer (or init_from's tokenizer) encodes the examples.
   config.post = p = ml_collections.ConfigDict()
-  # Examples: jsonl:GLOB (one JSON object per line), tfds:NAME[:SPLIT], or stdlib:functions (the
-  # standard library's documented functions: prompt = signature and docstring, response = body;
-  # real pairs on every machine, for offline runs).
+  # Examples: jsonl:GLOB (one JSON object per line), tfds:NAME[:SPLIT], or, real records on
+  # every machine for offline runs, stdlib:functions (the standard library's documented
+  # functions: prompt = signature and docstring, response = body) or stdlib:function_pairs (the
+  # same prompt, chosen = its own body, rejected = the next function's).
   p.data = ''
   p.prompt_field = 'prompt'  # The record's prompt (not trained on).
   p.response_field = 'response'  # The record's response (trained on, with the EOS after it).
@@ -204,7 +205,16 @@ def base_config() -> ml_collections.ConfigDict:
   # every assistant reply is trained. Empty: single-turn records.
   p.chat_template = ''
   p.messages_field = 'messages'
-  p.pack = True  # Pack several examples into each row (segment ids keep them apart).
+  p.chosen_field = 'chosen'  # mode='dpo': the preferred response...
+  p.rejected_field = 'rejected'  # ...and the other one, to the same prompt.
+  # mode='dpo': the frozen reference the policy is held near; empty: init_from (with LoRA, the
+  # base without adapters). Its log-probabilities are computed once, before training.
+  p.reference = ''
+  p.beta = 0.1  # mode='dpo': the strength of the pull towards the reference.
+  # mode='dpo': 'sigmoid' (DPO's -log sigmoid(beta * margin)) or 'ipo' (squared, per-token
+  # log-ratios: Azar et al., 2023).
+  p.loss_type = 'sigmoid'
+  p.pack = True  # mode='sft': pack several examples into each row (segment ids keep them apart).
   p.eval_fraction = 0.05  # Share of the examples held out (at least one).
   p.max_examples = 0  # Read at most this many records; 0: all.
   return config
@@ -375,7 +385,8 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'mode': ('train', 'sft', 'sample'),
+    'mode': ('train', 'sft', 'dpo', 'sample'),
+    'post.loss_type': ('sigmoid', 'ipo'),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -431,10 +442,11 @@ def _validate_post(config: ml_collections.ConfigDict) -> None:
   if not p.data:
     raise ConfigError(f'config.mode={config.mode!r} needs config.post.data (jsonl:GLOB or '
                       'tfds:NAME[:SPLIT])')
-  if p.data != 'stdlib:functions' and (p.data.partition(':')[0] not in ('jsonl', 'tfds')
-                                       or not p.data.partition(':')[2]):
+  stdlib = ('stdlib:functions', 'stdlib:function_pairs')
+  if p.data not in stdlib and (p.data.partition(':')[0] not in ('jsonl', 'tfds')
+                               or not p.data.partition(':')[2]):
     raise ConfigError(f'config.post.data={p.data!r}: expected jsonl:GLOB, tfds:NAME[:SPLIT] or '
-                      'stdlib:functions')
+                      f'one of {stdlib}')
   if p.chat_template and p.chat_template not in templates.CHAT_TEMPLATES:
     raise ConfigError(f'config.post.chat_template={p.chat_template!r}: expected one of '
                       f'{sorted(templates.CHAT_TEMPLATES)}')
@@ -450,6 +462,14 @@ def _validate_post(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.post.eval_fraction={p.eval_fraction}: must be in (0, 1)')
   if p.max_examples < 0:
     raise ConfigError(f'config.post.max_examples={p.max_examples}: must be >= 0')
+  if config.mode == 'dpo':
+    if not p.beta > 0:
+      raise ConfigError(f'config.post.beta={p.beta}: must be positive')
+    if not (p.reference or config.init_from):
+      raise ConfigError('config.mode=dpo needs a reference model: config.init_from (the policy '
+                        'starts there and it is the reference) or config.post.reference')
+    if p.reference and '://' not in p.reference and not os.path.isdir(p.reference):
+      raise ConfigError(f'config.post.reference={p.reference!r}: no such directory')
 
 
 def _validate_lora(config: ml_collections.ConfigDict) -> None:
@@ -529,5 +549,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r}: no such directory')
   _validate_sample(config)
-  if config.mode == 'sft':
+  if config.mode in ('sft', 'dpo'):
     _validate_post(config)

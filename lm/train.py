@@ -127,20 +127,56 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, z_loss: float = 0.0,
   return (objective_BT * mask_BT).sum(), sums
 
 
-def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collections.ConfigDict,
-               trained: tuple | None = None):
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a mode minimises, as sums over a batch's units (target tokens, preference pairs), so
+  that micro-batches add up to exactly the full batch.
+
+  sums(params, batch, dropout_rng) -> (summed objective to differentiate, {name: summed metric});
+  the objective's gradient and every metric are divided by the global batch's total of
+  sums[count]; sums[loss] is what the logs call `loss`. eval_sums(params, batch, token_bytes)
+  and report(totals, prefix) do the same for held-out batches.
+  """
+  sums: Callable
+  count: str
+  loss: str
+  eval_sums: Callable
+  report: Callable[[dict, str], dict]
+  sequences_per_example: int = 1  # Rows of data.seq_len tokens per batch entry (DPO: 2).
+
+
+def language_model_objective(graphdef, t: ml_collections.ConfigDict) -> Objective:
+  """Next-token cross-entropy over the loss_mask's tokens (pretraining, SFT)."""
+  return Objective(
+      sums=functools.partial(loss_sums, graphdef=graphdef, z_loss=t.z_loss,
+                             label_smoothing=t.label_smoothing),
+      count='tokens', loss='nll', eval_sums=functools.partial(eval_step, graphdef=graphdef),
+      report=language_model_report)
+
+
+def mean_report(count: str, loss: str) -> Callable[[dict, str], dict]:
+  """A report that divides every summed metric by sums[count] (PREFIX_loss for sums[loss])."""
+  def report(totals: dict, prefix: str) -> dict:
+    n = max(totals[count], 1.0)
+    out = {f'{prefix}_loss': totals[loss] / n}
+    out.update({f'{prefix}_{name}': value / n for name, value in totals.items()
+                if name not in (count, loss)})
+    return out
+  return report
+
+
+def train_step(state: TrainState, batch, *, objective: Objective, optimizer,
+               t: ml_collections.ConfigDict, trained: tuple | None = None):
   """One optimizer step on a global batch, accumulating gradients over t.grad_accum_steps.
 
   Gradients of the summed objective are accumulated with lax.scan over micro-batches and
-  divided once by the total target-token count, so k micro-batches equal one k-times batch.
-  Only the `trained` parameters (trained_paths; None: all) are differentiated and updated: a
-  LoRA step computes no gradient for the frozen weights.
+  divided once by the global batch's count (objective.count: its target tokens, its pairs), so
+  k micro-batches equal one k-times batch. Only the `trained` parameters (trained_paths; None:
+  all) are differentiated and updated: a LoRA step computes no gradient for the frozen weights.
   """
   trained_params, frozen_params = split_trained(state.params, trained)
-  objective = functools.partial(loss_sums, graphdef=graphdef, z_loss=t.z_loss,
-                                label_smoothing=t.label_smoothing)
   grad_fn = jax.grad(
-      lambda trained_params, batch, rng: objective(
+      lambda trained_params, batch, rng: objective.sums(
           pytree.union(trained_params, frozen_params), batch, rng), has_aux=True)
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   if t.grad_accum_steps == 1:
@@ -155,20 +191,24 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, t: ml_collectio
       grads, sums = grad_fn(trained_params, micro_batch, jax.random.fold_in(step_rng, index))
       return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, (trained_params, {'nll': 0.0, 'tokens': 0.0}))
+    shapes = jax.eval_shape(grad_fn, trained_params, jax.tree.map(lambda x: x[0], micro_batches),
+                            step_rng)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     (grads, sums), _ = jax.lax.scan(
         accumulate, zeros, (micro_batches, jnp.arange(t.grad_accum_steps)))
 
-  tokens = jnp.maximum(sums['tokens'], 1.0)
-  grads = jax.tree.map(lambda g: g / tokens, grads)
+  count = jnp.maximum(sums[objective.count], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, trained_params)
   params = pytree.union(optax.apply_updates(trained_params, updates), frozen_params)
-  metrics = {
-      'loss': sums['nll'] / tokens,
+  metrics = {name: value / count for name, value in sums.items()
+             if name not in (objective.count, objective.loss)}
+  metrics.update({
+      'loss': sums[objective.loss] / count,
       'grad_norm': optax.tree.norm(grads),
       'learning_rate': learning_rate_schedule(t)(state.step),
-      'tokens': sums['tokens'],
-  }
+      objective.count: sums[objective.count],
+  })
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
@@ -180,18 +220,24 @@ def eval_step(params, batch, token_bytes_V, *, graphdef):
   return {**sums, 'bytes': bytes_BT.sum()}
 
 
-def evaluate(eval_fn, params, batches, token_bytes, prefix: str = 'eval') -> dict:
-  """Loss, perplexity and bits per byte over the held-out batches (PREFIX_loss, ...)."""
-  totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
-  for batch in batches:
-    sums = jax.device_get(eval_fn(params, batch, token_bytes))
-    totals = {k: totals[k] + float(sums[k]) for k in totals}
+def language_model_report(totals: dict, prefix: str) -> dict:
+  """Loss, perplexity and bits per byte (PREFIX_loss, ...) from eval_step's summed totals."""
   loss = totals['nll'] / max(totals['tokens'], 1.0)
   return {
       f'{prefix}_loss': loss,
       f'{prefix}_perplexity': math.exp(min(loss, 50.0)),
       f'{prefix}_bits_per_byte': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
   }
+
+
+def evaluate(eval_fn, params, batches, token_bytes, prefix: str = 'eval',
+             report: Callable[[dict, str], dict] = language_model_report) -> dict:
+  """The objective's held-out metrics (PREFIX_loss, ...) over the batches, summed then reported."""
+  totals = {}
+  for batch in batches:
+    sums = jax.device_get(eval_fn(params, batch, token_bytes))
+    totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+  return report(totals, prefix) if totals else {}
 
 
 def init_state(cfg: model_lib.ModelConfig, optimizer, seed: int, params=None,
@@ -224,15 +270,17 @@ def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules,
 
 def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict, optimizer,
                        shardings: TrainState, batch_sharding: NamedSharding,
-                       trained: tuple | None = None):
-  """train_step jitted for the shardings of state_shardings (donating the state).
+                       trained: tuple | None = None, objective: Objective | None = None):
+  """train_step jitted for the shardings of state_shardings (donating the state); objective
+  defaults to the language model's.
 
   Call it inside `sharding.active(mesh, rules)` so the model's activation constraints apply when
   it is traced.
   """
   replicated = NamedSharding(batch_sharding.mesh, P())
+  objective = objective or language_model_objective(model_lib.graphdef(cfg), t)
   return jax.jit(
-      functools.partial(train_step, graphdef=model_lib.graphdef(cfg), optimizer=optimizer, t=t,
+      functools.partial(train_step, objective=objective, optimizer=optimizer, t=t,
                         trained=trained),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
       donate_argnums=0)
@@ -253,6 +301,7 @@ class Setup:
   trained: tuple | None  # Paths of the trained parameters (trained_paths); None: all.
   shardings: TrainState  # Where each leaf of the train state lives.
   batch_sharding: NamedSharding  # Of [batch, seq] input arrays.
+  objective: Objective  # The mode's loss (language_model_objective, lm.post's).
   step_fn: Callable  # Jitted, donated train_step; call it inside `active()`.
 
   @property
@@ -299,10 +348,20 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   sharding.check_batch(t.batch_size // t.grad_accum_steps, mesh, rules,
                        'config.train.batch_size / config.train.grad_accum_steps')
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  objective = mode_objective(config, model_lib.graphdef(cfg))
   return Setup(
       config=config, mesh=mesh, rules=rules, cfg=cfg, optimizer=optimizer, trained=trained,
-      shardings=shardings, batch_sharding=batch_sharding,
-      step_fn=sharded_train_step(cfg, t, optimizer, shardings, batch_sharding, trained))
+      shardings=shardings, batch_sharding=batch_sharding, objective=objective,
+      step_fn=sharded_train_step(cfg, t, optimizer, shardings, batch_sharding, trained,
+                                 objective))
+
+
+def mode_objective(config: ml_collections.ConfigDict, graphdef) -> Objective:
+  """config.mode's loss: the language model's for 'train' and 'sft', lm.post's for the others."""
+  if config.mode == 'dpo':
+    from lm.post import dpo  # pylint: disable=g-import-not-at-top
+    return dpo.objective(graphdef, config.post)
+  return language_model_objective(graphdef, config.train)
 
 
 class StepLog:
@@ -350,14 +409,17 @@ class StepLog:
     self._excluded += time.perf_counter() - start
 
   def summary(self) -> dict:
-    """Window means of loss and grad norm, the latest learning rate, throughput and MFU."""
+    """Window means of the loss, grad norm and the objective's other metrics, the latest
+    learning rate, throughput and MFU."""
     self.check()
     if not self._window:
       return {}
     elapsed = time.perf_counter() - self._start - self._excluded
     loss = float(np.mean([m['loss'] for m in self._window]))
     tokens_per_sec = len(self._window) * self._tokens_per_step / elapsed
-    out = {
+    out = {name: float(np.mean([m[name] for m in self._window])) for name in self._window[0]
+           if name not in ('learning_rate', 'tokens', 'pairs')}
+    out.update({
         'loss': loss,
         'perplexity': math.exp(min(loss, 50.0)),
         'grad_norm': float(np.mean([m['grad_norm'] for m in self._window])),
@@ -366,7 +428,7 @@ class StepLog:
         'step_time': elapsed / len(self._window),
         'mfu': (self._flops_per_token * tokens_per_sec / self._peak_flops
                 if self._peak_flops else float('nan')),
-    }
+    })
     self.restart_window()
     return out
 
@@ -394,7 +456,7 @@ class _StopRequested:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _init_from_target(path: str, abstract_params: dict) -> dict:
+def init_from_target(path: str, abstract_params: dict) -> dict:
   """The parameters to take from config.init_from: all of the model's, except LoRA adapters
   that checkpoint lacks (a base model's), which start fresh (B = 0: the base model's outputs)."""
   stored = set(pytree.leaf_paths(checkpoint_lib.params_shapes(path)))
@@ -443,13 +505,19 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, resumed_step
     files_lib.write_atomically(path, lambda f: f.write(config.to_json_best_effort(indent=2)))
 
 
-def make_data(config: ml_collections.ConfigDict, vocab_size: int, workdir: str) -> data_lib.Data:
-  """The mode's data, this process's slice of it: pretraining text (lm.data) or, for
-  mode='sft', config.post's prompt/response examples (lm.post.data)."""
+def make_data(run: Setup, workdir: str) -> data_lib.Data:
+  """The mode's data, this process's slice of it: pretraining text (lm.data), or config.post's
+  prompt/response examples (mode 'sft', lm.post.data) or preference pairs with their reference
+  log-probabilities (mode 'dpo', lm.post.dpo)."""
+  config, vocab_size = run.config, run.cfg.vocab_size
   shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  if config.mode == 'sft':
+  if config.mode in ('sft', 'dpo'):
     from lm.post import data as post_data  # pylint: disable=g-import-not-at-top
-    return post_data.make_sft_data(config, post_data.load_tokenizer(config, vocab_size), **shards)
+    tokenizer = post_data.load_tokenizer(config, vocab_size)
+    if config.mode == 'dpo':
+      from lm.post import dpo  # pylint: disable=g-import-not-at-top
+      return dpo.make_data(run, tokenizer, **shards)
+    return post_data.make_sft_data(config, tokenizer, **shards)
   t = config.train
   return data_lib.make_data(config.data, vocab_size=vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, **shards)
@@ -467,7 +535,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   except BaseException:
     checkpointer.close()
     raise
-  data = make_data(config, cfg.vocab_size, workdir)
+  data = make_data(run, workdir)
 
   abstract_state = run.abstract_state()
   trained = run.trained
@@ -486,7 +554,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     params = None
     if config.init_from:
       params = checkpoint_lib.restore_params(
-          config.init_from, _init_from_target(config.init_from, abstract_state.params))
+          config.init_from, init_from_target(config.init_from, abstract_state.params))
       logging.info('parameters from config.init_from=%s', config.init_from)
     state = run.init_state(params)
     if trained is not None:
@@ -504,7 +572,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                flops.describe_flops(matmul, trained_matmul), cfg.dtype, dict(run.mesh.shape))
 
   replicated = NamedSharding(run.mesh, P())
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=run.graphdef),
+  eval_fn = jax.jit(run.objective.eval_sums,
                     in_shardings=(run.shardings.params, run.batch_sharding, replicated),
                     out_shardings=replicated)
   token_bytes = jax.device_put(data.token_bytes, replicated)
@@ -519,7 +587,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   step = first_step = int(state.step)
   last_step = min(t.steps, step + t.steps_per_run) if t.steps_per_run else t.steps
   step_log = StepLog(
-      tokens_per_step=t.batch_size * config.data.seq_len,
+      tokens_per_step=t.batch_size * config.data.seq_len * run.objective.sequences_per_example,
       flops_per_token=flops_per_token, peak_flops=peak,
       where_to_resume=lambda: (f'the last good checkpoint is step {checkpointer.latest_step()} '
                                f'in {checkpointer.directory}'),
@@ -555,11 +623,12 @@ def train(config: ml_collections.ConfigDict, workdir: str):
           step_log.check()
           with step_log.paused():
             eval_batches = [global_batch(b) for b in data.eval_batches(t.eval_batches)]
-            eval_metrics = evaluate(eval_fn, state.params, eval_batches, token_bytes)
+            eval_metrics = evaluate(eval_fn, state.params, eval_batches, token_bytes,
+                                    report=run.objective.report)
             for name, batches_of in data.eval_sets.items():  # A mixture's sources, one by one.
               eval_metrics.update(evaluate(
                   eval_fn, state.params, [global_batch(b) for b in batches_of(t.eval_batches)],
-                  token_bytes, prefix=f'eval_{name}'))
+                  token_bytes, prefix=f'eval_{name}', report=run.objective.report))
           writer.write(step, eval_metrics)
           last.update(eval_metrics)
           logging.info('step %d: %s', step, json.dumps(eval_metrics))

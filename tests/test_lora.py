@@ -118,7 +118,8 @@ def _train(t, batches, params, cfg=LORA):
   optimizer = train_lib.make_optimizer(t, model_lib.logical_axes(cfg))
   trained = train_lib.trained_paths(t, model_lib.logical_axes(cfg))
   state = train_lib.init_state(cfg, optimizer, 0, params, trained=trained)
-  step = jax.jit(functools.partial(train_lib.train_step, graphdef=model_lib.graphdef(cfg),
+  objective = train_lib.language_model_objective(model_lib.graphdef(cfg), t)
+  step = jax.jit(functools.partial(train_lib.train_step, objective=objective,
                                    optimizer=optimizer, t=t, trained=trained))
   for batch in batches:
     state, metrics = step(state, batch)

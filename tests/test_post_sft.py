@@ -66,8 +66,8 @@ def test_the_loss_equals_trls_completion_only_sft_loss(tiny_llama):
       model=tiny_llama.model, processing_class=transformers.AutoTokenizer.from_pretrained(
           tiny_llama.hf),
       args=trl.SFTConfig(output_dir=os.path.join(os.path.dirname(tiny_llama.hf), 'trl'),
-                         completion_only_loss=True, report_to=[], use_cpu=True, max_length=None,
-                         per_device_train_batch_size=len(rows)),
+                         completion_only_loss=True, report_to=[], use_cpu=True, bf16=False,
+                         max_length=None, per_device_train_batch_size=len(rows)),
       train_dataset=datasets.Dataset.from_list(rows))
   batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
   with torch.no_grad():  # TRL's own labels: -100 outside the completion.

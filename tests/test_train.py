@@ -9,7 +9,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lm import checkpoint as checkpoint_lib
@@ -47,7 +46,8 @@ def _run_steps(t, batches, cfg=CFG, params=None):
   graphdef = model_lib.graphdef(cfg)
   state = train_lib.init_state(cfg, optimizer, 0, params, trained=trained)
   step = jax.jit(functools.partial(
-      train_lib.train_step, graphdef=graphdef, optimizer=optimizer, t=t, trained=trained))
+      train_lib.train_step, objective=train_lib.language_model_objective(graphdef, t),
+      optimizer=optimizer, t=t, trained=trained))
   for batch in batches:
     state, metrics = step(state, batch)
   return state, metrics

@@ -34,6 +34,10 @@ from lm import tokenizer as tokenizer_lib
 from lm.post import templates as templates_lib
 
 
+# The arrays of a row, as lm.data.make_batch lays them out.
+ROW_FIELDS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
   tokens: np.ndarray  # int32[n + 1]: BOS, the segments' tokens, EOS (unless truncated).
@@ -116,10 +120,27 @@ def stdlib_functions() -> Iterator[tuple[str, dict]]:
       yield f'{path}:{node.lineno}', {'prompt': prompt, 'response': response}
 
 
+def stdlib_function_pairs() -> Iterator[tuple[str, dict]]:
+  """Preference pairs on every machine: a documented standard-library function's signature and
+  docstring, its own body (chosen) and the next such function's body (rejected)."""
+  functions = stdlib_functions()
+  previous = next(functions, None)
+  for location, record in functions:
+    if previous[1]['response'] != record['response']:
+      yield previous[0], {'prompt': previous[1]['prompt'], 'chosen': previous[1]['response'],
+                          'rejected': record['response']}
+    previous = (location, record)
+
+
+STDLIB_SOURCES = {'stdlib:functions': stdlib_functions,
+                  'stdlib:function_pairs': stdlib_function_pairs}
+
+
 def read_records(source: str, where: str) -> Iterator[tuple[str, dict]]:
-  """(location, record) of config.post.data: jsonl:GLOB, tfds:NAME[:SPLIT] or stdlib:functions."""
-  if source == 'stdlib:functions':
-    return stdlib_functions()
+  """(location, record) of config.post.data: jsonl:GLOB, tfds:NAME[:SPLIT], or one of
+  STDLIB_SOURCES (real records present on every machine, for offline runs)."""
+  if source in STDLIB_SOURCES:
+    return STDLIB_SOURCES[source]()
   return sources_lib.iter_records(source, where)
 
 
@@ -200,13 +221,14 @@ def train_iterator(rows: PackedRows, *, batch_size: int, seed: int, shard_index:
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
 
 
-def eval_batches(rows: PackedRows, n: int, *, batch_size: int, shard_index: int = 0,
+def eval_batches(rows, n: int, *, batch_size: int, shard_index: int = 0,
                  shard_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first n batches of the held-out rows, a short last one padded with empty rows."""
+  """The first n batches of the held-out rows (PackedRows, or any rows with .arrays of equal
+  length), a short last one padded with empty rows (all zeros: no loss, no pair)."""
   batches = []
   for start in range(0, min(n * batch_size, len(rows)), batch_size):
     batch = {k: v[start:start + batch_size] for k, v in rows.arrays.items()}
-    pad = batch_size - len(batch['inputs'])
+    pad = batch_size - min(start + batch_size, len(rows)) + start
     batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in
              batch.items()}
     batches.append({k: v[shard_index::shard_count] for k, v in batch.items()})

@@ -1,0 +1,205 @@
+"""Direct preference optimisation (Rafailov et al., 2023): the policy against a frozen reference
+on (prompt, chosen, rejected) records, in lm.train's loop.
+
+Each pair is two rows laid out as lm.post.data lays out any example, [BOS] + encode(prompt) +
+encode(chosen or rejected) + [EOS], the loss mask on the response and the EOS. A sequence's
+log-probability is the sum over those tokens. With r = beta * (log pi - log ref) per sequence,
+the loss per pair is
+
+  sigmoid: -log sigmoid(r_chosen - r_rejected)
+  ipo:     ((log-ratio margin per response token) - 1 / (2 beta))^2, the margin's log-ratios
+           each divided by its response's token count (Azar et al., 2023, as TRL computes it)
+
+averaged over the global batch's pairs (summed per micro-batch, divided once: gradient
+accumulation changes nothing). The reference is config.post.reference (default init_from); its
+per-token log-probabilities are computed once per run, before training, for every pair, so no
+second copy of the weights is held while training. With LoRA the reference is the base with adapters off
+(B = 0), i.e. the init checkpoint itself.
+"""
+
+import functools
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import checkpoint as checkpoint_lib
+from lm import data as data_lib
+from lm import model as model_lib
+from lm import pytree
+from lm import sources as sources_lib
+from lm.post import data as post_data
+
+SIDES = ('chosen', 'rejected')
+
+
+def token_logps(params, rows, *, graphdef, dropout_rng=None):
+  """[B, T] log p(target) at each row's loss_mask tokens, 0 elsewhere."""
+  logits_BTV = model_lib.apply(graphdef, params, rows['inputs'], rows['segment_ids'],
+                               rows['positions'], dropout_rng=dropout_rng).astype(jnp.float32)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, rows['targets'][..., None], -1)[..., 0]
+  return (target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)) * rows['loss_mask']
+
+
+def _both(batch) -> dict:
+  """The chosen rows then the rejected rows, as one batch of 2P rows."""
+  return {name: jnp.concatenate([batch[f'chosen_{name}'], batch[f'rejected_{name}']])
+          for name in post_data.ROW_FIELDS}
+
+
+def loss_sums(params, batch, dropout_rng=None, *, graphdef, beta: float, loss_type: str):
+  """Summed DPO loss over the batch's pairs and its parts (lm.train.Objective's contract)."""
+  logps_2P = token_logps(params, _both(batch), graphdef=graphdef,
+                         dropout_rng=dropout_rng).sum(-1)
+  chosen_P, rejected_P = jnp.split(logps_2P, 2)
+  chosen_ratio_P = chosen_P - batch['chosen_ref_logp'].sum(-1)
+  rejected_ratio_P = rejected_P - batch['rejected_ref_logp'].sum(-1)
+  valid_P = (batch['chosen_loss_mask'].sum(-1) > 0).astype(jnp.float32)  # Padding pairs: 0.
+  if loss_type == 'ipo':
+    chosen_tokens_P = jnp.maximum(batch['chosen_loss_mask'].sum(-1), 1.0)
+    rejected_tokens_P = jnp.maximum(batch['rejected_loss_mask'].sum(-1), 1.0)
+    per_token_margin_P = chosen_ratio_P / chosen_tokens_P - rejected_ratio_P / rejected_tokens_P
+    loss_P = (per_token_margin_P - 1 / (2 * beta)) ** 2
+  else:
+    loss_P = -jax.nn.log_sigmoid(beta * (chosen_ratio_P - rejected_ratio_P))
+  chosen_reward_P, rejected_reward_P = beta * chosen_ratio_P, beta * rejected_ratio_P
+  sums = {
+      'loss': (loss_P * valid_P).sum(),
+      'pairs': valid_P.sum(),
+      'accuracy': ((chosen_reward_P > rejected_reward_P) * valid_P).sum(),
+      'margin': ((chosen_reward_P - rejected_reward_P) * valid_P).sum(),
+      'chosen_reward': (chosen_reward_P * valid_P).sum(),
+      'rejected_reward': (rejected_reward_P * valid_P).sum(),
+      'chosen_logp': (chosen_P * valid_P).sum(),
+      'rejected_logp': (rejected_P * valid_P).sum(),
+  }
+  return sums['loss'], sums
+
+
+def objective(graphdef, post):
+  """lm.train.Objective of DPO: means over pairs of the loss, accuracy, margin and rewards."""
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  sums = functools.partial(loss_sums, graphdef=graphdef, beta=post.beta, loss_type=post.loss_type)
+  return train_lib.Objective(
+      sums=sums, count='pairs', loss='loss',
+      eval_sums=lambda params, batch, token_bytes: sums(params, batch)[1],
+      report=train_lib.mean_report('pairs', 'loss'), sequences_per_example=2)
+
+
+class PairRows:
+  """Preference pairs as rows: chosen_* and rejected_* arrays [P, seq_len] laid out like
+  lm.post.data.PackedRows' (one example per row), and chosen_ref_logp / rejected_ref_logp
+  [P, seq_len], the reference's per-token log-probabilities (fill_reference_logps), rank 2 like
+  every other array so that a batch shards one way."""
+
+  def __init__(self, pairs: list[tuple], seq_len: int, pad_id: int):
+    self.arrays = {}
+    for side, examples in zip(SIDES, zip(*pairs)):
+      rows = post_data.PackedRows(examples, seq_len, pack=False, pad_id=pad_id)
+      self.arrays.update({f'{side}_{k}': v for k, v in rows.arrays.items()})
+      self.arrays[f'{side}_ref_logp'] = np.zeros((len(pairs), seq_len), np.float32)
+
+  def __len__(self):
+    return len(self.arrays['chosen_ref_logp'])
+
+  def __getitem__(self, index):
+    return {name: array[index] for name, array in self.arrays.items()}
+
+
+def read_pairs(post, tokenizer, max_tokens: int) -> tuple[list[tuple], post_data.Counts]:
+  """(chosen Example, rejected Example) of each distinct record of config.post.data."""
+  counts, seen, pairs = post_data.Counts(), set(), []
+  where = f'config.post.data={post.data!r}'
+  for location, record in post_data.read_records(post.data, where):
+    if post.max_examples and counts.records >= post.max_examples:
+      break
+    counts.records += 1
+    fields = (post.prompt_field, post.chosen_field, post.rejected_field)
+    for name, field in zip(('prompt_field', 'chosen_field', 'rejected_field'), fields):
+      if not isinstance(record.get(field), str):
+        raise sources_lib.DataError(f'{location}: no string field config.post.{name}={field!r} '
+                                    f'(found {sorted(record)})')
+    key = tuple(record[f] for f in fields)
+    if key in seen:
+      counts.duplicates += 1
+      continue
+    seen.add(key)
+    pair = tuple(post_data.encode_example([(record[fields[0]], False), (record[field], True)],
+                                          tokenizer, max_tokens, counts) for field in fields[1:])
+    if None not in pair:
+      pairs.append(pair)
+  if counts.records == 0:
+    raise sources_lib.DataError(f'{where} holds no records')
+  if len(pairs) < 2:
+    raise sources_lib.DataError(
+        f'{where}: {len(pairs)} usable pairs of {counts.records} records ({counts.duplicates} '
+        f'duplicates, {counts.dropped_empty} responses truncated away): at least one to train on '
+        'and one to hold out')
+  return pairs, counts
+
+
+def reference_params(run):
+  """The frozen reference: config.post.reference's parameters (default init_from), with fresh
+  LoRA adapters (B = 0, so they change nothing) where the model has them."""
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = run.config
+  path = config.post.reference or config.init_from
+  if not path:
+    raise sources_lib.DataError('config.mode=dpo needs a reference: config.post.reference or '
+                                'config.init_from (the model the policy starts from)')
+  abstract = run.abstract_state().params
+  restored = checkpoint_lib.restore_params(path, train_lib.init_from_target(path, abstract))
+  fresh = jax.jit(functools.partial(model_lib.init_params, run.cfg, config.train.seed),
+                  out_shardings=run.shardings.params)()
+  return pytree.union(fresh, restored)
+
+
+def fill_reference_logps(run, params, rows: PairRows, batch_size: int) -> None:
+  """Writes the reference's sequence log-probabilities of every pair into rows, in batches."""
+  logps = jax.jit(functools.partial(token_logps, graphdef=run.graphdef),
+                  in_shardings=(run.shardings.params, run.batch_sharding))
+  for start in range(0, len(rows), batch_size):
+    stop = min(start + batch_size, len(rows))
+    for side in SIDES:
+      block = {k: rows.arrays[f'{side}_{k}'][start:stop] for k in post_data.ROW_FIELDS}
+      pad = batch_size - (stop - start)
+      block = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+               for k, v in block.items()}
+      with run.active():
+        out = jax.device_get(logps(params, block))
+      rows.arrays[f'{side}_ref_logp'][start:stop] = out[:stop - start]
+
+
+def make_data(run, tokenizer, *, shard_index: int = 0, shard_count: int = 1) -> data_lib.Data:
+  """config.post.data's pairs as lm.data.Data, with the reference's log-probabilities: a seeded
+  eval_fraction held out (at least one pair), the rest shuffled each epoch."""
+  config = run.config
+  post, t, seq_len = config.post, config.train, config.data.seq_len
+  pairs, counts = read_pairs(post, tokenizer, seq_len + 1)
+  order = np.random.default_rng(t.seed).permutation(len(pairs))
+  num_eval = min(max(1, round(post.eval_fraction * len(pairs))), len(pairs) - 1)
+  held_out = PairRows([pairs[i] for i in order[:num_eval]], seq_len, tokenizer.pad_id)
+  train = PairRows([pairs[i] for i in order[num_eval:]], seq_len, tokenizer.pad_id)
+  start = time.perf_counter()
+  reference = reference_params(run)
+  for rows in (train, held_out):
+    fill_reference_logps(run, reference, rows, t.batch_size)
+  del reference
+  stats = dict(vars(counts), pairs=len(pairs), train_pairs=len(train), eval_pairs=len(held_out),
+               reference=post.reference or config.init_from,
+               reference_logps_s=round(time.perf_counter() - start, 2), tokenizer=tokenizer.path)
+  logging.info('Preference data: %s', stats)
+  if counts.truncated_prompts or counts.truncated_responses:
+    logging.warning('%d responses lost prompt context from the left and %d were cut at their end,'
+                    ' at data.seq_len=%d', counts.truncated_prompts, counts.truncated_responses,
+                    seq_len)
+  return data_lib.Data(
+      tokenizer=tokenizer,
+      train_iter=post_data.train_iterator(train, batch_size=t.batch_size, seed=t.seed,
+                                          shard_index=shard_index, shard_count=shard_count),
+      eval_batches=lambda n: post_data.eval_batches(held_out, n, batch_size=t.batch_size,
+                                                    shard_index=shard_index,
+                                                    shard_count=shard_count),
+      token_bytes=tokenizer.token_bytes(), stats=stats)
