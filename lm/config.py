@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # What lm.main does with this config. 'train': train (resuming from DIR/checkpoints if present)
   # and evaluate on held-out text. 'sft': the same loop, fine-tuning on config.post's
-  # prompt/response data (lm/post/); 'dpo': on its preference pairs. 'sample': print completions of config.sample's prompts by
+  # prompt/response data (lm/post/); 'reward' and 'dpo': on its preference pairs. 'sample': print completions of config.sample's prompts by
   # the newest checkpoint in DIR/checkpoints (the model fields must match the trained run's).
   config.mode = 'train'
   # Start a new run (no checkpoint in the workdir yet) from the parameters of this checkpoint: a
@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.d_ff = 1408  # Hidden width of the MLP (for SwiGLU, each of the gate and up projections).
   m.max_seq_len = 1024  # Longest sequence the model accepts (size of the gpt2 position table).
   m.tie_embeddings = False  # Reuse the input embedding as the output projection.
+  # A scalar head on the last token's hidden state: a reward model (mode='reward' sets it; a
+  # checkpoint trained with it keeps it, so PPO can load it as its reward).
+  m.reward_head = False
   m.rope_theta = 10_000.0  # Base of the rotary frequencies (llama only).
   m.norm_eps = 1e-5  # Epsilon inside RMSNorm / LayerNorm.
   m.init_std = 0.02  # Std of the normal init; output projections are scaled by 1/sqrt(2*num_layers).
@@ -185,7 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.stop_strings = ''
 
   # ---------------------------------------------------------------------------------------------
-  # Post-training (mode='sft' or 'dpo'; lm/post/). The model, optimizer, mesh and loop are config.model,
+  # Post-training (mode='sft', 'reward' or 'dpo'; lm/post/). The model, optimizer, mesh and loop are config.model,
   # config.train and config.mesh's, as for pretraining; data.seq_len is the row length and
   # data.tokenizer (or init_from's tokenizer) encodes the examples.
   config.post = p = ml_collections.ConfigDict()
@@ -205,7 +208,7 @@ def base_config() -> ml_collections.ConfigDict:
   # every assistant reply is trained. Empty: single-turn records.
   p.chat_template = ''
   p.messages_field = 'messages'
-  p.chosen_field = 'chosen'  # mode='dpo': the preferred response...
+  p.chosen_field = 'chosen'  # mode='reward' or 'dpo': the preferred response...
   p.rejected_field = 'rejected'  # ...and the other one, to the same prompt.
   # mode='dpo': the frozen reference the policy is held near; empty: init_from (with LoRA, the
   # base without adapters). Its log-probabilities are computed once, before training.
@@ -385,7 +388,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'mode': ('train', 'sft', 'dpo', 'sample'),
+    'mode': ('train', 'sft', 'reward', 'dpo', 'sample'),
     'post.loss_type': ('sigmoid', 'ipo'),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
@@ -549,5 +552,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r}: no such directory')
   _validate_sample(config)
-  if config.mode in ('sft', 'dpo'):
+  if config.mode in ('sft', 'reward', 'dpo'):
     _validate_post(config)
+  if config.mode == 'reward' and not config.model.reward_head:
+    raise ConfigError('config.mode=reward needs config.model.reward_head=True (the scalar head '
+                      'the reward is read from)')

@@ -40,7 +40,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_OnlyWarningsFromLibraries())
   try:
-    if config.mode in ('train', 'sft', 'dpo'):  # lm.train.setup validates the config.
+    if config.mode != 'sample':  # lm.train.setup validates the config (and the mode's name).
       from lm import train  # pylint: disable=g-import-not-at-top
       _, metrics = train.train(config, _WORKDIR.value)
       logging.info('done: %s', metrics)

@@ -52,6 +52,8 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
+  # A scalar reward head on the last token's final hidden state (mode='reward', lm/post/reward.py).
+  reward_head: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, dtype: str | None = None):
@@ -261,6 +263,8 @@ class Transformer(nnx.Module):
     self.final_norm = Norm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
+    if cfg.reward_head:
+      self.reward_head = _param(rngs, (D,), ('embed',), cfg, cfg.init_std)
 
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
                dropout_rng=None, hidden_only: bool = False):
@@ -321,6 +325,13 @@ class Transformer(nnx.Module):
     return sharding.constrain(logits_BTV, ('act_batch', 'act_seq', 'act_vocab'))
 
 
+  def reward(self, x_BTD, last_B):
+    """[B] fp32 scalar rewards: the reward head on each row's hidden state at index last_B."""
+    x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+    return jnp.einsum('bd,d->b', x_BD.astype(jnp.float32),
+                      self.reward_head[...].astype(jnp.float32))
+
+
 def init(cfg: ModelConfig, seed: int):
   """Builds the model; returns (graphdef, params) with params a plain nested dict of arrays."""
   return graphdef(cfg), init_params(cfg, seed)
@@ -346,6 +357,14 @@ def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None, c
           dropout_rng=None):
   """Pure forward pass: logits_BTV (fp32) from a params dict; (logits_BTV, cache) with a cache."""
   return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT, cache, dropout_rng)
+
+
+def apply_reward(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, last_B,
+                 dropout_rng=None):
+  """Pure scalar rewards [B] (a model with reward_head) read at token index last_B of each row."""
+  model = nnx.merge(graphdef, params)
+  x_BTD = model(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng, hidden_only=True)
+  return model.reward(x_BTD, last_B)
 
 
 def logical_axes(cfg: ModelConfig):

@@ -361,6 +361,9 @@ def mode_objective(config: ml_collections.ConfigDict, graphdef) -> Objective:
   if config.mode == 'dpo':
     from lm.post import dpo  # pylint: disable=g-import-not-at-top
     return dpo.objective(graphdef, config.post)
+  if config.mode == 'reward':
+    from lm.post import reward  # pylint: disable=g-import-not-at-top
+    return reward.objective(graphdef)
   return language_model_objective(graphdef, config.train)
 
 
@@ -458,11 +461,12 @@ class _StopRequested:
 
 def init_from_target(path: str, abstract_params: dict) -> dict:
   """The parameters to take from config.init_from: all of the model's, except LoRA adapters
-  that checkpoint lacks (a base model's), which start fresh (B = 0: the base model's outputs)."""
+  that checkpoint lacks (a base model's), which start fresh (B = 0: the base model's outputs),
+  and a reward head it lacks (a language model's), which starts fresh too."""
   stored = set(pytree.leaf_paths(checkpoint_lib.params_shapes(path)))
   return pytree.subtree(abstract_params, [
       p for p in pytree.leaf_paths(abstract_params)
-      if p in stored or not lora_lib.is_adapter(p[-1])])
+      if p in stored or not (lora_lib.is_adapter(p[-1]) or p[-1] == 'reward_head')])
 
 
 def _restore_frozen(frozen_dir: str, target: dict) -> dict:
@@ -507,17 +511,17 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, resumed_step
 
 def make_data(run: Setup, workdir: str) -> data_lib.Data:
   """The mode's data, this process's slice of it: pretraining text (lm.data), or config.post's
-  prompt/response examples (mode 'sft', lm.post.data) or preference pairs with their reference
-  log-probabilities (mode 'dpo', lm.post.dpo)."""
+  prompt/response examples (mode 'sft', lm.post.data) or preference pairs (mode 'reward',
+  lm.post.reward; 'dpo', lm.post.dpo, with the reference's log-probabilities)."""
   config, vocab_size = run.config, run.cfg.vocab_size
   shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  if config.mode in ('sft', 'dpo'):
+  if config.mode in ('sft', 'reward', 'dpo'):
     from lm.post import data as post_data  # pylint: disable=g-import-not-at-top
+    from lm.post import dpo, reward  # pylint: disable=g-import-not-at-top
     tokenizer = post_data.load_tokenizer(config, vocab_size)
-    if config.mode == 'dpo':
-      from lm.post import dpo  # pylint: disable=g-import-not-at-top
-      return dpo.make_data(run, tokenizer, **shards)
-    return post_data.make_sft_data(config, tokenizer, **shards)
+    if config.mode == 'sft':
+      return post_data.make_sft_data(config, tokenizer, **shards)
+    return {'dpo': dpo, 'reward': reward}[config.mode].make_data(run, tokenizer, **shards)
   t = config.train
   return data_lib.make_data(config.data, vocab_size=vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, **shards)
