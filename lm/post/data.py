@@ -255,6 +255,27 @@ def load_tokenizer(config, vocab_size: int) -> tokenizer_lib.Tokenizer:
   return tokenizer
 
 
+def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+  """(train, held out): a seeded eval_fraction of the items held out, at least one, and at
+  least one left to train on."""
+  order = np.random.default_rng(seed).permutation(len(items))
+  num_eval = min(max(1, round(eval_fraction * len(items))), len(items) - 1)
+  return [items[i] for i in order[num_eval:]], [items[i] for i in order[:num_eval]]
+
+
+def as_data(train, held_out, tokenizer, t, stats: dict, *, shard_index: int,
+            shard_count: int) -> data_lib.Data:
+  """Rows (PackedRows, or pairs of them) as lm.data.Data: the training rows shuffled each epoch,
+  the held-out rows in order, this process's slice of every batch."""
+  return data_lib.Data(
+      tokenizer=tokenizer,
+      train_iter=train_iterator(train, batch_size=t.batch_size, seed=t.seed,
+                                shard_index=shard_index, shard_count=shard_count),
+      eval_batches=lambda n: eval_batches(held_out, n, batch_size=t.batch_size,
+                                          shard_index=shard_index, shard_count=shard_count),
+      token_bytes=tokenizer.token_bytes(), stats=stats)
+
+
 def make_sft_data(config, tokenizer: tokenizer_lib.Tokenizer, *, shard_index: int = 0,
                   shard_count: int = 1) -> data_lib.Data:
   """config.post.data as lm.data.Data: the held-out examples are a seeded eval_fraction of the
@@ -264,14 +285,11 @@ def make_sft_data(config, tokenizer: tokenizer_lib.Tokenizer, *, shard_index: in
   if len(examples) < 2:
     raise sources_lib.DataError(f'config.post.data={post.data!r} has {len(examples)} usable '
                                 'example: at least one to train on and one to hold out')
-  order = np.random.default_rng(t.seed).permutation(len(examples))
-  num_eval = min(max(1, round(post.eval_fraction * len(examples))), len(examples) - 1)
-  held_out = PackedRows([examples[i] for i in order[:num_eval]], seq_len, post.pack,
-                        tokenizer.pad_id)
-  train = PackedRows([examples[i] for i in order[num_eval:]], seq_len, post.pack,
-                     tokenizer.pad_id)
+  train_examples, eval_examples = split(examples, post.eval_fraction, t.seed)
+  held_out = PackedRows(eval_examples, seq_len, post.pack, tokenizer.pad_id)
+  train = PackedRows(train_examples, seq_len, post.pack, tokenizer.pad_id)
   stats = dict(dataclasses.asdict(counts), examples=len(examples),
-               train_examples=len(examples) - num_eval, eval_examples=num_eval,
+               train_examples=len(train_examples), eval_examples=len(eval_examples),
                train_rows=len(train), eval_rows=len(held_out),
                trained_tokens=int(train.arrays['loss_mask'].sum()),
                row_fill=float((train.arrays['segment_ids'] > 0).mean()), tokenizer=tokenizer.path)
@@ -284,10 +302,5 @@ def make_sft_data(config, tokenizer: tokenizer_lib.Tokenizer, *, shard_index: in
   if len(train) < data_lib.local_batch_size(t.batch_size, shard_count):
     logging.warning('%d training rows fill less than one batch of %d: rows repeat within a batch',
                     len(train), t.batch_size)
-  return data_lib.Data(
-      tokenizer=tokenizer,
-      train_iter=train_iterator(train, batch_size=t.batch_size, seed=t.seed,
-                                shard_index=shard_index, shard_count=shard_count),
-      eval_batches=lambda n: eval_batches(held_out, n, batch_size=t.batch_size,
-                                          shard_index=shard_index, shard_count=shard_count),
-      token_bytes=tokenizer.token_bytes(), stats=stats)
+  return as_data(train, held_out, tokenizer, t, stats, shard_index=shard_index,
+                 shard_count=shard_count)

@@ -178,10 +178,9 @@ def make_data(run, tokenizer, *, shard_index: int = 0, shard_count: int = 1) -> 
   config = run.config
   post, t, seq_len = config.post, config.train, config.data.seq_len
   pairs, counts = read_pairs(post, tokenizer, seq_len + 1)
-  order = np.random.default_rng(t.seed).permutation(len(pairs))
-  num_eval = min(max(1, round(post.eval_fraction * len(pairs))), len(pairs) - 1)
-  held_out = PairRows([pairs[i] for i in order[:num_eval]], seq_len, tokenizer.pad_id)
-  train = PairRows([pairs[i] for i in order[num_eval:]], seq_len, tokenizer.pad_id)
+  train_pairs, eval_pairs = post_data.split(pairs, post.eval_fraction, t.seed)
+  train = PairRows(train_pairs, seq_len, tokenizer.pad_id)
+  held_out = PairRows(eval_pairs, seq_len, tokenizer.pad_id)
   start = time.perf_counter()
   reference = reference_params(run)
   for rows in (train, held_out):
@@ -195,11 +194,5 @@ def make_data(run, tokenizer, *, shard_index: int = 0, shard_count: int = 1) -> 
     logging.warning('%d responses lost prompt context from the left and %d were cut at their end,'
                     ' at data.seq_len=%d', counts.truncated_prompts, counts.truncated_responses,
                     seq_len)
-  return data_lib.Data(
-      tokenizer=tokenizer,
-      train_iter=post_data.train_iterator(train, batch_size=t.batch_size, seed=t.seed,
-                                          shard_index=shard_index, shard_count=shard_count),
-      eval_batches=lambda n: post_data.eval_batches(held_out, n, batch_size=t.batch_size,
-                                                    shard_index=shard_index,
-                                                    shard_count=shard_count),
-      token_bytes=tokenizer.token_bytes(), stats=stats)
+  return post_data.as_data(train, held_out, tokenizer, t, stats, shard_index=shard_index,
+                           shard_count=shard_count)

@@ -72,18 +72,11 @@ def make_data(run, tokenizer, *, shard_index: int = 0, shard_count: int = 1) -> 
   post, t, seq_len = config.post, config.train, config.data.seq_len
   pairs, counts = dpo.read_pairs(post, tokenizer, seq_len)  # seq_len tokens fill seq_len inputs.
   pairs = [tuple(through_eos(e, tokenizer.pad_id) for e in pair) for pair in pairs]
-  order = np.random.default_rng(t.seed).permutation(len(pairs))
-  num_eval = min(max(1, round(post.eval_fraction * len(pairs))), len(pairs) - 1)
-  held_out = dpo.PairRows([pairs[i] for i in order[:num_eval]], seq_len, tokenizer.pad_id)
-  train = dpo.PairRows([pairs[i] for i in order[num_eval:]], seq_len, tokenizer.pad_id)
+  train_pairs, eval_pairs = post_data.split(pairs, post.eval_fraction, t.seed)
+  train = dpo.PairRows(train_pairs, seq_len, tokenizer.pad_id)
+  held_out = dpo.PairRows(eval_pairs, seq_len, tokenizer.pad_id)
   stats = dict(vars(counts), pairs=len(pairs), train_pairs=len(train), eval_pairs=len(held_out),
                tokenizer=tokenizer.path)
   logging.info('Preference data: %s', stats)
-  return data_lib.Data(
-      tokenizer=tokenizer,
-      train_iter=post_data.train_iterator(train, batch_size=t.batch_size, seed=t.seed,
-                                          shard_index=shard_index, shard_count=shard_count),
-      eval_batches=lambda n: post_data.eval_batches(held_out, n, batch_size=t.batch_size,
-                                                    shard_index=shard_index,
-                                                    shard_count=shard_count),
-      token_bytes=tokenizer.token_bytes(), stats=stats)
+  return post_data.as_data(train, held_out, tokenizer, t, stats, shard_index=shard_index,
+                           shard_count=shard_count)
