@@ -186,6 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Cut each completion before the first of these strings, '|'-separated, backslash escapes
   # understood (e.g. '\n\n|\ndef '). Generation also stops at the tokenizer's EOS.
   s.stop_strings = ''
+  # Also write every (prompt, completion) to this JSONL file as {"prompt": ..., "response": ...}:
+  # config.post.data's SFT records, e.g. a teacher's answers to distil (Zephyr's first step).
+  s.output = ''
 
   # ---------------------------------------------------------------------------------------------
   # Post-training (mode='sft', 'reward' or 'dpo'; lm/post/). The model, optimizer, mesh and loop are config.model,

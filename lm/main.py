@@ -1,5 +1,6 @@
 """Entry point: `python -m lm.main --config configs/NAME.py --workdir DIR [--config.a.b=v]`."""
 
+import json
 import logging as std_logging
 import sys
 
@@ -55,6 +56,13 @@ def main(argv):
       score = '' if completion.score is None else f', score {completion.score:.3f}'
       print(f'=== prompt {prompt!r}, completion {i} ({completion.finish_reason}{score})')
       print(prompt + completion.text, flush=True)
+  if config.sample.output:
+    from lm import files  # pylint: disable=g-import-not-at-top
+    records = [{'prompt': prompt, 'response': completion.text}
+               for prompt, completions in results for completion in completions]
+    files.write_atomically(config.sample.output, lambda f: f.writelines(
+        json.dumps(record, ensure_ascii=False) + '\n' for record in records))
+    logging.info('wrote %d records to %s', len(records), config.sample.output)
 
 
 def run():

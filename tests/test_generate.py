@@ -1,6 +1,7 @@
 """KV-cached decoding equals full recomputation; samplers, beam search, the sample CLI."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -291,13 +292,20 @@ def test_sample_cli_prints_completions_from_the_latest_checkpoint(workdir, tmp_p
        '--workdir', str(workdir), '--config.mode=sample', '--config.sample.prompt=def fib(n):',
        f'--config.sample.prompts_file={prompts_file}', '--config.sample.max_new_tokens=8',
        '--config.sample.temperature=0.8', '--config.sample.top_p=0.95',
-       '--config.sample.top_k=40', '--config.sample.num_samples=2'],
+       '--config.sample.top_k=40', '--config.sample.num_samples=2',
+       f'--config.sample.output={tmp_path / "teacher.jsonl"}'],
       cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   headers = [line for line in result.stdout.splitlines() if line.startswith('=== prompt')]
   assert len(headers) == 6  # 3 prompts x 2 samples.
   assert "=== prompt 'class A:\\n  def', completion 1" in result.stdout
   assert '\ndef fib(n):' in result.stdout
+  # The same completions as SFT records (a teacher's answers to distil).
+  records = [json.loads(line) for line in open(tmp_path / 'teacher.jsonl')]
+  assert [r['prompt'] for r in records] == ['def fib(n):'] * 2 + ['import os'] * 2 + [
+      'class A:\n  def'] * 2
+  for r in records:  # (The captured text turns an untrained model's '\r' into '\n'.)
+    assert (r['prompt'] + r['response']).replace('\r', '\n') in result.stdout
 
 
 def test_sample_from_config_errors_name_the_problem(workdir, tmp_path):
