@@ -21,7 +21,7 @@ def segment_causal_mask(segment_ids_BT):
   s is in a SHARED_PREFIX and t is a real token)."""
   T = segment_ids_BT.shape[-1]
   causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-  return (visible(segment_ids_BT, segment_ids_BT) & causal_TT)[:, None]
+  return (visible(segment_ids_BT, segment_ids_BT) & causal_TT[None])[:, None]
 
 
 def visible(query_segment_ids_BT, key_segment_ids_BS):
@@ -52,8 +52,8 @@ def cached_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, kv_segment_ids_BS, 
   index is one slot shared by every row (a dense cache) or one per row, [B] (a paged cache,
   whose rows are sequences of different lengths)."""
   T, S = q_BTHQ.shape[1], k_BSKQ.shape[1]
-  query_slot_BT = jnp.reshape(index, (-1, 1)) + jnp.arange(T)
-  causal_BTS = query_slot_BT[:, :, None] >= jnp.arange(S)
+  query_slot_BT = jnp.reshape(index, (-1, 1)) + jnp.arange(T)[None, :]
+  causal_BTS = query_slot_BT[:, :, None] >= jnp.arange(S)[None, None, :]
   return einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ,
                           (visible(segment_ids_BT, kv_segment_ids_BS) & causal_BTS)[:, None])
 
@@ -91,7 +91,7 @@ def blocked_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, block_size: int = 
                               k_BKSQ[:, :, :stop], preferred_element_type=jnp.float32)
     same_doc_BtS = visible(segment_ids_BT[:, start:stop], segment_ids_BT[:, :stop])
     causal_tS = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
-    mask_B11tS = (same_doc_BtS & causal_tS)[:, None, None]
+    mask_B11tS = (same_doc_BtS & causal_tS[None])[:, None, None]
     logits_BKGtS = jnp.where(mask_B11tS, logits_BKGtS, jnp.finfo(jnp.float32).min)
     probs_BKGtS = jax.nn.softmax(logits_BKGtS, axis=-1).astype(v_BSKQ.dtype)
     out_blocks.append(jnp.einsum('bkgts,bksq->bkgtq', probs_BKGtS, v_BKSQ[:, :, :stop]))

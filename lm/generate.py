@@ -67,7 +67,7 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
   in_top_k_V = jnp.arange(V) < k
   probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BV, -jnp.inf), axis=-1)
   mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-  keep_sorted_BV = in_top_k_V & ((mass_before_BV < top_p) | (top_p >= 1))
+  keep_sorted_BV = in_top_k_V[None, :] & ((mass_before_BV < top_p) | (top_p >= 1))
   keep_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], order_BV].set(keep_sorted_BV)
   return jnp.where(keep_BV, logits_BV, -jnp.inf)
 
@@ -269,7 +269,7 @@ def _beam_search(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, stop
   def cond(state):
     return (state[0] < N) & ~jnp.all(state[-1])
 
-  first_beam_only_BW = jnp.where(jnp.arange(W) == 0, 0.0, -jnp.inf) * jnp.ones((B, 1))
+  first_beam_only_BW = jnp.where(jnp.arange(W) == 0, 0.0, -jnp.inf)[None, :] * jnp.ones((B, 1))
   init = (0, logits_RV, cache, jnp.zeros((B, W, N), jnp.int32), jnp.zeros((B, W, N)),
           first_beam_only_BW, jnp.zeros((B, W), jnp.int32), jnp.zeros((B, W), bool))
   state = jax.lax.while_loop(cond, body, init)

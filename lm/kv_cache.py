@@ -125,7 +125,7 @@ def _write_paged(cache: dict, layer, k_BTKQ, v_BTKQ):
   block_table_BM = cache['block_table']
   B, M = block_table_BM.shape
   C = cache['k'].shape[2]
-  slot_BT = cache['index'][:, None] + jnp.arange(k_BTKQ.shape[1])
+  slot_BT = cache['index'][:, None] + jnp.arange(k_BTKQ.shape[1])[None, :]
   block_BT = jnp.take_along_axis(block_table_BM, slot_BT // C, axis=1, mode='fill',
                                  fill_value=0)
   for name, new_BTKQ in (('k', k_BTKQ), ('v', v_BTKQ)):

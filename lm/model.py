@@ -122,9 +122,9 @@ class Norm(nnx.Module):
     if self.cfg.block == 'gpt2':
       x = x - x.mean(-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.cfg.norm_eps)
-    x = x * self.scale[...]
+    x = x * self.scale[...][None, None, :]
     if self.cfg.block == 'gpt2':
-      x = x + self.bias[...]
+      x = x + self.bias[...][None, None, :]
     return x.astype(self.cfg.dtype)
 
 
@@ -137,7 +137,7 @@ def rotary(x_BTNQ, positions_BT, theta: float):
   """
   half = x_BTNQ.shape[-1] // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  angle_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq[None, None, :]
   sin_BTF, cos_BTF = jnp.sin(angle_BTF), jnp.cos(angle_BTF)
   cos_BT12F = jnp.stack([cos_BTF, cos_BTF], axis=-2)[:, :, None]
   sin_BT12F = jnp.stack([-sin_BTF, sin_BTF], axis=-2)[:, :, None]
@@ -176,9 +176,9 @@ class Attention(nnx.Module):
     k_BTKQ = sharding.constrain(k_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
     v_BTKQ = sharding.constrain(v_BTKQ, ('act_batch', 'act_seq', 'act_kv_heads', None))
     if cfg.block == 'gpt2':
-      q_BTHQ += self.b_q[...].astype(dt)
-      k_BTKQ += self.b_k[...].astype(dt)
-      v_BTKQ += self.b_v[...].astype(dt)
+      q_BTHQ += self.b_q[...].astype(dt)[None, None]
+      k_BTKQ += self.b_k[...].astype(dt)[None, None]
+      v_BTKQ += self.b_v[...].astype(dt)[None, None]
     else:
       q_BTHQ = rotary(q_BTHQ, positions_BT, cfg.rope_theta)
       k_BTKQ = rotary(k_BTKQ, positions_BT, cfg.rope_theta)
@@ -191,7 +191,7 @@ class Attention(nnx.Module):
           q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, cache['segment_ids'], cache['index'])
     out_BTD = project(self, 'w_o', out_BTHQ, dropout_rng)  # 'bthq,hqd->btd'
     if cfg.block == 'gpt2':
-      out_BTD += self.b_o[...].astype(dt)
+      out_BTD += self.b_o[...].astype(dt)[None, None, :]
     return out_BTD, cache
 
 
@@ -218,11 +218,11 @@ class MLP(nnx.Module):
       gate_BTF = project(self, 'w_gate', x_BTD, dropout_rng)
       hidden_BTF = jax.nn.silu(gate_BTF) * up_BTF
     else:
-      hidden_BTF = jax.nn.gelu(up_BTF + self.b_up[...].astype(dt), approximate=True)
+      hidden_BTF = jax.nn.gelu(up_BTF + self.b_up[...].astype(dt)[None, None, :], approximate=True)
     hidden_BTF = sharding.constrain(hidden_BTF, ('act_batch', 'act_seq', 'act_mlp'))
     out_BTD = project(self, 'w_down', hidden_BTF, dropout_rng)
     if self.cfg.block == 'gpt2':
-      out_BTD += self.b_down[...].astype(dt)
+      out_BTD += self.b_down[...].astype(dt)[None, None, :]
     return out_BTD
 
 

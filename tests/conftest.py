@@ -1,5 +1,11 @@
 import os
 
+# Silent broadcasting between arrays of different ranks is an error in the tests (set before JAX
+# starts, so subprocesses that run lm inherit it); and one BLAS thread, since scipy's small
+# L-BFGS fits run ~10x slower with OpenBLAS threads fighting pytest's workers for the cores.
+os.environ.setdefault('JAX_NUMPY_RANK_PROMOTION', 'raise')
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
 # tests/multidevice needs 8 fake CPU devices, which must be set before JAX starts; the main
 # suite runs on one device, so test_multidevice.py runs that folder in its own pytest process.
 if os.environ.get('LM_MULTIDEVICE') != '1':

@@ -371,7 +371,8 @@ def _score_packed(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, win
     model = nnx.merge(graphdef, params)
     hidden_BTD = model(tokens_BT, segment_ids_BT, positions_BT, hidden_only=True)
     C = targets_BC.shape[1]
-    window_BC = jnp.minimum(window_start_B[:, None] + jnp.arange(C), tokens_BT.shape[1] - 1)
+    window_BC = jnp.minimum(window_start_B[:, None] + jnp.arange(C)[None, :],
+                            tokens_BT.shape[1] - 1)
     logits_BCV = model.logits(jnp.take_along_axis(hidden_BTD, window_BC[..., None], axis=1))
   tail_logprob_R = jax.ops.segment_sum(
       _target_logprobs(logits_BCV, targets_BC).ravel(), owner_BC.ravel(), R + 1)[:R]
