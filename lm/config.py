@@ -19,8 +19,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # What lm.main does with this config. 'train': train (resuming from DIR/checkpoints if present)
   # and evaluate on held-out text. 'sft': the same loop, fine-tuning on config.post's
-  # prompt/response data (lm/post/); 'reward' and 'dpo': on its preference pairs. 'sample': print completions of config.sample's prompts by
-  # the newest checkpoint in DIR/checkpoints (the model fields must match the trained run's).
+  # prompt/response data (lm/post/); 'reward' and 'dpo': on its preference pairs.
+  # 'sample': print completions of config.sample's prompts by the newest checkpoint in
+  # DIR/checkpoints (the model fields must match the trained run's).
   config.mode = 'train'
   # Start a new run (no checkpoint in the workdir yet) from the parameters of this checkpoint: a
   # directory written by lm.vocab.extend_checkpoint, a training workdir, its checkpoints/ folder

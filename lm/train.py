@@ -534,57 +534,58 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
-  try:
+  try:  # Until the loop's own try takes over: close the checkpointer (orbax's threads) on
+    # any error, such as a corpus or a reference that cannot be read.
     _record_config(config, workdir, checkpointer.latest_step())
+    data = make_data(run, workdir)
+
+    abstract_state = run.abstract_state()
+    trained = run.trained
+    # Parameters the run does not train are saved once, in frozen_dir; checkpoints hold the rest.
+    frozen_dir = os.path.join(workdir, checkpoint_lib.FROZEN)
+    checkpointed = lambda state: state.replace(params=split_trained(state.params, trained)[0])
+    restored = checkpointer.restore_latest(checkpointed(abstract_state))
+    if restored is not None:
+      state, data_state = restored
+      if trained is not None:
+        state = state.replace(params=pytree.union(state.params, _restore_frozen(
+            frozen_dir, split_trained(abstract_state.params, trained)[1])))
+      data.train_iter.set_state(data_state)
+      logging.info('resumed from step %d', int(state.step))
+    else:
+      params = None
+      if config.init_from:
+        params = checkpoint_lib.restore_params(
+            config.init_from, init_from_target(config.init_from, abstract_state.params))
+        logging.info('parameters from config.init_from=%s', config.init_from)
+      state = run.init_state(params)
+      if trained is not None:
+        checkpoint_lib.save_params(frozen_dir, split_trained(state.params, trained)[1], force=True)
+
+    num_params = model_lib.count_params(state.params)
+    num_trained = model_lib.count_params(split_trained(state.params, trained)[0])
+    matmul, trained_matmul = flops.matmul_param_counts(abstract_state.params, trained,
+                                                       cfg.tie_embeddings)
+    flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
+    peak = flops.peak_flops_per_device(cfg.dtype)
+    peak = peak * jax.device_count() if peak else None
+    logging.info('model: %s params (%s trained), %.3g FLOPs/token (%s), compute dtype %s, mesh %s',
+                 f'{num_params:,}', f'{num_trained:,}', flops_per_token,
+                 flops.describe_flops(matmul, trained_matmul), cfg.dtype, dict(run.mesh.shape))
+
+    replicated = NamedSharding(run.mesh, P())
+    eval_fn = jax.jit(run.objective.eval_sums,
+                      in_shardings=(run.shardings.params, run.batch_sharding, replicated),
+                      out_shardings=replicated)
+    token_bytes = jax.device_put(data.token_bytes, replicated)
+
+    def global_batch(local_batch):
+      """This process's rows of a batch -> one array over all devices."""
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(run.batch_sharding, x), local_batch)
   except BaseException:
     checkpointer.close()
     raise
-  data = make_data(run, workdir)
-
-  abstract_state = run.abstract_state()
-  trained = run.trained
-  # Parameters the run does not train are saved once, in frozen_dir; checkpoints hold the rest.
-  frozen_dir = os.path.join(workdir, checkpoint_lib.FROZEN)
-  checkpointed = lambda state: state.replace(params=split_trained(state.params, trained)[0])
-  restored = checkpointer.restore_latest(checkpointed(abstract_state))
-  if restored is not None:
-    state, data_state = restored
-    if trained is not None:
-      state = state.replace(params=pytree.union(state.params, _restore_frozen(
-          frozen_dir, split_trained(abstract_state.params, trained)[1])))
-    data.train_iter.set_state(data_state)
-    logging.info('resumed from step %d', int(state.step))
-  else:
-    params = None
-    if config.init_from:
-      params = checkpoint_lib.restore_params(
-          config.init_from, init_from_target(config.init_from, abstract_state.params))
-      logging.info('parameters from config.init_from=%s', config.init_from)
-    state = run.init_state(params)
-    if trained is not None:
-      checkpoint_lib.save_params(frozen_dir, split_trained(state.params, trained)[1], force=True)
-
-  num_params = model_lib.count_params(state.params)
-  num_trained = model_lib.count_params(split_trained(state.params, trained)[0])
-  matmul, trained_matmul = flops.matmul_param_counts(abstract_state.params, trained,
-                                                     cfg.tie_embeddings)
-  flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
-  peak = flops.peak_flops_per_device(cfg.dtype)
-  peak = peak * jax.device_count() if peak else None
-  logging.info('model: %s params (%s trained), %.3g FLOPs/token (%s), compute dtype %s, mesh %s',
-               f'{num_params:,}', f'{num_trained:,}', flops_per_token,
-               flops.describe_flops(matmul, trained_matmul), cfg.dtype, dict(run.mesh.shape))
-
-  replicated = NamedSharding(run.mesh, P())
-  eval_fn = jax.jit(run.objective.eval_sums,
-                    in_shardings=(run.shardings.params, run.batch_sharding, replicated),
-                    out_shardings=replicated)
-  token_bytes = jax.device_put(data.token_bytes, replicated)
-
-  def global_batch(local_batch):
-    """This process's rows of a batch -> one array over all devices."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(run.batch_sharding, x), local_batch)
 
   writer = metrics_lib.MetricsWriter(workdir)
 
@@ -598,7 +599,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
       learning_rate=t.learning_rate)
   last = {}
   # A bar on a terminal; a redirected log (clusters, sweeps) gets one line per log window.
-  on_terminal = jax.process_index() == 0 and sys.stderr.isatty()
+  logs = jax.process_index() == 0  # One process speaks for the job.
+  on_terminal = logs and sys.stderr.isatty()
   progress = tqdm(total=t.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
                   disable=not on_terminal)
   try:
@@ -619,7 +621,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
           if last:
             writer.write(step, last)
             progress.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:,.0f}')
-            if not on_terminal:
+            if logs and not on_terminal:
               logging.info('step %d/%d: loss %.4f, %s tokens/s, MFU %.1f%%', step, t.steps,
                            last['loss'], f'{last["tokens_per_sec"]:,.0f}', 100 * last['mfu'])
 

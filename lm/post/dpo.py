@@ -11,10 +11,10 @@ the loss per pair is
            each divided by its response's token count (Azar et al., 2023, as TRL computes it)
 
 averaged over the global batch's pairs (summed per micro-batch, divided once: gradient
-accumulation changes nothing). The reference is config.post.reference (default init_from); its
+accumulation changes nothing). The reference is config.post.reference (default init_from). Its
 per-token log-probabilities are computed once per run, before training, for every pair, so no
-second copy of the weights is held while training. With LoRA the reference is the base with adapters off
-(B = 0), i.e. the init checkpoint itself.
+second copy of the weights is held while training. With LoRA the reference is the base with
+adapters off (B = 0), i.e. the init checkpoint itself.
 """
 
 import functools
