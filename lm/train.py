@@ -532,13 +532,15 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   run = setup(config)
   config, t, cfg = run.config, run.config.train, run.cfg
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=t.keep_checkpoints)
-  try:  # Until the loop's own try takes over: close the checkpointer (orbax's threads) on
-    # any error, such as a corpus or a reference that cannot be read.
-    _record_config(config, workdir, checkpointer.latest_step())
-    data = make_data(run, workdir)
-
+  directory = os.path.join(workdir, 'checkpoints')
+  saved = [int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else [])
+           if n.isdigit()]  # Orbax's unfinished saves and moved-aside steps are not digits.
+  _record_config(config, workdir, max(saved) if saved else None)
+  # The data before the checkpointer: an unreadable corpus then stops the run before any of
+  # orbax's threads exist (they would print a traceback at exit).
+  data = make_data(run, workdir)
+  checkpointer = checkpoint_lib.Checkpointer(directory, keep=t.keep_checkpoints)
+  try:  # Until the loop's own try takes over: close the checkpointer on any error.
     abstract_state = run.abstract_state()
     trained = run.trained
     # Parameters the run does not train are saved once, in frozen_dir; checkpoints hold the rest.
