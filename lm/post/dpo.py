@@ -43,7 +43,7 @@ def token_logps(params, rows, *, graphdef, dropout_rng=None):
   return (target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)) * rows['loss_mask']
 
 
-def _both(batch) -> dict:
+def both_sides(batch) -> dict:
   """The chosen rows then the rejected rows, as one batch of 2P rows."""
   return {name: jnp.concatenate([batch[f'chosen_{name}'], batch[f'rejected_{name}']])
           for name in post_data.ROW_FIELDS}
@@ -51,7 +51,7 @@ def _both(batch) -> dict:
 
 def loss_sums(params, batch, dropout_rng=None, *, graphdef, beta: float, loss_type: str):
   """Summed DPO loss over the batch's pairs and its parts (lm.train.Objective's contract)."""
-  logps_2P = token_logps(params, _both(batch), graphdef=graphdef,
+  logps_2P = token_logps(params, both_sides(batch), graphdef=graphdef,
                          dropout_rng=dropout_rng).sum(-1)
   chosen_P, rejected_P = jnp.split(logps_2P, 2)
   chosen_ratio_P = chosen_P - batch['chosen_ref_logp'].sum(-1)
@@ -80,8 +80,14 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, beta: float, loss_ty
 
 def objective(graphdef, post):
   """lm.train.Objective of DPO: means over pairs of the loss, accuracy, margin and rewards."""
+  return pair_objective(functools.partial(loss_sums, graphdef=graphdef, beta=post.beta,
+                                          loss_type=post.loss_type))
+
+
+def pair_objective(sums):
+  """lm.train.Objective of a loss over preference pairs (DPO's, a reward model's): every sum a
+  mean over the global batch's pairs, each pair two rows."""
   from lm import train as train_lib  # pylint: disable=g-import-not-at-top
-  sums = functools.partial(loss_sums, graphdef=graphdef, beta=post.beta, loss_type=post.loss_type)
   return train_lib.Objective(
       sums=sums, count='pairs', loss='loss',
       eval_sums=lambda params, batch, token_bytes: sums(params, batch)[1],
@@ -156,10 +162,11 @@ def reference_params(run):
   return pytree.union(fresh, restored)
 
 
-def fill_reference_logps(run, params, rows: PairRows, batch_size: int) -> None:
-  """Writes the reference's sequence log-probabilities of every pair into rows, in batches."""
-  logps = jax.jit(functools.partial(token_logps, graphdef=run.graphdef),
-                  in_shardings=(run.shardings.params, run.batch_sharding))
+def fill_reference_logps(run, params, rows: PairRows, batch_size: int, logps=None) -> None:
+  """Writes the reference's per-token log-probabilities of every pair into rows, in batches;
+  `logps` is token_logps jitted for run (pass one to reuse its compilation across calls)."""
+  logps = logps or jax.jit(functools.partial(token_logps, graphdef=run.graphdef),
+                           in_shardings=(run.shardings.params, run.batch_sharding))
   for start in range(0, len(rows), batch_size):
     stop = min(start + batch_size, len(rows))
     for side in SIDES:
@@ -183,8 +190,10 @@ def make_data(run, tokenizer, *, shard_index: int = 0, shard_count: int = 1) -> 
   held_out = PairRows(eval_pairs, seq_len, tokenizer.pad_id)
   start = time.perf_counter()
   reference = reference_params(run)
-  for rows in (train, held_out):
-    fill_reference_logps(run, reference, rows, t.batch_size)
+  logps = jax.jit(functools.partial(token_logps, graphdef=run.graphdef),
+                  in_shardings=(run.shardings.params, run.batch_sharding))
+  for rows in (train, held_out):  # One compilation for both.
+    fill_reference_logps(run, reference, rows, t.batch_size, logps)
   del reference
   stats = dict(vars(counts), pairs=len(pairs), train_pairs=len(train), eval_pairs=len(held_out),
                reference=post.reference or config.init_from,

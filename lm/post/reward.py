@@ -32,9 +32,7 @@ def rewards(params, rows, *, graphdef, dropout_rng=None):
 
 def loss_sums(params, batch, dropout_rng=None, *, graphdef):
   """Summed Bradley-Terry loss over the batch's pairs and its parts (lm.train.Objective's)."""
-  both = {name: jnp.concatenate([batch[f'chosen_{name}'], batch[f'rejected_{name}']])
-          for name in post_data.ROW_FIELDS}
-  chosen_P, rejected_P = jnp.split(rewards(params, both, graphdef=graphdef,
+  chosen_P, rejected_P = jnp.split(rewards(params, dpo.both_sides(batch), graphdef=graphdef,
                                            dropout_rng=dropout_rng), 2)
   valid_P = (batch['chosen_segment_ids'].sum(-1) > 0).astype(jnp.float32)  # Padding pairs: 0.
   loss_P = -jax.nn.log_sigmoid(chosen_P - rejected_P)
@@ -51,12 +49,7 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef):
 
 def objective(graphdef):
   """lm.train.Objective of a reward model: means over pairs of the loss, accuracy and margin."""
-  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
-  sums = functools.partial(loss_sums, graphdef=graphdef)
-  return train_lib.Objective(
-      sums=sums, count='pairs', loss='loss',
-      eval_sums=lambda params, batch, token_bytes: sums(params, batch)[1],
-      report=train_lib.mean_report('pairs', 'loss'), sequences_per_example=2)
+  return dpo.pair_objective(functools.partial(loss_sums, graphdef=graphdef))
 
 
 def through_eos(example: post_data.Example, pad_id: int) -> post_data.Example:
