@@ -1,12 +1,13 @@
 """Per-device memory of a training step, planned from the config alone and checked against XLA.
 
   python -m lm.memory --config configs/llama_1b.py --num_devices 256 [--device_gb 80]
-      [--config.mesh.fsdp=8 ...]
+      [--config.mesh.fsdp=8 --config.mode=dpo ...]
 
-prints what each device holds during one train step (parameters, gradients, AdamW state,
-activations with and without remat) and, with --device_gb, the cheapest mesh and remat setting
-that fits. `estimate` is arithmetic on the config and the real parameter shapes: no devices and
-no compilation, so a laptop can plan a 256-device run. `xla_bytes` compiles the real sharded
+prints what each device holds during one train step of config.mode (parameters, gradients,
+AdamW state, activations with and without remat; for DPO also the reference pass before
+training) and, with --device_gb, the cheapest mesh and remat setting that fits. `estimate` is
+arithmetic on the config and the real parameter shapes: no devices, no compilation and no data
+or checkpoints, so a laptop can plan a 256-device run. `xla_bytes` compiles the real sharded
 train step for a mesh (without running it) and returns XLA's own figure, which
 tests/multidevice/test_memory.py checks the estimate against (within 15%).
 
@@ -22,7 +23,9 @@ mesh. P_g is the same with the batch axes (data, fsdp) gathered, i.e. split by t
   weights       W                             weights sliced, cast and gathered for compute
   activations   A                             tensors kept for the backward pass (below)
 
-  peak = parameters + optimizer + accumulation + max(gradients + reduction, activations + weights)
+  train step = parameters + optimizer + accumulation + max(gradients + reduction,
+                                                          activations + weights)
+  peak = train step, or for DPO max(train step, reference pass) (Modes, below)
 
 When config.train.trainable names only some parameters (LoRA adapters, embeddings), gradients,
 optimizer, accumulation and reduction count those parameters' bytes alone: frozen weights get
@@ -81,6 +84,25 @@ recomputation back into the forward pass and saved nothing (seen in the optimize
 on XLA:CPU), so remat=True with scan_layers=False is planned as remat off, and 'remat on' in
 the table and the fit search means remat with scan_layers.
 
+Modes (config.mode). A batch entry is lm.train's Objective.sequences_per_example rows of T
+tokens (1; 2 for a 'dpo' or 'reward' preference pair, chosen and rejected), and b counts rows:
+a DPO batch of n pairs has the activations of 2n sequences. 'reward' reads a scalar head off the
+final hidden states: no logits, no output projection gradient. DPO's train step holds no
+reference weights, only the reference's per-token log-probabilities in the batch (two fp32
+[pairs, T] arrays; inputs are not counted). Those come from a reference pass before training
+(lm.post.dpo.make_data, run before the train state exists): the reference's P, first beside the
+fresh initialisation reference_params merges it into, then forward passes of train.batch_size
+rows (b = train.batch_size / (data x fsdp): grad_accum_steps does not split them) that keep
+nothing for a backward pass:
+
+  reference pass  P + max(P, W + max(block_f, head_f))
+  block_f         b·T·c·(D + K/t·Q)          the block's input, a copy of k
+                + b·(H/t)·T²·(8 + c)         scores and their masked copy (fp32), probabilities
+  head_f          b·T·(D·c + 4·V/t)          final norm output, fp32 logits
+
+Against memory_analysis on 8 CPU devices (fp32; DPO with and without LoRA, fsdp, tensor, remat:
+6 configs) the DPO train step is 10% low to 3% high, its reference pass 11% low to 3% high.
+
 Fit search (--device_gb): every data x fsdp x tensor factorization of --num_devices whose
 tensor size divides the heads, kv heads, d_ff and vocab (and whose data x fsdp divides the
 micro-batch), with remat off and on, in this order of preference: remat off before on (no
@@ -127,7 +149,7 @@ class Estimate:
   mesh: tuple  # (data, fsdp, tensor)
   remat: bool  # Whether `activations` are the remat ones (remat=True with scan_layers=True).
   num_params: int
-  micro_batch: int  # Sequences per device per micro-batch.
+  micro_batch: int  # Sequences (rows) per device per micro-batch: examples x rows_per_example.
   parameters: int
   gradients: int
   optimizer: int
@@ -136,11 +158,25 @@ class Estimate:
   weights: int
   activations: int
   logits: int  # Part of `activations`.
+  mode: str = 'train'  # config.mode planned.
+  rows_per_example: int = 1  # Rows of data.seq_len tokens per batch entry (a DPO pair: 2).
+  reference_activations: int = 0  # Of DPO's reference pass (forward only); 0: no such pass.
+
+  @property
+  def train_step(self) -> int:
+    return (self.parameters + self.optimizer + self.accumulation
+            + max(self.gradients + self.reduction, self.activations + self.weights))
+
+  @property
+  def reference_pass(self) -> int:
+    """DPO's reference log-probabilities before training; 0 in the other modes."""
+    if self.mode != 'dpo':
+      return 0
+    return self.parameters + max(self.parameters, self.weights + self.reference_activations)
 
   @property
   def total(self) -> int:
-    return (self.parameters + self.optimizer + self.accumulation
-            + max(self.gradients + self.reduction, self.activations + self.weights))
+    return max(self.train_step, self.reference_pass)
 
 
 def compute_dtype(model_config) -> str:
@@ -215,30 +251,68 @@ def _attention_elements(T: int, attention: str) -> tuple[int, int]:
   return sum((stop - start) * stop for start, stop in zip(range(0, T, size), stops)), sum(stops)
 
 
+def _split_sizes(cfg: model_lib.ModelConfig, sizes: dict, rules: dict) -> tuple:
+  """(H/t, K/t, F/t, V/t): heads, kv heads, d_ff and vocab as the act_* rules split them."""
+  return tuple(n / _ways(logical, sizes, rules) for n, logical in (
+      (cfg.num_heads, 'act_heads'), (cfg.num_kv_heads, 'act_kv_heads'), (cfg.d_ff, 'act_mlp'),
+      (cfg.vocab_size, 'act_vocab')))
+
+
 def _activations(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict, rules: dict,
-                 remat: bool) -> tuple[int, int]:
-  """(activation bytes per device, of which logits): the formula in the module docstring."""
+                 remat: bool, has_logits: bool = True) -> tuple[int, int]:
+  """(activation bytes per device, of which logits): the formula in the module docstring.
+
+  has_logits=False: the loss reads the final hidden states (a reward head), so there are no logits
+  and no output projection gradient.
+  """
   c = jnp.dtype(cfg.dtype).itemsize
   D, Q, L = cfg.d_model, cfg.head_dim, cfg.num_layers
-  H = cfg.num_heads / _ways('act_heads', sizes, rules)
-  K = cfg.num_kv_heads / _ways('act_kv_heads', sizes, rules)
-  F = cfg.d_ff / _ways('act_mlp', sizes, rules)
-  V = cfg.vocab_size / _ways('act_vocab', sizes, rules)
+  H, K, F, V = _split_sizes(cfg, sizes, rules)
   kept_D, kept_F = _KEPT_PER_BLOCK[cfg.block]
   scores, kv_rows = _attention_elements(T, cfg.attention)
   block = (b * T * c * (kept_D * D + 2 * (H + K) * Q + kept_F * F)
            + b * H * scores * (4 + c) + b * 2 * K * Q * kv_rows * c)
-  logits = b * T * _LOGITS_COPIES * 4 * V
+  logits = b * T * _LOGITS_COPIES * 4 * V if has_logits else 0
   head = b * T * _KEPT_OUTSIDE_BLOCKS * D * c + logits
-  output_gradient = jnp.dtype(cfg.param_dtype).itemsize * V * D  # Kept from first to last.
+  # Kept from first to last.
+  output_gradient = jnp.dtype(cfg.param_dtype).itemsize * V * D if has_logits else 0
   if remat:  # The logits are gone before the first block is recomputed.
     return int(L * b * T * D * c + max(block, head) + output_gradient), int(logits)
   return int(L * block + head + output_gradient), int(logits)
 
 
+def _forward_activations(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict,
+                         rules: dict) -> int:
+  """Bytes per device of a forward pass that keeps nothing for a backward pass (DPO's
+  reference log-probabilities): the larger of one block's and the head's (module docstring)."""
+  c = jnp.dtype(cfg.dtype).itemsize
+  D, Q = cfg.d_model, cfg.head_dim
+  H, K, _, V = _split_sizes(cfg, sizes, rules)
+  scores, kv_rows = _attention_elements(T, cfg.attention)
+  block = (b * T * c * (D + K * Q) + b * H * scores * (8 + c)
+           + b * 2 * K * Q * kv_rows * c)
+  head = b * T * (D * c + 4 * V)
+  return int(max(block, head))
+
+
+@functools.cache
+def _graphdef(cfg: model_lib.ModelConfig):
+  return model_lib.graphdef(cfg)
+
+
+def rows_per_example(config: ml_collections.ConfigDict) -> int:
+  """Rows of data.seq_len tokens per batch entry in config.mode: lm.train's
+  Objective.sequences_per_example (2 for DPO's and a reward model's preference pairs)."""
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  graphdef = _graphdef(dataclasses.replace(  # Any settings: only the mode's rows matter.
+      model_config(config), dtype='float32', remat=False, scan_layers=False))
+  return train_lib.mode_objective(config, graphdef).sequences_per_example
+
+
 def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
              num_devices: int | None = None) -> Estimate:
-  """Per-device bytes of a train step for `config` on `mesh` = (data, fsdp, tensor).
+  """Per-device bytes of a train step of config.mode (and DPO's reference pass) for `config` on
+  `mesh` = (data, fsdp, tensor).
 
   mesh defaults to config.mesh resolved for num_devices (default: jax.device_count()).
   Raises sharding.ShardingError when the mesh does not divide the model or the batch.
@@ -262,9 +336,17 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
   trained_blocks = [p for p in trained if p[0].startswith('blocks.')]
   P_t, P_t_gathered = _shard_bytes(trained, sizes, rules), _shard_bytes(trained, gathered, rules)
   trained_blocks_gathered = _shard_bytes(trained_blocks, gathered, rules)
-  L = cfg.num_layers
+  L, T = cfg.num_layers, config.data.seq_len
   remat = cfg.remat and cfg.scan_layers  # Unrolled, XLA merges the recomputation away.
-  activations, logits = _activations(cfg, b, config.data.seq_len, sizes, rules, remat)
+  rows = rows_per_example(config)  # A preference pair's b entries are 2b sequences.
+  activations, logits = _activations(cfg, rows * b, T, sizes, rules, remat,
+                                     has_logits=config.mode != 'reward')
+  # DPO's reference pass: train.batch_size rows at a time (one side of the pairs), split over
+  # data x fsdp but not into micro-batches.
+  reference_activations = 0
+  if config.mode == 'dpo':
+    reference_activations = _forward_activations(
+        cfg, config.train.batch_size // _ways('act_batch', sizes, rules), T, sizes, rules)
 
   # Weights sliced out of the stacked blocks, cast and gathered: all blocks' unrolled, one
   # block's in a scan; and the output projection when it is gathered or cast.
@@ -287,10 +369,11 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
     activations += _shard_bytes(trained_blocks, sizes, rules)
 
   return Estimate(
-      mesh=mesh, remat=remat, num_params=sum(math.prod(p[1]) for p in params), micro_batch=b,
-      parameters=P, gradients=P_t, optimizer=2 * P_t,
+      mesh=mesh, remat=remat, num_params=sum(math.prod(p[1]) for p in params),
+      micro_batch=rows * b, parameters=P, gradients=P_t, optimizer=2 * P_t,
       accumulation=P_t if config.train.grad_accum_steps > 1 else 0, reduction=reduction,
-      weights=int(weights), activations=activations, logits=logits)
+      weights=int(weights), activations=activations, logits=logits, mode=config.mode,
+      rows_per_example=rows, reference_activations=reference_activations)
 
 
 def _trained(params: tuple, config: ml_collections.ConfigDict, cfg) -> tuple:
@@ -303,8 +386,25 @@ def _trained(params: tuple, config: ml_collections.ConfigDict, cfg) -> tuple:
   return tuple(p for p in params if p[0] in names)
 
 
+def batch_fields(mode: str) -> dict:
+  """{name: dtype} of a training batch's [batch_size, seq_len] arrays in config.mode: rows as
+  lm.post.data lays them out; for 'dpo' and 'reward', lm.post.dpo.PairRows' pairs of them
+  (chosen_*, rejected_*) with the reference's per-token log-probabilities."""
+  from lm.post import data as post_data  # pylint: disable=g-import-not-at-top
+  from lm.post import dpo  # pylint: disable=g-import-not-at-top
+  rows = {name: jnp.float32 if name == 'loss_mask' else jnp.int32
+          for name in post_data.ROW_FIELDS}
+  if mode not in ('dpo', 'reward'):
+    return rows
+  return {f'{side}_{name}': dtype for side in dpo.SIDES
+          for name, dtype in {**rows, 'ref_logp': jnp.float32}.items()}
+
+
 def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   """XLA's own per-device bytes for the real sharded train step, compiled but never run.
+
+  config must validate as a run's would (lm.train.setup): for DPO, with config.post.data and a
+  reference directory named, though neither is read.
 
   The state and batch are jax.ShapeDtypeStructs with their shardings, so nothing is allocated.
   On XLA:CPU the temporaries live in one preallocated block whose size (temp) the heap
@@ -316,11 +416,10 @@ def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   config = config.copy_and_resolve_references()
   config.model.dtype = compute_dtype(config.model)  # As estimate() plans it.
   setup = train_lib.setup(config, devices)
-  state, t, batch_sharding = setup.abstract_state(), config.train, setup.batch_sharding
-  shape = (t.batch_size, config.data.seq_len)
-  batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
-           for name in ('inputs', 'targets', 'segment_ids', 'positions')}
-  batch['loss_mask'] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)
+  state = setup.abstract_state()
+  shape = (config.train.batch_size, config.data.seq_len)
+  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
+           for name, dtype in batch_fields(config.mode).items()}
   with setup.active():
     stats = setup.step_fn.lower(state, batch).compile().memory_analysis()
   out = {
@@ -392,6 +491,16 @@ def _describe_setting(e: Estimate) -> str:
   return 'remat on (with scan_layers)' if e.remat else 'remat off'
 
 
+def _describe_mode(config: ml_collections.ConfigDict, e: Estimate) -> str:
+  pair = ' (a preference pair: 2 rows per batch entry)' if e.rows_per_example == 2 else ''
+  trainable = '' if config.train.trainable == 'all' else f', trains {config.train.trainable}'
+  return f'mode {config.mode}{pair}{trainable}'
+
+
+def _peak_phase(e: Estimate) -> str:
+  return 'the reference pass' if e.reference_pass > e.train_step else 'the train step'
+
+
 def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'config') -> str:
   """The per-device table for config.mesh on num_devices: remat off and on, side by side."""
   mesh = sharding.mesh_shape(config.mesh, num_devices)
@@ -406,12 +515,20 @@ def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'conf
       ('activations', 'activations'),
       ('  of which logits (fp32)', 'logits'),
   ]
+  reference = off.mode == 'dpo'
+  if reference:
+    rows += [
+        ('train step', 'train_step'),
+        ('reference pass: parameters', 'parameters'),
+        ('reference pass: activations', 'reference_activations'),
+        ('reference pass', 'reference_pass'),
+    ]
   dtype = compute_dtype(config.model)
   unit, scale = ('GiB', GIB) if off.total >= GIB else ('MiB', 2 ** 20)  # Tiny models in MiB.
   lines = [
-      f'{name}: {off.num_params:,} parameters on {num_devices} devices as '
-      f'{_describe_mesh(mesh)}; {off.micro_batch} x {config.data.seq_len} tokens per device per '
-      f'micro-batch; compute {dtype}'
+      f'{name}, {_describe_mode(config, off)}: {off.num_params:,} parameters on {num_devices} '
+      f'devices as {_describe_mesh(mesh)}; {off.micro_batch} x {config.data.seq_len} tokens per '
+      f'device per micro-batch; compute {dtype}'
       + (" (model.dtype='auto' planned as bfloat16)" if config.model.dtype == 'auto' else ''),
       '',
       f'{unit + " per device":<36}{"remat off":>11}{"remat on":>11}',
@@ -421,8 +538,17 @@ def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'conf
                  f'{getattr(on, field) / scale:>11.2f}')
   lines.append(f'  {"total (peak)":<34}{off.total / scale:>11.2f}{on.total / scale:>11.2f}')
   lines.append('')
-  lines.append('total = parameters + optimizer + accumulation + max(gradients + reduction, '
-               'activations + weights)')
+  step = ('parameters + optimizer + accumulation + max(gradients + reduction, activations + '
+          'weights)')
+  if reference:
+    lines.append(f'total = max(train step, reference pass); train step = {step}')
+    lines.append(
+        'reference pass = parameters + max(parameters, weights + its activations): before '
+        'training, the reference is restored beside a fresh initialisation, then runs forward '
+        f'passes of config.train.batch_size={config.train.batch_size} rows (grad_accum_steps '
+        'does not split them); the train step holds no reference')
+  else:
+    lines.append(f'total = {step}')
   lines.append("'remat on' is remat=True with scan_layers=True. This config: "
                + ('remat on' if config.model.remat and config.model.scan_layers else 'remat off')
                + '.')
@@ -445,17 +571,36 @@ def fit_report(config: ml_collections.ConfigDict, num_devices: int,
   """(what to print, whether anything fits) for the search over meshes and remat."""
   best, smallest = search(config, num_devices, device_gb * GIB)
   if best is None:
+    remedy = (' Use more devices, a smaller config.train.batch_size (or more '
+              'config.train.grad_accum_steps), or a smaller model.')
+    if smallest.reference_pass > smallest.train_step:
+      remedy = (' Its peak is the reference pass, which runs config.train.batch_size rows at '
+                'once whatever grad_accum_steps: use more devices, a smaller '
+                'config.train.batch_size, or a smaller model.')
     return (f'nothing fits in {device_gb:g} GiB per device on {num_devices} devices: the '
             f'smallest is {_describe_mesh(smallest.mesh)}, {_describe_setting(smallest)}, at '
             f'{_gib(smallest.total)} GiB per device, {_gib(smallest.total - device_gb * GIB)} '
-            'GiB more than there is. Use more devices, a smaller config.train.batch_size (or '
-            'more config.train.grad_accum_steps), or a smaller model.'), False
+            'GiB more than there is.' + remedy), False
   flags_ = ' '.join(f'--config.mesh.{a}={s}' for a, s in zip(sharding.MESH_AXES, best.mesh))
   flags_ += ' --config.model.remat=True --config.model.scan_layers=True' if best.remat else (
       ' --config.model.remat=False')
+  peak = f', peak in {_peak_phase(best)}' if best.reference_pass else ''
   return (f'fits in {device_gb:g} GiB per device on {num_devices} devices: '
           f'{_describe_mesh(best.mesh)}, {_describe_setting(best)}, {_gib(best.total)} GiB per '
-          f'device ({_gib(device_gb * GIB - best.total)} GiB spare)\n  {flags_}'), True
+          f'device ({_gib(device_gb * GIB - best.total)} GiB spare{peak})\n  {flags_}'), True
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """config_lib.validate, less what only reading data and checkpoints needs, since a plan reads
+  neither: config.post.data may be empty, and config.init_from and DPO's reference need not
+  exist (DPO's own checks, beta and the reference, are skipped with them)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.init_from = config.post.reference = ''
+  if config.mode in ('sft', 'reward', 'dpo'):
+    config.post.data = config.post.data or 'stdlib:function_pairs'  # Never read.
+  if config.mode == 'dpo':
+    config.mode = 'sft'  # The post-training checks without DPO's.
+  config_lib.validate(config)
 
 
 def define_flags() -> types.SimpleNamespace:
@@ -479,7 +624,7 @@ def main(argv, args: types.SimpleNamespace):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     config = config_lib.resolve_model_from_init(args.config.value)
-    config_lib.validate(config)
+    validate(config)
   except config_lib.ConfigError as e:
     sys.exit(f'error: {e}')
   num_devices = args.num_devices.value or jax.device_count()

@@ -62,6 +62,82 @@ def test_lora_plans_gradients_and_adam_for_the_adapters_only():
   assert memory.estimate(config, (1, 1, 1)).optimizer == 8 * (adapters + 2 * V * D)
 
 
+def _mode(config, mode):
+  config.mode = mode
+  return config
+
+
+def test_dpo_plans_a_pair_as_two_rows_the_activations_of_sft_at_twice_the_batch():
+  for remat in (False, True):
+    for mesh in [(1, 1, 1), (2, 2, 2)]:
+      dpo, sft = (memory.estimate(_mode(_config(B=B, remat=remat, scan_layers=remat), mode), mesh)
+                  for B, mode in ((8, 'dpo'), (16, 'sft')))
+      assert (dpo.rows_per_example, sft.rows_per_example) == (2, 1)
+      assert dpo.micro_batch == sft.micro_batch == 16 // (mesh[0] * mesh[1])
+      assert dpo.activations == sft.activations and dpo.logits == sft.logits
+      assert dpo.train_step == sft.train_step == sft.total
+
+
+def test_lora_dpo_plans_gradients_and_adam_for_the_adapters_only():
+  config = _mode(_config(B=8), 'dpo')
+  config.lora.update(rank=4, targets='all')
+  full = memory.estimate(config, (1, 1, 1))
+  config.train.trainable = 'lora'
+  lora = memory.estimate(config, (1, 1, 1))
+  Q = D // H
+  # r (in + out) of each adapted projection: q, k, v, o, gate, up, down.
+  adapters = L * 4 * ((D + H * Q) + 2 * (D + K * Q) + (H * Q + D) + 3 * (D + F))
+  assert lora.gradients == 4 * adapters and lora.optimizer == 8 * adapters
+  assert lora.parameters == full.parameters == full.gradients  # The base weights stay.
+  assert lora.activations == full.activations  # The backward pass still runs through every block.
+  assert lora.reference_pass == full.reference_pass  # The reference: base and (zero) adapters.
+
+
+def test_dpo_plans_the_reference_pass_before_training():
+  # One pair per micro-batch, 64 pairs per step: the reference's forward passes take the whole
+  # batch_size of one side at once, so here they are the peak.
+  config = _mode(_config(B=64, accum=64), 'dpo')
+  e = memory.estimate(config, (1, 1, 1))
+  b, c, Q = 64, 4, D // H
+  block = b * T * c * (D + K * Q) + b * H * T * T * (8 + c)
+  head = b * T * (D * c + 4 * V)
+  assert e.micro_batch == 2 and e.reference_activations == max(block, head)
+  assert e.reference_pass == e.parameters + max(e.parameters,
+                                                e.weights + e.reference_activations)
+  assert e.total == e.reference_pass > e.train_step
+  text, fits = memory.fit_report(config, 1, device_gb=1)
+  assert fits and 'GiB spare, peak in the reference pass)' in text
+  text, fits = memory.fit_report(config, 1, device_gb=1e-6)
+  assert not fits and 'Its peak is the reference pass' in text
+  # Split over data x fsdp like the batch, whatever the micro-batches; a mode without a
+  # reference has no such pass.
+  config.train.grad_accum_steps = 16
+  assert memory.estimate(config, (2, 2, 1)).reference_activations == max(block, head) // 4
+  sft = memory.estimate(_mode(_config(B=64, accum=64), 'sft'), (1, 1, 1))
+  assert sft.reference_activations == sft.reference_pass == 0 and sft.total == sft.train_step
+
+
+def test_a_reward_model_plans_pairs_without_logits():
+  reward = memory.estimate(_mode(_config(B=8, reward_head=True), 'reward'), (1, 1, 1))
+  language_model = memory.estimate(_config(B=16, reward_head=True), (1, 1, 1))
+  assert reward.micro_batch == language_model.micro_batch == 16 and reward.logits == 0
+  output_gradient = 4 * V * D
+  assert language_model.activations - reward.activations == (language_model.logits
+                                                             + output_gradient)
+  assert reward.reference_pass == 0
+
+
+def test_a_plan_needs_no_post_training_data_or_checkpoints():
+  config = _mode(_config(), 'dpo')
+  with pytest.raises(config_lib.ConfigError, match='needs config.post.data'):
+    config_lib.validate(config)
+  memory.validate(config)
+  config.init_from = config.post.reference = '/no/such/checkpoint'
+  memory.validate(config)
+  with pytest.raises(config_lib.ConfigError, match='config.model.reward_head=True'):
+    memory.validate(_mode(config, 'reward'))  # What is not about data is still checked.
+
+
 def test_parameter_bytes_are_split_as_the_sharding_rules_say():
   config = _config(B=64)
   n = _num_params(config)
@@ -193,6 +269,19 @@ def test_cli_prints_the_table_and_the_cheapest_mesh_that_fits():
   assert 'rule of thumb, unsharded: 24 B/param' in out and 'AdamW 16 B/param' in out
   assert 'fits in 1 GiB per device on 8 devices: data=8 fsdp=1 tensor=1, remat off' in out
   assert '--config.mesh.data=8 --config.mesh.fsdp=1 --config.mesh.tensor=1' in out
+
+
+def test_cli_plans_lora_dpo_with_its_reference_pass():
+  result = _cli('--device_gb', '1', '--config.mode=dpo', '--config.train.trainable=lora',
+                '--config.lora.rank=8')
+  assert result.returncode == 0, result.stderr
+  out = result.stdout
+  assert 'mode dpo (a preference pair: 2 rows per batch entry), trains lora:' in out
+  for row in ('train step', 'reference pass: parameters', 'reference pass: activations',
+              'reference pass', 'total (peak)'):
+    assert f'\n  {row} ' in out
+  assert 'total = max(train step, reference pass)' in out
+  assert 'GiB spare, peak in the train step)' in out
 
 
 def test_cli_says_when_nothing_fits_and_how_much_is_missing():

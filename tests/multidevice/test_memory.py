@@ -5,6 +5,7 @@ bigger than the other multi-device tests use.
 """
 
 import jax
+import numpy as np
 import pytest
 
 from lm import config as config_lib
@@ -62,3 +63,20 @@ def test_estimate_is_within_15_percent_of_xla(name):
   if name == 'data8_remat_unrolled':
     off = memory.estimate(memory.remat_options(config)['remat off'], num_devices=num_devices)
     assert planned.total == off.total
+
+
+def test_lora_dpo_train_step_is_within_15_percent_of_xla(tmp_path):
+  """A preference pair is two rows; LoRA trains the adapters only. The run's data and reference
+  (post.data, init_from) are never read, but setup validates that they are named."""
+  config = _config(dict(data=2, fsdp=2, tensor=2), B=16, lora=dict(rank=8), trainable='lora')
+  config.update(mode='dpo', init_from=str(tmp_path))
+  config.post.data = 'stdlib:function_pairs'
+  xla = memory.xla_bytes(config, jax.devices())
+  planned = memory.estimate(config, num_devices=8)
+  assert planned.micro_batch == 2 * 16 // 4 and planned.reference_pass < planned.train_step
+  assert planned.train_step == pytest.approx(xla['total'], rel=0.15), (planned, xla)
+  # Both sides' rows and the reference's log-probabilities: 12 [pairs, seq_len] arrays.
+  fields = memory.batch_fields('dpo')
+  batch = sum(np.dtype(d).itemsize for d in fields.values()) * 16 * config.data.seq_len // 4
+  assert len(fields) == 12
+  assert 0 <= xla['argument'] - (planned.parameters + planned.optimizer + batch) < 256
