@@ -33,13 +33,20 @@ setuptools.setup(
     extras_require={
         # torch, transformers and peft: the reference that tests/test_convert.py checks lm's
         # logits against (a CPU wheel at exactly this version; a bare 'torch' pulls a CUDA build);
-        # trl: the reference post-training losses (tests/test_post_*.py).
+        # trl: the reference post-training losses (tests/test_post_*.py); the prepare extra for
+        # tests/test_prepare*.py.
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'nbclient>=0.10', 'nbformat>=5.10',
                  'ipykernel>=6.29', 'ray>=2.50', 'torch==2.13.0', 'transformers>=5.0',
-                 'peft>=0.21', 'trl>=1.16'],
+                 'peft>=0.21', 'trl>=1.16', 'datatrove>=0.10.1', 'py3langid>=0.4.0'],
+        # Data preparation (python -m lm.prepare): datatrove, the engine (its Gopher, C4 and
+        # MinHash steps and executors), and py3langid, language identification with its model
+        # in the package.
+        'prepare': ['datatrove>=0.10.1', 'py3langid>=0.4.0'],
         # The sweep launcher's Ray backend (python -m launch.sweep --backend ray).
         'ray': ['ray>=2.50'],
         # The PyTorch peer of bench/train_throughput.py (a CPU wheel at exactly this version).
-        'bench': ['torch==2.13.0', 'transformers>=5.0', 'peft>=0.21', 'trl>=1.16'],
+        # datasketch: the MinHash baseline lm.prepare's near-dedup is timed against.
+        'bench': ['torch==2.13.0', 'transformers>=5.0', 'peft>=0.21', 'trl>=1.16',
+                  'datasketch>=2.0'],
     },
 )
