@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A scalar head on the last token's hidden state: a reward model (mode='reward' sets it; a
   # checkpoint trained with it keeps it, so PPO can load it as its reward).
   m.reward_head = False
+  # A scalar value head on every token's hidden state, sharing the trunk with the policy: PPO's
+  # critic (mode='ppo' sets it; it starts at zero, so the policy's outputs are unchanged).
+  m.value_head = False
   m.rope_theta = 10_000.0  # Base of the rotary frequencies (llama only).
   m.norm_eps = 1e-5  # Epsilon inside RMSNorm / LayerNorm.
   m.init_std = 0.02  # Std of the normal init; output projections are scaled by 1/sqrt(2*num_layers).
@@ -192,7 +195,7 @@ def base_config() -> ml_collections.ConfigDict:
   s.output = ''
 
   # ---------------------------------------------------------------------------------------------
-  # Post-training (mode='sft', 'reward' or 'dpo'; lm/post/). The model, optimizer, mesh and loop are config.model,
+  # Post-training (mode='sft', 'reward', 'dpo', 'ppo' or 'grpo'; lm/post/). The model, optimizer, mesh and loop are config.model,
   # config.train and config.mesh's, as for pretraining; data.seq_len is the row length and
   # data.tokenizer (or init_from's tokenizer) encodes the examples.
   config.post = p = ml_collections.ConfigDict()
@@ -222,6 +225,40 @@ def base_config() -> ml_collections.ConfigDict:
   # log-ratios: Azar et al., 2023).
   p.loss_type = 'sigmoid'
   p.pack = True  # mode='sft': pack several examples into each row (segment ids keep them apart).
+  # Reinforcement learning from the policy's own completions (mode='ppo' or 'grpo'): each step
+  # completes train.batch_size / group_size prompts of post.data (prompt_field) group_size times
+  # with lm.engine, scores them, then updates the policy update_epochs x minibatches times.
+  # The score: a reward model (a mode='reward' checkpoint directory; same tokenizer)...
+  p.reward_model = ''
+  # ...or a Python function MODULE:NAME called as fn(prompts=[str], completions=[str], **fields)
+  # -> [float], fields being the records' other fields (lists), as TRL's reward functions are.
+  p.reward_function = ''
+  p.missing_eos_penalty = 0.0  # Subtracted from the score of a completion cut at max_new_tokens.
+  p.max_new_tokens = 32  # Longest completion; prompts are cut from the left to fit data.seq_len.
+  p.temperature = 1.0  # Rollout sampling (0: greedy); top_k 0 and top_p 1 filter nothing.
+  p.top_k = 0
+  p.top_p = 1.0
+  p.group_size = 1  # Completions per prompt: GRPO's group (>= 2); PPO usually 1.
+  p.rollout_slots = 16  # lm.engine decode slots (sequences decoded together).
+  p.update_epochs = 1  # Passes over each rollout batch (PPO's epochs, GRPO's iterations).
+  p.minibatches = 1  # Optimizer updates per pass: batch_size / minibatches rows each.
+  p.clip_epsilon = 0.2  # Clip of the probability ratio pi / pi_old in the policy loss.
+  # The KL penalty to the reference (post.reference, default init_from; with LoRA the base with
+  # adapters off): PPO subtracts kl_coef * (log pi_old - log ref) from each token's reward; GRPO
+  # adds kl_coef * KL (the k3 estimate) per token to its loss. 0: no reference is evaluated.
+  p.kl_coef = 0.05
+  # Adapt kl_coef towards this KL per completion (log pi_old - log ref summed over its tokens;
+  # Ziegler et al., 2019: +-20% at most per step, scaled by batch_size / kl_horizon); 0: fixed.
+  p.kl_target = 0.0
+  p.kl_horizon = 10000
+  p.value_coef = 0.1  # mode='ppo': weight of the value loss (the value head shares the trunk).
+  p.value_clip = 0.2  # mode='ppo': clip of the new value around the rollout's.
+  p.gamma = 1.0  # mode='ppo': discount of generalised advantage estimation...
+  p.gae_lambda = 0.95  # ...and its lambda.
+  p.whiten_advantages = True  # mode='ppo': advantages to mean 0, std 1 over each batch's tokens.
+  # mode='grpo': the loss is a mean over the batch's completion 'token's (DAPO) or a mean over
+  # 'sequence's of each one's token mean (the GRPO paper); both over the whole batch.
+  p.loss_normalization = 'token'
   p.eval_fraction = 0.05  # Share of the examples held out (at least one).
   p.max_examples = 0  # Read at most this many records; 0: all.
   return config
@@ -392,8 +429,9 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'mode': ('train', 'sft', 'reward', 'dpo', 'sample'),
+    'mode': ('train', 'sft', 'reward', 'dpo', 'ppo', 'grpo', 'sample'),
     'post.loss_type': ('sigmoid', 'ipo'),
+    'post.loss_normalization': ('token', 'sequence'),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -479,6 +517,54 @@ def _validate_post(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.post.reference={p.reference!r}: no such directory')
 
 
+def _validate_rl(config: ml_collections.ConfigDict) -> None:
+  p, t, mode = config.post, config.train, config.mode
+  if bool(p.reward_model) == bool(p.reward_function):
+    raise ConfigError(f'config.mode={mode} needs exactly one of config.post.reward_model (a '
+                      'reward model checkpoint) and config.post.reward_function (MODULE:NAME)'
+                      f', got {p.reward_model!r} and {p.reward_function!r}')
+  if p.reward_model and '://' not in p.reward_model and not os.path.isdir(p.reward_model):
+    raise ConfigError(f'config.post.reward_model={p.reward_model!r}: no such directory')
+  if p.reward_function and p.reward_function.count(':') != 1:
+    raise ConfigError(f'config.post.reward_function={p.reward_function!r}: expected MODULE:NAME')
+  for name in ('max_new_tokens', 'group_size', 'rollout_slots', 'update_epochs', 'minibatches',
+               'kl_horizon'):
+    if p[name] < 1:
+      raise ConfigError(f'config.post.{name}={p[name]}: must be >= 1')
+  if mode == 'grpo' and p.group_size < 2:
+    raise ConfigError(f'config.post.group_size={p.group_size}: GRPO compares each completion '
+                      'with the others of its prompt, so it needs at least 2')
+  if t.batch_size % p.group_size:
+    raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
+                      f'config.post.group_size={p.group_size} (completions per prompt)')
+  if t.batch_size % (p.minibatches * t.grad_accum_steps):
+    raise ConfigError(f'config.train.batch_size={t.batch_size} is not divisible by '
+                      f'config.post.minibatches x config.train.grad_accum_steps = '
+                      f'{p.minibatches} x {t.grad_accum_steps}')
+  if p.max_new_tokens >= config.data.seq_len:
+    raise ConfigError(f'config.post.max_new_tokens={p.max_new_tokens} leaves no room for a '
+                      f'prompt in config.data.seq_len={config.data.seq_len}')
+  if config.data.seq_len + 1 > config.model.max_seq_len:
+    raise ConfigError(f'config.data.seq_len={config.data.seq_len}: a rollout of seq_len + 1 '
+                      f'tokens must fit config.model.max_seq_len={config.model.max_seq_len}')
+  for name in ('kl_coef', 'kl_target', 'missing_eos_penalty', 'temperature', 'top_k', 'value_coef',
+               'value_clip', 'gamma', 'gae_lambda', 'clip_epsilon'):
+    if p[name] < 0:
+      raise ConfigError(f'config.post.{name}={p[name]}: must be >= 0')
+  if not 0 < p.top_p <= 1:
+    raise ConfigError(f'config.post.top_p={p.top_p}: must be in (0, 1]')
+  if p.kl_target > 0 and p.kl_coef == 0:
+    raise ConfigError(f'config.post.kl_target={p.kl_target} adapts config.post.kl_coef, which is '
+                      '0 (and would stay 0): start it above 0')
+  if (p.kl_coef > 0 or p.kl_target > 0) and not (p.reference or config.init_from):
+    raise ConfigError(f'config.mode={mode} with a KL penalty needs a reference model: '
+                      'config.init_from (the policy starts there) or config.post.reference')
+  if p.reference and '://' not in p.reference and not os.path.isdir(p.reference):
+    raise ConfigError(f'config.post.reference={p.reference!r}: no such directory')
+  if mode == 'ppo' and not config.model.value_head:
+    raise ConfigError('config.mode=ppo needs config.model.value_head=True (the critic)')
+
+
 def _validate_lora(config: ml_collections.ConfigDict) -> None:
   from lm import lora as lora_lib  # pylint: disable=g-import-not-at-top
   lora, groups = config.lora, [g.strip() for g in config.train.trainable.split(',')]
@@ -556,8 +642,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.init_from and '://' not in config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r}: no such directory')
   _validate_sample(config)
-  if config.mode in ('sft', 'reward', 'dpo'):
+  if config.mode in ('sft', 'reward', 'dpo', 'ppo', 'grpo'):
     _validate_post(config)
+  if config.mode in ('ppo', 'grpo'):
+    _validate_rl(config)
   if config.mode == 'reward' and not config.model.reward_head:
     raise ConfigError('config.mode=reward needs config.model.reward_head=True (the scalar head '
                       'the reward is read from)')

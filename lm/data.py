@@ -242,6 +242,11 @@ class Data:
   # empty without a mixture.
   eval_sets: dict[str, Callable[[int], list[dict[str, np.ndarray]]]] = dataclasses.field(
       default_factory=dict)
+  # Modes that learn from their own samples (PPO, GRPO; lm/post/rollout.py): train_iter gives
+  # prompts, rollout(state, local batch) -> (the rows to train on, host metrics) completes them
+  # with the current policy, and evaluate(params) -> metrics replaces the held-out batches.
+  rollout: Callable | None = None
+  evaluate: Callable | None = None
 
 
 def _source_rows(data_config, source: str, where: str, tokenizer: tokenizer_lib.Tokenizer,

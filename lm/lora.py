@@ -103,6 +103,13 @@ def is_adapter(name: str) -> bool:
   return name.endswith('_lora_a') or name.endswith('_lora_b')
 
 
+def adapters_off(params: dict) -> dict:
+  """params with every adapter's B zeroed: the base model's outputs, with no copy of its weights
+  (a LoRA run's reference model, PPO's and GRPO's KL target)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if path[-1].key.endswith('_lora_b') else x, params)
+
+
 def merge(params: dict, cfg) -> dict:
   """params with every adapter folded into its weight, W + (alpha / r) A B (computed in fp32,
   stored in W's dtype), and the adapter leaves removed: the plain model's layout. Params without

@@ -54,6 +54,8 @@ class ModelConfig:
   lora_targets: tuple[str, ...] = ()
   # A scalar reward head on the last token's final hidden state (mode='reward', lm/post/reward.py).
   reward_head: bool = False
+  # A scalar value head on every token's final hidden state, sharing the trunk (mode='ppo').
+  value_head: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, dtype: str | None = None):
@@ -265,6 +267,8 @@ class Transformer(nnx.Module):
       self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
     if cfg.reward_head:
       self.reward_head = _param(rngs, (D,), ('embed',), cfg, cfg.init_std)
+    if cfg.value_head:  # Zeros: values start at 0 and the policy's outputs are unchanged.
+      self.value_head = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
 
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
                dropout_rng=None, hidden_only: bool = False):
@@ -332,6 +336,12 @@ class Transformer(nnx.Module):
                       self.reward_head[...].astype(jnp.float32))
 
 
+# Scalar heads on the trunk's hidden states: trained whenever the model has them (a fresh head
+# must learn, even when config.train.trainable names only LoRA adapters), and started fresh when
+# config.init_from's checkpoint lacks them.
+SCALAR_HEADS = ('reward_head', 'value_head')
+
+
 def init(cfg: ModelConfig, seed: int):
   """Builds the model; returns (graphdef, params) with params a plain nested dict of arrays."""
   return graphdef(cfg), init_params(cfg, seed)
@@ -365,6 +375,17 @@ def apply_reward(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, last
   model = nnx.merge(graphdef, params)
   x_BTD = model(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng, hidden_only=True)
   return model.reward(x_BTD, last_B)
+
+
+def apply_with_values(graphdef, params, tokens_BT, segment_ids_BT, positions_BT,
+                      dropout_rng=None):
+  """Pure (logits_BTV, values_BT), both fp32, from one pass through the trunk (a model with
+  value_head): the value at t estimates the return of the sequence from token t on."""
+  model = nnx.merge(graphdef, params)
+  x_BTD = model(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng, hidden_only=True)
+  values_BT = jnp.einsum('btd,d->bt', x_BTD.astype(jnp.float32),
+                         model.value_head[...].astype(jnp.float32))
+  return model.logits(x_BTD), values_BT
 
 
 def logical_axes(cfg: ModelConfig):

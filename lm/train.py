@@ -54,20 +54,24 @@ class TrainState:
   rng: jax.Array  # Key data (uint32) for any randomness in training, folded with the step.
 
 
-def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to t.learning_rate, cosine decay to t.learning_rate * t.min_lr_ratio."""
+def learning_rate_schedule(t: ml_collections.ConfigDict,
+                           updates_per_step: int = 1) -> optax.Schedule:
+  """Linear warmup to t.learning_rate, cosine decay to t.learning_rate * t.min_lr_ratio, over
+  t.steps steps of `updates_per_step` optimizer updates each (PPO's epochs x minibatches)."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
-      decay_steps=t.steps, end_value=t.learning_rate * t.min_lr_ratio)
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps * updates_per_step,
+      decay_steps=t.steps * updates_per_step, end_value=t.learning_rate * t.min_lr_ratio)
 
 
 def trained_paths(t: ml_collections.ConfigDict, logical_axes) -> tuple[tuple[str, ...], ...] | None:
-  """Paths of the parameters in t.trainable's groups (config.PARAM_GROUPS); None: all of them."""
+  """Paths of the parameters in t.trainable's groups (config.PARAM_GROUPS), and of the scalar
+  heads (model.SCALAR_HEADS) the model has; None: all of them."""
   groups = [name.strip() for name in t.trainable.split(',')]
   if 'all' in groups:
     return None
-  return tuple(path for path, axes in traverse_util.flatten_dict(logical_axes)
-               .items() if any(config_lib.PARAM_GROUPS[g](axes) for g in groups))
+  return tuple(path for path, axes in traverse_util.flatten_dict(logical_axes).items()
+               if path[-1] in model_lib.SCALAR_HEADS
+               or any(config_lib.PARAM_GROUPS[g](axes) for g in groups))
 
 
 def split_trained(params: dict, trained: tuple | None) -> tuple[dict, dict]:
@@ -84,7 +88,8 @@ def is_decayed(name: str) -> bool:
   return not (name in ('scale', 'bias') or name.startswith('b_'))
 
 
-def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.GradientTransformation:
+def make_optimizer(t: ml_collections.ConfigDict, logical_axes,
+                   updates_per_step: int = 1) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; weight decay on weights and embeddings, not on norms or
   biases.
 
@@ -96,7 +101,7 @@ def make_optimizer(t: ml_collections.ConfigDict, logical_axes) -> optax.Gradient
   trained, _ = split_trained(logical_axes, trained_paths(t, logical_axes))
   decay_mask = jax.tree_util.tree_map_with_path(
       lambda path, _: is_decayed(path[-1].key), trained, is_leaf=pytree.is_axes)
-  adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+  adamw = optax.adamw(learning_rate_schedule(t, updates_per_step), b1=t.b1, b2=t.b2, eps=t.eps,
                       weight_decay=t.weight_decay, mask=decay_mask)
   # Always chained, so turning clipping on or off keeps the optimizer state's structure.
   clip = optax.clip_by_global_norm(t.grad_clip if t.grad_clip > 0 else float('inf'))
@@ -166,50 +171,73 @@ def mean_report(count: str, loss: str) -> Callable[[dict, str], dict]:
 
 
 def train_step(state: TrainState, batch, *, objective: Objective, optimizer,
-               t: ml_collections.ConfigDict, trained: tuple | None = None):
-  """One optimizer step on a global batch, accumulating gradients over t.grad_accum_steps.
+               t: ml_collections.ConfigDict, trained: tuple | None = None, epochs: int = 1,
+               minibatches: int = 1):
+  """One step on a global batch: one optimizer update, or epochs x minibatches of them.
 
-  Gradients of the summed objective are accumulated with lax.scan over micro-batches and
-  divided once by the global batch's count (objective.count: its target tokens, its pairs), so
-  k micro-batches equal one k-times batch. Only the `trained` parameters (trained_paths; None:
-  all) are differentiated and updated: a LoRA step computes no gradient for the frozen weights.
+  Gradients of the summed objective are accumulated with lax.scan over t.grad_accum_steps
+  micro-batches and divided once by the (mini)batch's count (objective.count: its target tokens,
+  its pairs), so k micro-batches equal one k-times batch. Only the `trained` parameters
+  (trained_paths; None: all) are differentiated and updated: a LoRA step computes no gradient
+  for the frozen weights. PPO and GRPO pass over each rollout batch `epochs` times, each time
+  in a fresh seeded order cut into `minibatches` updates (config.post.update_epochs,
+  config.post.minibatches); their metrics are means over the updates.
   """
   trained_params, frozen_params = split_trained(state.params, trained)
   grad_fn = jax.grad(
       lambda trained_params, batch, rng: objective.sums(
           pytree.union(trained_params, frozen_params), batch, rng), has_aux=True)
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  if t.grad_accum_steps == 1:
-    grads, sums = grad_fn(trained_params, batch, step_rng)
-  else:
+
+  def gradients(trained_params, batch, rng):
+    if t.grad_accum_steps == 1:
+      return grad_fn(trained_params, batch, rng)
     # Micro-batch j takes rows j, j + k, j + 2k, ...: every device holds a share of each one.
     micro_batches = jax.tree.map(
         lambda x: x.reshape(-1, t.grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(carry, micro_batch_and_index):
       micro_batch, index = micro_batch_and_index
-      grads, sums = grad_fn(trained_params, micro_batch, jax.random.fold_in(step_rng, index))
+      grads, sums = grad_fn(trained_params, micro_batch, jax.random.fold_in(rng, index))
       return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
     shapes = jax.eval_shape(grad_fn, trained_params, jax.tree.map(lambda x: x[0], micro_batches),
-                            step_rng)
+                            rng)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     (grads, sums), _ = jax.lax.scan(
         accumulate, zeros, (micro_batches, jnp.arange(t.grad_accum_steps)))
+    return grads, sums
 
-  count = jnp.maximum(sums[objective.count], 1.0)
-  grads = jax.tree.map(lambda g: g / count, grads)
-  updates, opt_state = optimizer.update(grads, state.opt_state, trained_params)
-  params = pytree.union(optax.apply_updates(trained_params, updates), frozen_params)
-  metrics = {name: value / count for name, value in sums.items()
-             if name not in (objective.count, objective.loss)}
-  metrics.update({
-      'loss': sums[objective.loss] / count,
-      'grad_norm': optax.tree.norm(grads),
-      'learning_rate': learning_rate_schedule(t)(state.step),
-      objective.count: sums[objective.count],
-  })
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  def update(params_and_opt_state, batch_and_rng):
+    trained_params, opt_state = params_and_opt_state
+    grads, sums = gradients(trained_params, *batch_and_rng)
+    count = jnp.maximum(sums[objective.count], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, opt_state, trained_params)
+    metrics = {name: value / count for name, value in sums.items()
+               if name not in (objective.count, objective.loss)}
+    metrics.update({'loss': sums[objective.loss] / count, 'grad_norm': optax.tree.norm(grads),
+                    objective.count: sums[objective.count]})
+    return (optax.apply_updates(trained_params, updates), opt_state), metrics
+
+  if epochs * minibatches == 1:
+    (trained_params, opt_state), metrics = update((trained_params, state.opt_state),
+                                                  (batch, step_rng))
+  else:
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    orders = [jax.random.permutation(jax.random.fold_in(step_rng, epoch), rows)
+              for epoch in range(epochs)]
+    minibatch_of = lambda x: jnp.concatenate([x[order] for order in orders]).reshape(
+        epochs * minibatches, rows // minibatches, *x.shape[1:])
+    rngs = jax.random.split(jax.random.fold_in(step_rng, epochs), epochs * minibatches)
+    (trained_params, opt_state), metrics = jax.lax.scan(
+        update, (trained_params, state.opt_state), (jax.tree.map(minibatch_of, batch), rngs))
+    metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+    metrics[objective.count] = metrics[objective.count] * minibatches  # The whole batch's.
+  metrics['learning_rate'] = learning_rate_schedule(t, epochs * minibatches)(
+      state.step * epochs * minibatches)
+  new_state = state.replace(step=state.step + 1, params=pytree.union(trained_params, frozen_params),
+                            opt_state=opt_state)
   return new_state, metrics
 
 
@@ -270,9 +298,10 @@ def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules,
 
 def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict, optimizer,
                        shardings: TrainState, batch_sharding: NamedSharding,
-                       trained: tuple | None = None, objective: Objective | None = None):
+                       trained: tuple | None = None, objective: Objective | None = None,
+                       updates: tuple[int, int] = (1, 1)):
   """train_step jitted for the shardings of state_shardings (donating the state); objective
-  defaults to the language model's.
+  defaults to the language model's, updates (epochs, minibatches) to one update per step.
 
   Call it inside `sharding.active(mesh, rules)` so the model's activation constraints apply when
   it is traced.
@@ -281,7 +310,7 @@ def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict,
   objective = objective or language_model_objective(model_lib.graphdef(cfg), t)
   return jax.jit(
       functools.partial(train_step, objective=objective, optimizer=optimizer, t=t,
-                        trained=trained),
+                        trained=trained, epochs=updates[0], minibatches=updates[1]),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
       donate_argnums=0)
 
@@ -342,18 +371,36 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   rules = sharding.parse_rules(config.mesh.rules)
   cfg = model_lib.ModelConfig.from_config(config, flops.resolve_dtype(config.model.dtype))
   axes = model_lib.logical_axes(cfg)
-  optimizer = make_optimizer(t, axes)
+  updates = updates_per_step(config)
+  optimizer = make_optimizer(t, axes, updates[0] * updates[1])
   trained = trained_paths(t, axes)
   shardings = state_shardings(cfg, optimizer, mesh, rules, trained)  # Checks the model fits.
-  sharding.check_batch(t.batch_size // t.grad_accum_steps, mesh, rules,
-                       'config.train.batch_size / config.train.grad_accum_steps')
+  if updates[1] == 1:
+    sharding.check_batch(t.batch_size // t.grad_accum_steps, mesh, rules,
+                         'config.train.batch_size / config.train.grad_accum_steps')
+  else:
+    sharding.check_batch(t.batch_size // updates[1] // t.grad_accum_steps, mesh, rules,
+                         'config.train.batch_size / config.post.minibatches / '
+                         'config.train.grad_accum_steps')
   batch_sharding = sharding.batch_sharding(mesh, rules)
   objective = mode_objective(config, model_lib.graphdef(cfg))
   return Setup(
       config=config, mesh=mesh, rules=rules, cfg=cfg, optimizer=optimizer, trained=trained,
       shardings=shardings, batch_sharding=batch_sharding, objective=objective,
       step_fn=sharded_train_step(cfg, t, optimizer, shardings, batch_sharding, trained,
-                                 objective))
+                                 objective, updates))
+
+
+# Modes whose batches the policy generates as it trains (lm/post/rollout.py).
+RL_MODES = ('ppo', 'grpo')
+
+
+def updates_per_step(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(epochs, minibatches) of optimizer updates per step: config.post's for the modes that
+  learn from their own rollouts (PPO, GRPO), one update otherwise."""
+  if config.mode in RL_MODES:
+    return config.post.update_epochs, config.post.minibatches
+  return 1, 1
 
 
 def mode_objective(config: ml_collections.ConfigDict, graphdef) -> Objective:
@@ -364,6 +411,12 @@ def mode_objective(config: ml_collections.ConfigDict, graphdef) -> Objective:
   if config.mode == 'reward':
     from lm.post import reward  # pylint: disable=g-import-not-at-top
     return reward.objective(graphdef)
+  if config.mode == 'ppo':
+    from lm.post import ppo  # pylint: disable=g-import-not-at-top
+    return ppo.objective(graphdef, config.post)
+  if config.mode == 'grpo':
+    from lm.post import grpo  # pylint: disable=g-import-not-at-top
+    return grpo.objective(graphdef, config.post)
   return language_model_objective(graphdef, config.train)
 
 
@@ -462,11 +515,11 @@ class _StopRequested:
 def init_from_target(path: str, abstract_params: dict) -> dict:
   """The parameters to take from config.init_from: all of the model's, except LoRA adapters
   that checkpoint lacks (a base model's), which start fresh (B = 0: the base model's outputs),
-  and a reward head it lacks (a language model's), which starts fresh too."""
+  and a reward or value head it lacks (a language model's), which starts fresh too."""
   stored = set(pytree.leaf_paths(checkpoint_lib.params_shapes(path)))
   return pytree.subtree(abstract_params, [
       p for p in pytree.leaf_paths(abstract_params)
-      if p in stored or not (lora_lib.is_adapter(p[-1]) or p[-1] == 'reward_head')])
+      if p in stored or not (lora_lib.is_adapter(p[-1]) or p[-1] in model_lib.SCALAR_HEADS)])
 
 
 def _restore_frozen(frozen_dir: str, target: dict) -> dict:
@@ -511,17 +564,19 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, resumed_step
 
 def make_data(run: Setup, workdir: str) -> data_lib.Data:
   """The mode's data, this process's slice of it: pretraining text (lm.data), or config.post's
-  prompt/response examples (mode 'sft', lm.post.data) or preference pairs (mode 'reward',
-  lm.post.reward; 'dpo', lm.post.dpo, with the reference's log-probabilities)."""
+  prompt/response examples (mode 'sft', lm.post.data), preference pairs (mode 'reward',
+  lm.post.reward; 'dpo', lm.post.dpo, with the reference's log-probabilities) or prompts that
+  the policy completes as it trains ('ppo', 'grpo': lm.post.rollout)."""
   config, vocab_size = run.config, run.cfg.vocab_size
   shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
-  if config.mode in ('sft', 'reward', 'dpo'):
+  if config.mode in ('sft', 'reward', 'dpo') + RL_MODES:
     from lm.post import data as post_data  # pylint: disable=g-import-not-at-top
-    from lm.post import dpo, reward  # pylint: disable=g-import-not-at-top
+    from lm.post import dpo, grpo, ppo, reward  # pylint: disable=g-import-not-at-top
     tokenizer = post_data.load_tokenizer(config, vocab_size)
     if config.mode == 'sft':
       return post_data.make_sft_data(config, tokenizer, **shards)
-    return {'dpo': dpo, 'reward': reward}[config.mode].make_data(run, tokenizer, **shards)
+    modes = {'dpo': dpo, 'reward': reward, 'ppo': ppo, 'grpo': grpo}
+    return modes[config.mode].make_data(run, tokenizer, **shards)
   t = config.train
   return data_lib.make_data(config.data, vocab_size=vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, **shards)
@@ -608,9 +663,12 @@ def train(config: ml_collections.ConfigDict, workdir: str):
   try:
     with _StopRequested() as stop, run.active():
       while step < last_step and not stop.requested:
-        state, step_metrics = run.step_fn(state, global_batch(next(data.train_iter)))
+        local_batch, rollout_metrics = next(data.train_iter), {}
+        if data.rollout is not None:  # PPO, GRPO: the policy completes the batch's prompts.
+          local_batch, rollout_metrics = data.rollout(state, local_batch)
+        state, step_metrics = run.step_fn(state, global_batch(local_batch))
         step += 1
-        step_log.add(step, step_metrics)
+        step_log.add(step, {**step_metrics, **rollout_metrics})
         if step == first_step + 1:  # Keep compilation out of the throughput window.
           step_log.check()
           step_log.restart_window()
@@ -633,6 +691,8 @@ def train(config: ml_collections.ConfigDict, workdir: str):
             eval_batches = [global_batch(b) for b in data.eval_batches(t.eval_batches)]
             eval_metrics = evaluate(eval_fn, state.params, eval_batches, token_bytes,
                                     report=run.objective.report)
+            if data.evaluate is not None:  # PPO, GRPO: the policy on held-out prompts.
+              eval_metrics.update(data.evaluate(state.params))
             for name, batches_of in data.eval_sets.items():  # A mixture's sources, one by one.
               eval_metrics.update(evaluate(
                   eval_fn, state.params, [global_batch(b) for b in batches_of(t.eval_batches)],

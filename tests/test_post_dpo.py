@@ -106,7 +106,9 @@ def test_at_the_reference_the_loss_is_log_2_with_or_without_lora(tiny_llama):
   rows, _ = _pair_rows(tokenizer, RECORDS[:4])
   _fill(rows, graphdef, params)
   sums = _sums(graphdef, params, rows)
-  assert sums['loss'] / sums['pairs'] == pytest.approx(math.log(2), abs=1e-6)
+  # 1e-5: the reference's pass runs each side alone, the loss's both together (other matmul
+  # blocking, differences of ~1e-6 on this CPU).
+  assert sums['loss'] / sums['pairs'] == pytest.approx(math.log(2), abs=1e-5)
   for name in ('margin', 'chosen_reward', 'rejected_reward'):
     assert sums[name] == pytest.approx(0.0, abs=1e-4)
   config.lora.update(rank=4, alpha=8.0, targets='all')
@@ -115,7 +117,7 @@ def test_at_the_reference_the_loss_is_log_2_with_or_without_lora(tiny_llama):
   lora_params = pytree.union(pytree.subtree(fresh, [
       p for p in pytree.leaf_paths(fresh) if 'lora' in p[-1]]), params)
   sums = _sums(model_lib.graphdef(lora_cfg), lora_params, rows)
-  assert sums['loss'] / sums['pairs'] == pytest.approx(math.log(2), abs=1e-6)
+  assert sums['loss'] / sums['pairs'] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_gradient_accumulation_changes_nothing(tiny_llama):

@@ -92,3 +92,16 @@ def test_reward_mode_needs_the_head(tiny_llama):
   config.post.data = 'stdlib:function_pairs'
   with pytest.raises(config_lib.ConfigError, match='reward_head=True'):
     config_lib.validate(config)
+
+
+def test_a_lora_run_trains_the_scalar_heads_with_the_adapters():
+  """A fresh head must learn: trainable='lora' trains the reward (and value) head too."""
+  config = config_lib.base_config()
+  config.model.update(reward_head=True, value_head=True)
+  config.lora.update(rank=4, targets='all')
+  config.train.trainable = 'lora'
+  cfg = model_lib.ModelConfig.from_config(config, 'float32')
+  trained = train_lib.trained_paths(config.train, model_lib.logical_axes(cfg))
+  assert ('reward_head',) in trained and ('value_head',) in trained
+  assert all(p[-1].endswith(('_lora_a', '_lora_b')) for p in trained
+             if p not in (('reward_head',), ('value_head',)))

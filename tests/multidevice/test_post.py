@@ -66,3 +66,64 @@ def test_a_step_on_8_devices_equals_one(mode, tmp_path):
     np.testing.assert_allclose(many_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                many_params, one_params)
+
+
+def _rl_batch(mode):
+  """Rollout rows as lm.post.rollout lays them out, with made-up log-probs and advantages."""
+  rng = np.random.default_rng(1)
+  examples = [_example(rng, int(rng.integers(1, 6)), int(rng.integers(1, 8))) for _ in range(BATCH)]
+  rows = post_data.PackedRows(examples, SEQ_LEN, False, 0).arrays
+  mask = rows['loss_mask']
+  noise = lambda low, high: rng.uniform(low, high, mask.shape).astype(np.float32) * mask
+  rows.update(old_logp=-noise(1, 4), ref_logp=-noise(1, 4), advantages=noise(-1, 1))
+  if mode == 'ppo':
+    rows.update(old_values=noise(-0.1, 0.1), returns=noise(-1, 1))
+  else:
+    rows['kl_coef'] = np.full((BATCH, 1), 0.05, np.float32)
+  return rows
+
+
+def _rl_step(mode, mesh, devices):
+  config = _config('sft', mesh, '')
+  config.mode = mode
+  config.model.value_head = mode == 'ppo'
+  config.post.update(update_epochs=2, minibatches=2, reward_function='lm.post.rewards:vowel_share',
+                     data='stdlib:functions', max_new_tokens=4, group_size=2, kl_coef=0.0)
+  config.model.max_seq_len = SEQ_LEN + 1
+  run = train_lib.setup(config, jax.devices()[:devices])
+  batch = jax.device_put(_rl_batch(mode), run.batch_sharding)
+  state = run.init_state()
+  with run.active():
+    state, metrics = run.step_fn(state, batch)
+  return jax.device_get(metrics), jax.device_get(state.params)
+
+
+@pytest.mark.parametrize('mode', ['ppo', 'grpo'])
+def test_an_rl_step_of_several_updates_on_8_devices_equals_one(mode):
+  one_metrics, one_params = _rl_step(mode, dict(data=1, fsdp=1, tensor=1), 1)
+  many_metrics, many_params = _rl_step(mode, dict(data=2, fsdp=2, tensor=2), 8)
+  for name, value in one_metrics.items():
+    np.testing.assert_allclose(many_metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               many_params, one_params)
+
+
+def test_rollouts_on_8_devices_equal_one(tiny_llama):
+  """lm.engine decodes with the policy sharded over the mesh: the same completions and scores."""
+  import post_fixtures  # pylint: disable=g-import-not-at-top
+  from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  results = []
+  for mesh, devices in ((dict(data=1, fsdp=1, tensor=1), 1), (dict(data=2, fsdp=2, tensor=2), 8)):
+    config = post_fixtures.rl_config(tiny_llama.lm, 'grpo', group_size=2)
+    config.train.batch_size = 8
+    config.mesh.update(mesh)
+    run = train_lib.setup(config, jax.devices()[:devices])
+    data = train_lib.make_data(run, '/unused')
+    state = run.init_state(checkpoint_lib.restore_params(config.init_from, train_lib.init_from_target(
+        config.init_from, run.abstract_state().params)))
+    results.append(data.rollout(state, next(data.train_iter)))
+  (one, one_metrics), (many, many_metrics) = results
+  np.testing.assert_array_equal(one['targets'], many['targets'])
+  for name in ('old_logp', 'ref_logp', 'advantages'):
+    np.testing.assert_allclose(one[name], many[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  assert one_metrics['reward'] == many_metrics['reward']
