@@ -38,7 +38,13 @@ SIDES = ('chosen', 'rejected')
 def token_logps(params, rows, *, graphdef, dropout_rng=None):
   """[B, T] log p(target) at each row's loss_mask tokens, 0 elsewhere."""
   logits_BTV = model_lib.apply(graphdef, params, rows['inputs'], rows['segment_ids'],
-                               rows['positions'], dropout_rng=dropout_rng).astype(jnp.float32)
+                               rows['positions'], dropout_rng=dropout_rng)
+  return target_logps(logits_BTV, rows)
+
+
+def target_logps(logits_BTV, rows):
+  """[B, T] log p(target) from the logits at each row's loss_mask tokens, 0 elsewhere."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
   target_logit_BT = jnp.take_along_axis(logits_BTV, rows['targets'][..., None], -1)[..., 0]
   return (target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)) * rows['loss_mask']
 

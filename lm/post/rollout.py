@@ -25,7 +25,6 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lm import checkpoint as checkpoint_lib
@@ -212,15 +211,18 @@ class Rollouts:
     else:
       policy = lambda params, rows: (dpo.token_logps(params, rows, graphdef=graphdef), None)
     self._policy = jax.jit(policy, in_shardings=in_shardings)
-    self._reference = None
+    # The reference's log-probabilities: None without a KL term; with LoRA and the init
+    # checkpoint as reference, the policy's params with adapters off (inside the jit: no copy).
+    self._reference, self.reference_params = None, None
     if self.post.kl_coef > 0 or self.post.kl_target > 0:
-      self._reference = jax.jit(functools.partial(dpo.token_logps, graphdef=graphdef),
-                                in_shardings=in_shardings)
       reference = self.post.reference or config.init_from
       if run.cfg.lora_rank and reference == config.init_from:
-        self.reference_params = None  # The policy with its adapters off.
+        logps = lambda params, rows: dpo.token_logps(lora_lib.adapters_off(params), rows,
+                                                     graphdef=graphdef)
       else:
+        logps = functools.partial(dpo.token_logps, graphdef=graphdef)
         self.reference_params = dpo.reference_params(run)
+      self._reference = jax.jit(logps, in_shardings=in_shardings)
 
   def __iter__(self):
     return self
@@ -271,9 +273,7 @@ class Rollouts:
       if values is not None:
         rows['old_values'] = np.asarray(jax.device_get(values), np.float32) * rows['loss_mask']
       if self._reference is not None:
-        reference = self.reference_params
-        if reference is None:
-          reference = lora_lib.adapters_off(params)
+        reference = params if self.reference_params is None else self.reference_params
         rows['ref_logp'] = np.asarray(jax.device_get(self._reference(reference, rows)))
       else:
         rows['ref_logp'] = rows['old_logp'].copy()
@@ -352,9 +352,7 @@ def _logps_and_values(params, rows, *, graphdef):
   """The policy's per-token log p(target) and values [B, T] at the loss mask's tokens."""
   logits_BTV, values_BT = model_lib.apply_with_values(
       graphdef, params, rows['inputs'], rows['segment_ids'], rows['positions'])
-  target_logit_BT = jnp.take_along_axis(logits_BTV, rows['targets'][..., None], -1)[..., 0]
-  logp_BT = target_logit_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
-  return logp_BT * rows['loss_mask'], values_BT
+  return dpo.target_logps(logits_BTV, rows), values_BT
 
 
 def make_data(run, tokenizer, *, values: bool, finish, shard_index: int = 0,
