@@ -313,10 +313,7 @@ def main():
     _print_peft(report['measured'])
   print("others: the largest share of the CPUs other processes used while a side was timed; "
         'above ~10%, treat the numbers as disturbed and rerun.')
-  report['machine']['load_avg_at_end'] = os.getloadavg()
-  report['wall_s'] = time.perf_counter() - start
-  print(f'wall time {report["wall_s"]:.0f} s')
-  tt.write_report(report, args.out)
+  tt.finish_report(report, args.out, start)
 
 
 if __name__ == '__main__':

@@ -320,10 +320,7 @@ def main():
   finally:
     shutil.rmtree(directory, ignore_errors=True)
   _print(report, args)
-  report['machine']['load_avg_at_end'] = os.getloadavg()
-  report['wall_s'] = time.perf_counter() - start
-  print(f'wall time {report["wall_s"]:.0f} s')
-  tt.write_report(report, args.out)
+  tt.finish_report(report, args.out, start)
 
 
 if __name__ == '__main__':

@@ -280,6 +280,14 @@ def _summary(info: dict, timed: dict, tokens_per_step: int) -> dict:
           'step_s_max': max(timed['times']), 'others_cpu_share': max(timed['others_cpu_share'])}
 
 
+def finish_report(report: dict, path: str, start: float) -> None:
+  """Records the load at the end and the wall time since `start`, prints it, writes the report."""
+  report['machine']['load_avg_at_end'] = os.getloadavg()
+  report['wall_s'] = time.perf_counter() - start
+  print(f'wall time {report["wall_s"]:.0f} s')
+  write_report(report, path)
+
+
 def write_report(report: dict, path: str) -> None:
   """Writes a bench's JSON report (creating its folder) and says where."""
   if os.path.dirname(path):
