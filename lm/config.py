@@ -374,7 +374,13 @@ def resolve_model_from_init(config: ml_collections.ConfigDict) -> ml_collections
   for field in MODEL_SHAPE_FIELDS:
     config.model[field] = source.model[field]
   if not config.data.tokenizer:
-    config.data.tokenizer = source.data.tokenizer
+    # The checkpoint's config names its tokenizer, or (one trained on first use, in its
+    # workdir) generate.find_tokenizer finds it: a run recorded without one could not be loaded.
+    from lm import generate  # pylint: disable=g-import-not-at-top
+    try:
+      config.data.tokenizer = generate.find_tokenizer(config.init_from, source)
+    except FileNotFoundError:
+      config.data.tokenizer = source.data.tokenizer
   return config
 
 

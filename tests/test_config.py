@@ -134,6 +134,14 @@ def test_model_from_init_takes_the_shape_and_tokenizer_of_the_checkpoint(tmp_pat
   resolved.data.seq_len = 128  # The run's own choice, at most the model's max_seq_len.
   config_lib.validate(resolved)
 
+  # A tokenizer trained on first use is not in the config, but in the run's workdir.
+  source.data.tokenizer = ''
+  (tmp_path / 'ckpt' / 'config.json').write_text(source.to_json_best_effort())
+  os.makedirs(tmp_path / 'ckpt' / 'tokenizer')
+  (tmp_path / 'ckpt' / 'tokenizer' / 'spm.model').write_bytes(b'')
+  resolved = config_lib.resolve_model_from_init(config)
+  assert resolved.data.tokenizer == str(tmp_path / 'ckpt' / 'tokenizer' / 'spm.model')
+
   config.init_from = str(tmp_path)  # No config.json there or above within two levels.
   with pytest.raises(config_lib.ConfigError, match='no config.json'):
     config_lib.resolve_model_from_init(config)
