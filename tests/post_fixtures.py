@@ -1,6 +1,8 @@
 """Shared pieces of the reinforcement-learning tests (mode='ppo', 'grpo')."""
 
+from lm import checkpoint as checkpoint_lib
 from lm import config as config_lib
+from lm import train as train_lib
 
 
 def rl_config(checkpoint: str, mode: str, **post):
@@ -19,3 +21,10 @@ def rl_config(checkpoint: str, mode: str, **post):
                       weight_decay=0.0, log_every=2, eval_every=1000, eval_batches=1,
                       checkpoint_every=1000)
   return config
+
+
+def init_params(run):
+  """The run's parameters as training starts them: config.init_from's, sharded like the run's."""
+  init_from = run.config.init_from
+  return checkpoint_lib.restore_params(
+      init_from, train_lib.init_from_target(init_from, run.abstract_state().params))

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import post_fixtures
-from lm import checkpoint as checkpoint_lib
 from lm import model as model_lib
 from lm import train as train_lib
 from lm.post import grpo
@@ -32,8 +31,7 @@ def _rollout(config, params=None):
   run = train_lib.setup(config)
   data = train_lib.make_data(run, '/unused')
   if params is None:
-    params = checkpoint_lib.restore_params(config.init_from, train_lib.init_from_target(
-        config.init_from, run.abstract_state().params))
+    params = post_fixtures.init_params(run)
   state = run.init_state(params)
   rows, _ = data.rollout(state, next(data.train_iter))
   return run, rows, state

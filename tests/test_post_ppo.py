@@ -73,8 +73,7 @@ def ppo_rollout(tiny_llama):
   config = post_fixtures.rl_config(tiny_llama.lm, 'ppo')
   run = train_lib.setup(config)
   data = train_lib.make_data(run, '/unused')
-  params = checkpoint_lib.restore_params(config.init_from, train_lib.init_from_target(
-      config.init_from, run.abstract_state().params))
+  params = post_fixtures.init_params(run)
   state = run.init_state(params)
   rows, metrics = data.rollout(state, next(data.train_iter))
   return config, rows, jax.device_get(state.params), metrics
@@ -139,8 +138,7 @@ def test_lora_trains_the_adapters_and_the_value_head_against_the_base(tiny_llama
   run = train_lib.setup(config)
   data = train_lib.make_data(run, '/unused')
   assert data.train_iter.reference_params is None  # No second copy: the base is the reference.
-  state = run.init_state(checkpoint_lib.restore_params(config.init_from, train_lib.init_from_target(
-      config.init_from, run.abstract_state().params)))
+  state = run.init_state(post_fixtures.init_params(run))
   _, metrics = data.rollout(state, next(data.train_iter))
   assert abs(metrics['kl']) < 1e-4  # Fresh adapters (B = 0) are the base.
   state, _ = train_lib.train(config, str(tmp_path))

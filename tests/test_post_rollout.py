@@ -64,8 +64,7 @@ def test_prompts_are_cut_from_the_left_and_deduplicated(tiny_llama, tmp_path):
 
 def test_rollouts_are_reproducible_and_scored(grpo_run):
   run, data = grpo_run
-  params = checkpoint_lib.restore_params(run.config.init_from, train_lib.init_from_target(
-      run.config.init_from, run.abstract_state().params))
+  params = post_fixtures.init_params(run)
   state = types.SimpleNamespace(step=np.int32(3), params=params)
   batch = {'index': np.arange(run.config.train.batch_size // 8, dtype=np.int32)}
   rows, metrics = data.rollout(state, batch)
@@ -148,7 +147,7 @@ def test_the_kl_controller_moves_at_most_20_percent_towards_its_target():
   controller = rollout.KLController(post, batch_size=16)
   controller.update(10.0)  # Far above: +20%.
   assert controller.value == pytest.approx(0.12)
-  controller.update(1.5)  # 25% below: -20% capped... -0.2 * 1.
+  controller.update(1.5)  # 25% below: -20% (the cap).
   assert controller.value == pytest.approx(0.12 * 0.8)
   controller.update(2.0)
   assert controller.value == pytest.approx(0.12 * 0.8)

@@ -111,7 +111,6 @@ def test_an_rl_step_of_several_updates_on_8_devices_equals_one(mode):
 def test_rollouts_on_8_devices_equal_one(tiny_llama):
   """lm.engine decodes with the policy sharded over the mesh: the same completions and scores."""
   import post_fixtures  # pylint: disable=g-import-not-at-top
-  from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   results = []
   for mesh, devices in ((dict(data=1, fsdp=1, tensor=1), 1), (dict(data=2, fsdp=2, tensor=2), 8)):
     config = post_fixtures.rl_config(tiny_llama.lm, 'grpo', group_size=2)
@@ -119,8 +118,7 @@ def test_rollouts_on_8_devices_equal_one(tiny_llama):
     config.mesh.update(mesh)
     run = train_lib.setup(config, jax.devices()[:devices])
     data = train_lib.make_data(run, '/unused')
-    state = run.init_state(checkpoint_lib.restore_params(config.init_from, train_lib.init_from_target(
-        config.init_from, run.abstract_state().params)))
+    state = run.init_state(post_fixtures.init_params(run))
     results.append(data.rollout(state, next(data.train_iter)))
   (one, one_metrics), (many, many_metrics) = results
   np.testing.assert_array_equal(one['targets'], many['targets'])
