@@ -13,7 +13,9 @@ own cache in WORKDIR/data/NAME, and interleaves the sources' shuffled rows in th
 the weights; Data.eval_sets then holds each source's held-out batches, for per-source metrics.
 
 Sources and mixtures are read by lm/sources.py, the tokenizer and token streams cached by
-lm/token_cache.py; this module cuts the streams into rows and batches them.
+lm/token_cache.py; this module cuts the streams into rows and batches them. A prepared:OUT source,
+the token shards of `python -m lm.prepare`, is not tokenized: its stream is framed from their ids
+(lm/token_cache.py), then split and batched like any other.
 
 A batch is a dict of [batch, seq_len] numpy arrays:
   inputs, targets  int32    row[:-1] and row[1:]

@@ -17,7 +17,8 @@ import sysconfig
 import zlib
 
 _SOURCE_FORMS = ("'stdlib', 'text:GLOB', 'jsonl:GLOB', 'tfds:NAME[:SPLIT]' (e.g. 'tfds:lm1b', "
-                 "'tfds:wiki40b/hi:train')")
+                 "'tfds:wiki40b/hi:train'), 'prepared:DIR' (token shards of lm.prepare)")
+PREPARED = 'prepared'  # The kind of 'prepared:DIR' sources: `python -m lm.prepare --workdir DIR`.
 
 
 class DataError(ValueError):
@@ -48,7 +49,8 @@ def iter_documents(source: str, text_field: str = 'text', *, max_chars: int = 0,
   drop_duplicates, a document identical to one yielded before is skipped (and counts toward
   nothing but stats.duplicate_documents). Counts go to `stats`. Raises ValueError for an unknown
   source or a corpus with no text; the source is checked here, the files as they are read. Errors
-  name `where` (default: data.source=SOURCE).
+  name `where` (default: data.source=SOURCE). A prepared:DIR source (lm.prepare's token shards)
+  yields its documents decoded with the shards' own tokenizer; training packs its ids instead.
   """
   where = where or f'data.source={source!r}'
   check_source(source, where)
@@ -59,6 +61,8 @@ def iter_documents(source: str, text_field: str = 'text', *, max_chars: int = 0,
     raw = (_decode(_read_bytes(path)) for path in _glob(arg, where))
   elif kind == 'jsonl':
     raw = _jsonl_documents(_glob(arg, where), text_field)
+  elif kind == PREPARED:
+    raw = _prepared_documents(arg, where)
   else:
     raw = _tfds_documents(arg, text_field)
   return _counted(raw, where, max_chars, drop_duplicates,
@@ -69,7 +73,7 @@ def check_source(source: str, where: str = '') -> None:
   """Raises ValueError, naming `where`, unless `source` has a form iter_documents reads. Reads no
   files: a glob that matches nothing passes here and fails when read."""
   kind, _, arg = source.partition(':')
-  if source != 'stdlib' and not (kind in ('text', 'jsonl', 'tfds') and arg):
+  if source != 'stdlib' and not (kind in ('text', 'jsonl', 'tfds', PREPARED) and arg):
     raise DataError(f'{where or f"data.source={source!r}"} is not a valid source; expected one '
                      f'of {_SOURCE_FORMS}.')
 
@@ -174,6 +178,18 @@ def _tfds_documents(arg: str, text_field: str) -> Iterator[tuple[str, bool]]:
     yield _decode(text.item() if isinstance(text, np.ndarray) else text)
 
 
+def _prepared_documents(directory: str, where: str) -> Iterator[tuple[str, bool]]:
+  """The documents of lm.prepare's token shards in DIR, decoded with their own tokenizer."""
+  from lm.prepare import shards  # pylint: disable=g-import-not-at-top  # numpy, array_record.
+  for text in shards.iter_texts(directory, where):
+    yield text, False
+
+
+def is_prepared(source: str) -> bool:
+  """Whether `source` is 'prepared:DIR': token ids already, which training packs as they are."""
+  return source.partition(':')[0] == PREPARED
+
+
 def iter_records(source: str, where: str = '') -> Iterator[tuple[str, dict]]:
   """Yields (location, record) for each example of a jsonl:GLOB or tfds:NAME[:SPLIT] source: the
   structured data of post-training (prompt, response, chosen, ...), bytes decoded to str.
@@ -211,10 +227,14 @@ def iter_records(source: str, where: str = '') -> Iterator[tuple[str, dict]]:
 
 
 def source_fingerprint(source: str, where: str = '') -> str:
-  """Changes when the files behind a local source change (paths, sizes, modification times)."""
+  """Changes when the files behind a local source change (paths, sizes, modification times; for
+  prepared:DIR, its manifest, which holds the shards' checksums)."""
   kind, _, arg = source.partition(':')
   if source == 'stdlib':
     return f'{sys.version} {sysconfig.get_paths()["stdlib"]}'
+  if kind == PREPARED:
+    from lm.prepare import shards  # pylint: disable=g-import-not-at-top
+    return shards.manifest_sha256(arg, where or f'data.source={source!r}')
   if kind not in ('text', 'jsonl'):
     return ''
   digest = hashlib.sha256()

@@ -1,11 +1,15 @@
 """The workdir's caches, each rebuilt when what it was built from changes.
 
-  WORKDIR/tokenizer/     spm.model, trained on the corpus when data.tokenizer is empty, and
+  WORKDIR/tokenizer/     spm.model, trained on the corpus when data.tokenizer is empty (or, when
+                         a source is prepared:OUT, a copy of the tokenizer of its shards), and
                          manifest.json, the settings and sources it was trained with.
   DIR/                   a source's token stream: tokens.npy, [BOS] doc [EOS] ... for its
                          documents, exact duplicates dropped, in a seeded random order; and
                          manifest.json, its key (source, files, tokenizer, settings) and counts.
                          DIR is WORKDIR/data, or WORKDIR/data/NAME for mixture source NAME.
+
+A prepared:OUT source (lm.prepare's token shards, lm/prepare/shards.py) is not tokenized: its
+stream is framed from the token ids in the shards, once their tokenizer is checked to be the run's.
 
 This module alone knows the files' names: others list or copy a cache with cache_files and
 copy_cache.
@@ -115,12 +119,53 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return None
 
 
+def prepared_stream(directory: str, shards_manifest: dict[str, Any], where: str,
+                    tokenizer: tokenizer_lib.Tokenizer, *, seed: int,
+                    max_chars: int = 0) -> tuple[np.ndarray, sources_lib.SourceStats]:
+  """(stream, counts) of lm.prepare's shards in `directory`, from the token ids they hold: the
+  stream tokenize_documents makes of the documents' text, [BOS] doc [EOS] in a seeded random order,
+  exact duplicates (equal ids) dropped. With max_chars, whole documents in that order until they
+  hold max_chars characters."""
+  from lm.prepare import shards  # pylint: disable=g-import-not-at-top
+  stats, seen, docs, chars = sources_lib.SourceStats(), set(), [], []
+  for record in shards.iter_records(directory, shards_manifest, where):
+    digest = hashlib.blake2b(record.ids.tobytes(), digest_size=16).digest()
+    if digest in seen:
+      stats.duplicate_documents += 1
+      continue
+    seen.add(digest)
+    docs.append(record.ids)
+    chars.append(record.chars)
+  if not docs:
+    raise sources_lib.DataError(f'{where} holds no documents')
+  order = np.random.default_rng(seed).permutation(len(docs))
+  if max_chars > 0:
+    taken = np.cumsum(np.asarray(chars, np.int64)[order])
+    order = order[:int(np.searchsorted(taken, max_chars)) + 1]
+  stream = np.empty(sum(len(docs[i]) + 2 for i in order.tolist()),
+                    np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+  position = 0
+  for i in order.tolist():
+    n = len(docs[i])
+    stream[position], stream[position + n + 1] = tokenizer.bos_id, tokenizer.eos_id
+    stream[position + 1:position + n + 1] = docs[i]
+    position += n + 2
+  stats.documents, stats.chars = len(order), sum(chars[i] for i in order.tolist())
+  return stream, stats
+
+
 def cached_tokens(data_config, source: str, where: str, tokenizer: tokenizer_lib.Tokenizer,
                   seed: int, directory: str) -> tuple[np.ndarray, dict[str, Any], bool]:
   """(stream memmap, manifest, whether the cache was reused) of one source, cached in
   `directory`; rebuilds when the inputs changed. The manifest holds the SourceStats counts.
-  Errors name `where`."""
+  Errors name `where`; for a prepared:OUT source, also a tokenizer that is not its shards'."""
   tokens_path, manifest_path = cache_files(directory)
+  prepared = sources_lib.is_prepared(source)
+  if prepared:
+    from lm.prepare import shards  # pylint: disable=g-import-not-at-top
+    out = source.partition(':')[2]
+    shards_manifest = shards.read_manifest(out, where)
+    shards.check_tokenizer(out, shards_manifest, tokenizer.path, where)
   key = dict(version=_CACHE_VERSION, source=source, text_field=data_config.text_field,
              max_chars=data_config.max_chars, seed=seed,
              source_fingerprint=sources_lib.source_fingerprint(source, where),
@@ -130,13 +175,18 @@ def cached_tokens(data_config, source: str, where: str, tokenizer: tokenizer_lib
     stream = np.load(tokens_path, mmap_mode='r')
     if len(stream) == manifest['tokens']:
       return stream, manifest, True
-  logging.info('Tokenizing %s into %s', where, tokens_path)
-  source_stats = sources_lib.SourceStats()
-  docs = sources_lib.iter_documents(source, data_config.text_field,
-                                    max_chars=data_config.max_chars, drop_duplicates=True,
-                                    stats=source_stats, where=where)
-  stream = tokenize_documents(docs, tokenizer, seed=seed,
-                              total_chars=data_config.max_chars or None)
+  if prepared:
+    logging.info('Packing the token shards of %s into %s', where, tokens_path)
+    stream, source_stats = prepared_stream(out, shards_manifest, where, tokenizer, seed=seed,
+                                           max_chars=data_config.max_chars)
+  else:
+    logging.info('Tokenizing %s into %s', where, tokens_path)
+    source_stats = sources_lib.SourceStats()
+    docs = sources_lib.iter_documents(source, data_config.text_field,
+                                      max_chars=data_config.max_chars, drop_duplicates=True,
+                                      stats=source_stats, where=where)
+    stream = tokenize_documents(docs, tokenizer, seed=seed,
+                                total_chars=data_config.max_chars or None)
   files_lib.write_atomically(tokens_path, lambda f: np.save(f, stream), mode='wb')
   manifest = dict(key=key, tokenizer=tokenizer.path, tokens=len(stream),
                   **dataclasses.asdict(source_stats))
@@ -150,22 +200,23 @@ def cached_tokens(data_config, source: str, where: str, tokenizer: tokenizer_lib
 
 def cached_tokenizer(data_config, mixture: list[sources_lib.MixtureSource], vocab_size: int,
                      seed: int, workdir: str) -> tuple[tokenizer_lib.Tokenizer, bool]:
-  """(tokenizer, whether it was trained now): data.tokenizer, or one trained on the corpus.
+  """(tokenizer, whether it was trained now): data.tokenizer; else, when a source is prepared:OUT,
+  the tokenizer its shards were made with; else one trained on the corpus.
 
   For a mixture, the training text samples each source's share of data.tokenizer_train_chars
   (weight / sum of weights; all of a source smaller than its share).
   """
   if data_config.tokenizer:
     tokenizer = tokenizer_lib.Tokenizer(data_config.tokenizer)
-    padded = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
-    if vocab_size not in (tokenizer.vocab_size, padded):
-      raise sources_lib.DataError(
-          f'model.vocab_size={vocab_size} but data.tokenizer={data_config.tokenizer!r} has '
-          f'{tokenizer.vocab_size} pieces; set model.vocab_size={tokenizer.vocab_size} (or '
-          f'{padded}, padded for faster matmuls).')
+    _check_vocab_size(vocab_size, tokenizer, f'data.tokenizer={data_config.tokenizer!r}')
     return tokenizer, False
   model_path = os.path.join(workdir, 'tokenizer', 'spm.model')
   manifest_path = os.path.join(workdir, 'tokenizer', 'manifest.json')
+  prepared = [(s.where if mixture else f'data.source={s.source!r}', s.source.partition(':')[2])
+              for s in mixture or [sources_lib.MixtureSource('', data_config.source, 1.0)]
+              if sources_lib.is_prepared(s.source)]
+  if prepared:
+    return _shards_tokenizer(prepared, vocab_size, model_path, manifest_path), False
   key = dict(text_field=data_config.text_field, max_chars=data_config.max_chars,
              train_chars=data_config.tokenizer_train_chars, vocab_size=vocab_size, seed=seed)
   if mixture:
@@ -200,3 +251,43 @@ def cached_tokenizer(data_config, mixture: list[sources_lib.MixtureSource], voca
                                             seed=seed)
   files_lib.write_atomically(manifest_path, lambda f: json.dump(key, f, indent=2))
   return tokenizer, True
+
+
+def _check_vocab_size(vocab_size: int, tokenizer: tokenizer_lib.Tokenizer, named: str) -> None:
+  padded = tokenizer_lib.padded_vocab_size(tokenizer.vocab_size)
+  if vocab_size not in (tokenizer.vocab_size, padded):
+    raise sources_lib.DataError(
+        f'model.vocab_size={vocab_size} but {named} has {tokenizer.vocab_size} pieces; set '
+        f'model.vocab_size={tokenizer.vocab_size} (or {padded}, padded for faster matmuls).')
+
+
+def _shards_tokenizer(prepared: list[tuple[str, str]], vocab_size: int, model_path: str,
+                      manifest_path: str) -> tokenizer_lib.Tokenizer:
+  """The tokenizer the shards of the prepared sources [(where, OUT)] were made with, copied to
+  WORKDIR/tokenizer/spm.model (where the run's checkpoints find the tokenizer they need)."""
+  from lm.prepare import shards  # pylint: disable=g-import-not-at-top
+  found = []  # (where, path, sha256)
+  for where, out in prepared:
+    manifest = shards.read_manifest(out, where)
+    found.append((where, shards.shards_tokenizer(out, manifest, where),
+                  manifest['tokenizer_sha256']))
+  where, path, sha256 = found[0]
+  for other, other_path, other_sha256 in found[1:]:
+    if other_sha256 != sha256:
+      raise sources_lib.DataError(
+          f'{where} was prepared with the tokenizer {path!r} and {other} with another one, '
+          f'{other_path!r}; a run tokenizes with one: prepare both with the same '
+          'config.tokenize.tokenizer')
+  tokenizer = tokenizer_lib.Tokenizer(path)
+  _check_vocab_size(vocab_size, tokenizer, f'the tokenizer of {where}, {path!r},')
+  key = dict(prepared=[dict(where=w, tokenizer=p, tokenizer_sha256=h) for w, p, h in found])
+  if not (os.path.exists(model_path) and _file_sha256(model_path) == sha256):
+    if os.path.exists(model_path):
+      logging.warning('Replacing %s with the tokenizer of %s, %s: checkpoints in this workdir '
+                      'that used the old one no longer match the tokens.', model_path, where, path)
+    with open(path, 'rb') as f:
+      model = f.read()
+    files_lib.write_atomically(model_path, lambda f: f.write(model), mode='wb')
+  if _read_json(manifest_path) != key:
+    files_lib.write_atomically(manifest_path, lambda f: json.dump(key, f, indent=2))
+  return tokenizer_lib.Tokenizer(model_path)

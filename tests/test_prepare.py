@@ -100,7 +100,8 @@ def _write_corpus(directory):
   }
   overrides = {'inputs': f'web=jsonl:{directory}/web.jsonl; books=text:{directory}/books/*.txt',
                'quality.gopher.min_doc_words': 20, 'quality.c4.min_num_sentences': 3,
-               'decontamination.source': f'jsonl:{directory}/eval.jsonl'}
+               'decontamination.source': f'jsonl:{directory}/eval.jsonl',
+               'tokenize.enabled': False}  # Too little text to train a tokenizer on.
   return expected, overrides
 
 

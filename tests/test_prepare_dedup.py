@@ -82,7 +82,7 @@ def test_near_dedup_against_exact_jaccard(tmp_path):
   config.source = f'jsonl:{path}'
   config.language.enabled = False
   config.quality.gopher.enabled = config.quality.repetition.enabled = False
-  config.quality.c4.enabled = config.pii.enabled = False
+  config.quality.c4.enabled = config.pii.enabled = config.tokenize.enabled = False
   report = pipeline.prepare(config, str(tmp_path / 'out'))
 
   decisions = [json.loads(line) for line in open(tmp_path / 'out' / 'decisions.jsonl')]

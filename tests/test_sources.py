@@ -175,3 +175,18 @@ def test_parsing_loads_no_data_pipeline():
       'set(sys.modules)))\n')
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert result.stdout.strip() == '[]'
+
+
+def test_prepared_sources_parse_without_reading(tmp_path):
+  """prepared:DIR (lm.prepare's token shards; read in tests/test_prepare_shards.py) is a source of
+  its own, in data.source and in mixtures alike; its manifest is read only when used."""
+  sources_lib.check_source(f'prepared:{tmp_path}/nothing')
+  assert sources_lib.is_prepared('prepared:/out') and not sources_lib.is_prepared('text:prepared')
+  assert sources_lib.parse_mixture('web=prepared:/data/out@3; code=stdlib@1') == [
+      sources_lib.MixtureSource('web', 'prepared:/data/out', 3.0),
+      sources_lib.MixtureSource('code', 'stdlib', 1.0)]
+  with pytest.raises(ValueError, match=r"data.source='prepared:' is not a valid source; .*"
+                     r"'prepared:DIR' \(token shards of lm.prepare\)"):
+    sources_lib.check_source('prepared:')
+  with pytest.raises(sources_lib.DataError, match=rf'no {tmp_path}/tokens/manifest.json'):
+    list(sources_lib.iter_documents(f'prepared:{tmp_path}'))

@@ -2,6 +2,10 @@
 
   python -m lm.prepare --config configs/prepare/default.py --workdir OUT \
       --config.source='jsonl:/data/web/*.jsonl' [--config.workers=8]
+
+The last stage tokenizes the kept documents into OUT/tokens/ for training with
+--config.data.source=prepared:OUT, with a tokenizer of config.tokenize.vocab_size pieces trained
+on them, or --config.tokenize.tokenizer=MODEL; --config.tokenize.enabled=False skips it.
 """
 
 from lm.prepare.config import base_config

@@ -133,6 +133,27 @@ def base_config() -> ml_collections.ConfigDict:
   dc.text_field = 'text'  # Field holding the text in its jsonl records.
   dc.n = 13  # Words per n-gram (13, as GPT-3 and lm-eval).
   dc.action = 'drop'  # 'drop' the document, or 'flag' it (kept, counted, marked in metadata).
+
+  # ---------------------------------------------------------------------------------------------
+  # 6. Tokenization: the kept documents as token ids in ArrayRecord shards that training reads
+  # directly, with config.data.source='prepared:OUT' (lm/prepare/shards.py describes them):
+  # OUT/tokens/LANGUAGE/TASK-PART.array_record, one record per document (its token ids, id and
+  # language), and OUT/tokens/manifest.json (the tokenizer and its SHA-256, counts, checksums).
+  config.tokenize = tk = ml_collections.ConfigDict()
+  tk.enabled = True
+  # The SentencePiece .model file to tokenize with; training must tokenize with the same one (its
+  # data.tokenizer, or data.tokenizer empty to take the shards' own). Empty: train one on the kept
+  # documents as training trains one on its corpus when data.tokenizer is empty (Llama-2's
+  # recipe, lm.tokenizer.train_tokenizer), into OUT/tokenizer/spm.model.
+  tk.tokenizer = ''
+  # Pieces of that trained tokenizer. A model trained on the shards needs model.vocab_size equal to
+  # it or to it rounded up to a multiple of 128; 8192 is model.vocab_size's default.
+  tk.vocab_size = 8192
+  tk.train_chars = 20_000_000  # Characters sampled from the kept documents to train it (0: all).
+  tk.seed = 0  # Seeds that sample.
+  # A task starts another shard of a language once a shard holds this many tokens (0: one shard
+  # per task and language).
+  tk.shard_tokens = 100_000_000
   return config
 
 
@@ -205,3 +226,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f'config.decontamination.source={config.decontamination.source!r}')
   if config.decontamination.n < 1:
     raise ConfigError(f'config.decontamination.n={config.decontamination.n}: expected >= 1')
+  tk = config.tokenize
+  if tk.enabled and not tk.tokenizer and tk.vocab_size < 1:
+    raise ConfigError(f'config.tokenize.vocab_size={tk.vocab_size}: expected at least 1 (or a '
+                      'config.tokenize.tokenizer)')
+  for field in ('train_chars', 'shard_tokens'):
+    if tk[field] < 0:
+      raise ConfigError(f'config.tokenize.{field}={tk[field]}: expected 0 or more')

@@ -23,17 +23,21 @@ def main(argv):
   try:
     # pylint: disable=g-import-not-at-top
     from lm import sources
+    from lm import tokenizer
     from lm.prepare import config as config_lib
     from lm.prepare import pipeline
-    errors = (config_lib.ConfigError, sources.DataError, FileNotFoundError)
+    errors = (config_lib.ConfigError, sources.DataError, tokenizer.TokenizerError,
+              FileNotFoundError)
   except ModuleNotFoundError as e:
     sys.exit(f"error: lm.prepare needs the package {e.name}: pip install -e '.[prepare]'")
   try:
     report = pipeline.prepare(_CONFIG.value, _WORKDIR.value)
   except errors as e:
     sys.exit(f'error: {e}')
+  shards = report.get('tokens')
+  tokens = f'; {shards["tokens"]:,} tokens in {shards["shards"]} shards' if shards else ''
   print(f'kept {report["documents_out"]:,} of {report["documents_in"]:,} documents '
-        f'({report["words_out"]:,} of {report["words_in"]:,} words); '
+        f'({report["words_out"]:,} of {report["words_in"]:,} words{tokens}); '
         f'see {_WORKDIR.value}/report.json and decisions.jsonl', flush=True)
 
 

@@ -4,11 +4,14 @@
               [-> c4_bad_words] -> pii, kept documents to WORK/documents/RANK.jsonl
   signatures, buckets, clusters   (lm/prepare/dedup.py) who duplicates whom
   final       exact_dedup -> near_dedup [-> decontamination], to OUT/documents/LANGUAGE/RANK.jsonl
+  [tokenizer] (lm/prepare/tokens.py) a SentencePiece model trained on the kept documents
+  tokens      tokenize, to OUT/tokens/LANGUAGE/RANK-PART.array_record (lm/prepare/shards.py)
 
 datatrove marks each task of each pass completed (WORK/logs/PASS/completions) and skips it when
 the command runs again, and every file a task writes appears whole when the task ends, so a
 killed run started again with the same --workdir finishes without repeating or losing output.
-OUT/decisions.jsonl and OUT/report.json are then rebuilt from all tasks' records.
+OUT/decisions.jsonl, OUT/tokens/manifest.json and OUT/report.json are then rebuilt from all
+tasks' records.
 """
 
 import glob
@@ -29,6 +32,7 @@ from lm.prepare import read
 from lm.prepare import records
 from lm.prepare import report as report_lib
 from lm.prepare import stages
+from lm.prepare import tokens
 
 # Fields that may change between a killed run and its restart.
 _RESTART_FIELDS = ('workers',)
@@ -39,6 +43,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)
   inputs = config_lib.parse_inputs(config)
   read.check_readable(inputs)
+  tk = config.tokenize
+  if tk.enabled and tk.tokenizer:
+    tokens.check_tokenizer(tk.tokenizer)
   tasks = config.tasks or config.workers
   work = os.path.join(workdir, 'work')
   _check_restart(config, work, tasks)
@@ -74,9 +81,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
               for name, on in (('exact_dedup', dd.exact), ('near_dedup', dd.near)) if on]
   if config.decontamination.source:
     final.append(stages.Decontamination(folder, config.decontamination))
-  final.append(records.DocumentWriter(os.path.join(workdir, 'documents'), by_language=True,
-                                      languages=languages))
+  kept = os.path.join(workdir, 'documents')
+  final.append(records.DocumentWriter(kept, by_language=True, languages=languages))
   passes.append(('final', final, tasks))
+  if tk.enabled:
+    tokenizer = tk.tokenizer or os.path.join(workdir, 'tokenizer', 'spm.model')
+    if not tk.tokenizer:
+      passes.append(('tokenizer', [tokens.TrainTokenizer(kept, tokenizer, tk)], 1))
+    passes.append(('tokens', [tokens.KeptDocuments(kept),
+                              tokens.Tokenize(folder, workdir, tokenizer, tk.shard_tokens)], tasks))
 
   stage_names = [s.name for _, steps, _ in passes for s in steps if isinstance(s, records.Stage)]
   wall = {}
@@ -89,10 +102,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name == 'documents':
       _check_not_empty(folder, inputs)
 
+  manifest = tokens.write_manifest(workdir, folder, os.path.join(work, 'logs', 'tokens'), tasks,
+                                   tokenizer) if tk.enabled else None
   decisions = write_decisions(folder, stage_names, os.path.join(workdir, 'decisions.jsonl'))
   summary = report_lib.build(folder, stage_names, inputs=inputs, tasks=tasks,
                              workers=config.workers, wall_seconds=wall, decisions=decisions,
-                             dedup_path=os.path.join(removals, 'clusters.json'))
+                             dedup_path=os.path.join(removals, 'clusters.json'),
+                             manifest=manifest)
   files.write_atomically(os.path.join(workdir, 'report.json'),
                          lambda f: json.dump(summary, f, indent=1, ensure_ascii=False),
                          encoding='utf-8')

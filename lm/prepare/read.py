@@ -125,5 +125,9 @@ def check_readable(inputs: list[tuple[str, str]]) -> None:
     kind, _, arg = source.partition(':')
     if kind in ('text', 'jsonl'):
       sources._glob(arg, f'config input {name}={source!r}')  # pylint: disable=protected-access
+    elif kind == 'prepared':
+      raise sources.DataError(
+          f'config input {name}={source!r} is the output of lm.prepare (token shards), not an '
+          f'input it reads; its documents are jsonl:{arg}/documents/*/*.jsonl')
     elif source != 'stdlib' and kind != 'tfds':
       raise sources.DataError(f'config input {name}={source!r} is not a valid source')

@@ -2,8 +2,8 @@
 
 A stage's task writes STAGE/RANK.jsonl (one line per document it removed: order, id, language,
 reason, words, bytes) and STAGE/RANK.json (documents, words and bytes in and out per language,
-seconds, counters), each renamed into place when the task ends: a killed task leaves nothing
-that a restarted one could add to twice. decisions.jsonl and report.json are built from them.
+tokens out too for the tokenize stage; seconds, counters), each renamed into place when the task
+ends: a killed task leaves nothing that a restarted one could add to twice. decisions.jsonl and report.json are built from them.
 """
 
 from collections.abc import Iterator
@@ -71,6 +71,11 @@ class Recorder:
     self.drops.write(json.dumps(dict(
         order=doc.metadata['order'], id=doc.id, language=doc.metadata.get('language', 'und'),
         reason=reason, words=self._in[0], bytes=self._in[1]), ensure_ascii=False) + '\n')
+
+  def tokens(self, doc: Document, n: int) -> None:
+    """Adds a kept document's n tokens to its language's tokens_out (the tokenize stage's)."""
+    totals = self.languages[doc.metadata.get('language', 'und')]
+    totals['tokens_out'] = totals.get('tokens_out', 0) + n
 
   def count(self, name: str, value: int = 1) -> None:
     self.counters[name] = self.counters.get(name, 0) + int(value)

@@ -1,5 +1,5 @@
 """OUT/report.json and OUT/report.png: documents and words in and out of each stage, per
-language and per rule, with each stage's speed.
+language and per rule, with each stage's speed, and the tokens the tokenize stage wrote.
 
 A rule is a drop reason up to its first ': ' ('near_duplicate: of ID ...' counts as
 near_duplicate). Seconds are those spent in the stage's decisions, summed over tasks, so
@@ -45,6 +45,8 @@ def _stage(folder: str, stage: str) -> dict:
       into = languages.setdefault(language, dict.fromkeys(_TOTALS, 0))
       for key in _TOTALS:
         into[key] += counts[key]
+      if 'tokens_out' in counts:  # The tokenize stage's.
+        into['tokens_out'] = into.get('tokens_out', 0) + counts['tokens_out']
   removed = {}
   for path in sorted(glob.glob(os.path.join(folder, stage, '?????.jsonl'))):
     with open(path, encoding='utf-8') as f:
@@ -56,6 +58,8 @@ def _stage(folder: str, stage: str) -> dict:
         into['bytes'] += r['bytes']
         into['languages'][r['language']] = into['languages'].get(r['language'], 0) + 1
   totals = {key: sum(c[key] for c in languages.values()) for key in _TOTALS}
+  if any('tokens_out' in c for c in languages.values()):
+    totals['tokens_out'] = sum(c.get('tokens_out', 0) for c in languages.values())
   return dict(
       name=stage, **totals, languages=dict(sorted(languages.items())),
       removed=dict(sorted(removed.items(), key=lambda kv: -kv[1]['documents'])),
@@ -65,7 +69,10 @@ def _stage(folder: str, stage: str) -> dict:
 
 
 def build(folder: str, stage_names: list[str], *, inputs, tasks: int, workers: int,
-          wall_seconds: dict[str, float], decisions: dict[str, int], dedup_path: str) -> dict:
+          wall_seconds: dict[str, float], decisions: dict[str, int], dedup_path: str,
+          manifest: dict | None = None) -> dict:
+  """The report; with the token shards' `manifest`, also tokens_out, tokens per language and
+  `tokens` (the tokenizer, the shards and their counts)."""
   stages = [_stage(folder, name) for name in stage_names]
   last = stages[-1]
   report = dict(
@@ -74,10 +81,17 @@ def build(folder: str, stage_names: list[str], *, inputs, tasks: int, workers: i
       words_in=stages[0]['words_in'], words_out=last['words_out'],
       bytes_in=stages[0]['bytes_in'], bytes_out=last['bytes_out'],
       languages={language: dict(documents=c['documents_out'], words=c['words_out'],
-                                bytes=c['bytes_out'])
+                                bytes=c['bytes_out'],
+                                **({'tokens': c['tokens_out']} if 'tokens_out' in c else {}))
                  for language, c in last['languages'].items()},
       read=stages[0]['counters'], stages=stages, decisions=decisions, tasks=tasks,
       workers=workers, wall_seconds={k: round(v, 3) for k, v in wall_seconds.items()})
+  if manifest is not None:
+    report['tokens_out'] = manifest['tokens']
+    report['tokens'] = dict(
+        {key: manifest[key] for key in ('tokenizer', 'tokenizer_sha256', 'vocab_size', 'dtype',
+                                        'documents', 'tokens', 'chars', 'languages')},
+        shards=len(manifest['shards']))
   if os.path.exists(dedup_path):
     with open(dedup_path, encoding='utf-8') as f:
       report['dedup'] = json.load(f)
