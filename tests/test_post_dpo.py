@@ -1,11 +1,13 @@
 """mode='dpo': the loss against TRL's, its invariants, and a run that learns a preference."""
 
 import functools
+import gc
 import json
 import math
 import os
 import random
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
@@ -156,6 +158,90 @@ def _config(checkpoint, data, **train):
                            weight_decay=0.0, log_every=10, eval_every=80, eval_batches=4,
                            checkpoint_every=80), **train)
   return config
+
+
+def _spy_on_jitted_calls(monkeypatch) -> list[int]:
+  """Patches jax.jit so that every jitted call records the device bytes at its peak: the arrays
+  live when it starts, plus what XLA's memory_analysis says it adds (outputs not donated into
+  its arguments, temporaries). CPU has no allocator statistics of its own."""
+  peaks, jit = [], jax.jit
+
+  def spying_jit(*args, **kwargs):
+    jitted = jit(*args, **kwargs)
+
+    def call(*call_args):
+      stats = jitted.lower(*call_args).compile().memory_analysis()
+      peaks.append(sum(x.nbytes for x in jax.live_arrays()) + stats.output_size_in_bytes
+                   - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+      return jitted(*call_args)
+    return call
+
+  monkeypatch.setattr(jax, 'jit', spying_jit)
+  return peaks
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_the_reference_initialises_only_the_leaves_its_checkpoint_lacks(tiny_llama, pairs_file,
+                                                                        monkeypatch):
+  """A LoRA policy's reference is the base checkpoint with fresh adapters (B = 0), the ones the
+  policy starts with; building it holds the restored params and the adapters' init, never a
+  second whole model."""
+  config = _config(tiny_llama.lm, pairs_file)
+  config.lora.update(rank=4, targets='all')
+  config.train.trainable = 'lora'
+  run = train_lib.setup(config)
+  abstract = run.abstract_state().params
+  adapters = [p for p in pytree.leaf_paths(abstract) if 'lora' in p[-1]]
+  gc.collect()
+  live = sum(x.nbytes for x in jax.live_arrays())
+  peaks = _spy_on_jitted_calls(monkeypatch)
+  reference = dpo.reference_params(run)
+  monkeypatch.undo()
+  # The reference's own bytes, and the adapters' twice (themselves and their init's random
+  # bits). A whole fresh model beside the restored one, as before, was 2.8x the reference's.
+  assert max(peaks) - live <= _nbytes(abstract) + 2 * _nbytes(pytree.subtree(abstract, adapters))
+  restore = lambda: checkpoint_lib.restore_params(
+      tiny_llama.lm, train_lib.init_from_target(tiny_llama.lm, abstract))
+  flat = lambda tree: traverse_util.flatten_dict(jax.device_get(tree))
+  reference, restored = flat(reference), flat(restore())
+  policy = flat(run.init_state(restore()).params)  # What training starts from.
+  assert set(reference) == set(restored) | set(adapters) == set(pytree.leaf_paths(abstract))
+  for path, leaf in reference.items():
+    if path in adapters:  # Fresh, the policy's own: B = 0, A drawn from the run's seed.
+      np.testing.assert_array_equal(leaf, policy[path])
+      assert np.any(leaf) == path[-1].endswith('_lora_a'), path
+    else:
+      np.testing.assert_array_equal(leaf, restored[path])
+
+
+def test_the_reference_pass_runs_in_the_train_steps_micro_batches(tiny_llama, pairs_file,
+                                                                  monkeypatch):
+  """8 pairs a step in 4 micro-batches: the reference pass holds one side of 2 pairs at a time
+  (the last batch padded), and gives what one pass over every pair gives."""
+  config = _config(tiny_llama.lm, pairs_file, batch_size=8, grad_accum_steps=4)
+  config.post.max_examples = 23
+  run = train_lib.setup(config)
+  tokenizer = post_data.load_tokenizer(config, run.cfg.vocab_size)
+  traced, token_logps = [], dpo.token_logps
+  monkeypatch.setattr(dpo, 'token_logps', lambda params, rows, **kwargs: (
+      traced.append(rows['inputs'].shape), token_logps(params, rows, **kwargs))[1])
+  data = dpo.make_data(run, tokenizer)
+  assert traced == [(2, 64)]  # One compilation, at the micro-batch's rows of one side.
+  assert data.stats['eval_pairs'] % 2 == 1  # So its last batch is padded.
+  monkeypatch.undo()
+  pairs, _ = dpo.read_pairs(config.post, tokenizer, config.data.seq_len + 1)
+  assert len(pairs) % 2 == 1
+  micro, whole = (dpo.PairRows(pairs, config.data.seq_len, tokenizer.pad_id) for _ in range(2))
+  reference = dpo.reference_params(run)
+  dpo.fill_reference_logps(run, reference, micro)
+  dpo.fill_reference_logps(run, reference, whole, batch_size=len(pairs))
+  for side in dpo.SIDES:
+    logps = micro.arrays[f'{side}_ref_logp']
+    assert (logps < 0).sum() == micro.arrays[f'{side}_loss_mask'].sum()
+    np.testing.assert_allclose(logps, whole.arrays[f'{side}_ref_logp'], rtol=0, atol=1e-6)
 
 
 def test_dpo_learns_to_prefer_real_text(tiny_llama, pairs_file, tmp_path):

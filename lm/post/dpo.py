@@ -13,8 +13,10 @@ the loss per pair is
 averaged over the global batch's pairs (summed per micro-batch, divided once: gradient
 accumulation changes nothing). The reference is config.post.reference (default init_from). Its
 per-token log-probabilities are computed once per run, before training, for every pair, so no
-second copy of the weights is held while training. With LoRA the reference is the base with
-adapters off (B = 0), i.e. the init checkpoint itself.
+second copy of the weights is held while training; they are computed one side of a train
+step's micro-batch (config.train.batch_size / grad_accum_steps pairs) at a time, so that pass
+never holds more than a step does. With LoRA the reference is the base with adapters off
+(B = 0), i.e. the init checkpoint itself.
 """
 
 import functools
@@ -28,7 +30,6 @@ import numpy as np
 from lm import checkpoint as checkpoint_lib
 from lm import data as data_lib
 from lm import model as model_lib
-from lm import pytree
 from lm import sources as sources_lib
 from lm.post import data as post_data
 
@@ -153,8 +154,9 @@ def read_pairs(post, tokenizer, max_tokens: int) -> tuple[list[tuple], post_data
 
 
 def reference_params(run):
-  """The frozen reference: config.post.reference's parameters (default init_from), with fresh
-  LoRA adapters (B = 0, so they change nothing) where the model has them."""
+  """The frozen reference: config.post.reference's parameters (default init_from), sharded like
+  the run's, with the leaves that checkpoint lacks (fresh LoRA adapters, B = 0, so they change
+  nothing; a scalar head) initialised as lm.train initialises them for init_from."""
   from lm import train as train_lib  # pylint: disable=g-import-not-at-top
   config = run.config
   path = config.post.reference or config.init_from
@@ -163,16 +165,44 @@ def reference_params(run):
                                 'config.init_from (the model the policy starts from)')
   abstract = run.abstract_state().params
   restored = checkpoint_lib.restore_params(path, train_lib.init_from_target(path, abstract))
-  fresh = jax.jit(functools.partial(model_lib.init_params, run.cfg, config.train.seed),
-                  out_shardings=run.shardings.params)()
-  return pytree.union(fresh, restored)
+  return complete_params(run)(restored)
 
 
-def fill_reference_logps(run, params, rows: PairRows, batch_size: int, logps=None) -> None:
-  """Writes the reference's per-token log-probabilities of every pair into rows, in batches;
-  `logps` is token_logps jitted for run (pass one to reuse its compilation across calls)."""
-  logps = logps or jax.jit(functools.partial(token_logps, graphdef=run.graphdef),
-                           in_shardings=(run.shardings.params, run.batch_sharding))
+def complete_params(run):
+  """Jitted: restored parameters -> all of the run's, the leaves they lack initialised by
+  lm.train.init_state (what config.init_from's get). Only those leaves are computed (XLA drops
+  the rest of the init, and the optimizer state, which is not returned) and the restored ones
+  are donated and passed through: no second copy of the model is ever held."""
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  init_state = functools.partial(train_lib.init_state, run.cfg, run.optimizer,
+                                 run.config.train.seed, trained=run.trained)
+  return jax.jit(lambda params: init_state(params).params, out_shardings=run.shardings.params,
+                 donate_argnums=0)
+
+
+def reference_batch_size(config) -> int:
+  """Pairs per reference pass: the train step's micro-batch (config.train.batch_size /
+  config.train.grad_accum_steps), so the reference pass never holds more than a step does."""
+  return config.train.batch_size // config.train.grad_accum_steps
+
+
+def reference_logps(run):
+  """token_logps jitted for run's parameters and batch sharding: the reference pass, one side
+  ([reference_batch_size, seq_len] rows) of a micro-batch of pairs at a time."""
+  return jax.jit(functools.partial(token_logps, graphdef=run.graphdef),
+                 in_shardings=(run.shardings.params, run.batch_sharding))
+
+
+def fill_reference_logps(run, params, rows: PairRows, batch_size: int | None = None,
+                         logps=None) -> None:
+  """Writes the reference's per-token log-probabilities of every pair into rows, `batch_size`
+  pairs (default reference_batch_size: the train step's micro-batch) at a time, one side per
+  pass, the last batch padded. `logps` is reference_logps(run) (pass one to reuse its
+  compilation across calls). The next pass is dispatched before the last one's result is
+  fetched, so the device does not wait on the host."""
+  batch_size = batch_size or reference_batch_size(run.config)
+  logps = logps or reference_logps(run)
+  pending = None  # (side, start, stop, device result) not yet written.
   for start in range(0, len(rows), batch_size):
     stop = min(start + batch_size, len(rows))
     for side in SIDES:
@@ -181,8 +211,16 @@ def fill_reference_logps(run, params, rows: PairRows, batch_size: int, logps=Non
       block = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
                for k, v in block.items()}
       with run.active():
-        out = jax.device_get(logps(params, block))
-      rows.arrays[f'{side}_ref_logp'][start:stop] = out[:stop - start]
+        out = logps(params, block)
+      if pending is not None:
+        _write_logps(rows, *pending)
+      pending = side, start, stop, out
+  if pending is not None:
+    _write_logps(rows, *pending)
+
+
+def _write_logps(rows: PairRows, side: str, start: int, stop: int, logps_BT) -> None:
+  rows.arrays[f'{side}_ref_logp'][start:stop] = jax.device_get(logps_BT)[:stop - start]
 
 
 def make_data(run, tokenizer, *, shard_index: int = 0, shard_count: int = 1) -> data_lib.Data:
@@ -195,11 +233,9 @@ def make_data(run, tokenizer, *, shard_index: int = 0, shard_count: int = 1) -> 
   train = PairRows(train_pairs, seq_len, tokenizer.pad_id)
   held_out = PairRows(eval_pairs, seq_len, tokenizer.pad_id)
   start = time.perf_counter()
-  reference = reference_params(run)
-  logps = jax.jit(functools.partial(token_logps, graphdef=run.graphdef),
-                  in_shardings=(run.shardings.params, run.batch_sharding))
+  reference, logps = reference_params(run), reference_logps(run)
   for rows in (train, held_out):  # One compilation for both.
-    fill_reference_logps(run, reference, rows, t.batch_size, logps)
+    fill_reference_logps(run, reference, rows, logps=logps)
   del reference
   stats = dict(vars(counts), pairs=len(pairs), train_pairs=len(train), eval_pairs=len(held_out),
                reference=post.reference or config.init_from,
