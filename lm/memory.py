@@ -90,18 +90,24 @@ a DPO batch of n pairs has the activations of 2n sequences. 'reward' reads a sca
 final hidden states: no logits, no output projection gradient. DPO's train step holds no
 reference weights, only the reference's per-token log-probabilities in the batch (two fp32
 [pairs, T] arrays; inputs are not counted). Those come from a reference pass before training
-(lm.post.dpo.make_data, run before the train state exists): the reference's P, first beside the
-fresh initialisation reference_params merges it into, then forward passes of train.batch_size
-rows (b = train.batch_size / (data x fsdp): grad_accum_steps does not split them) that keep
-nothing for a backward pass:
+(lm.post.dpo.make_data, run before the train state exists): the reference's P, restored with
+the leaves its checkpoint lacks initialised in place (lm.post.dpo.complete_params: at most the
+LoRA adapters and scalar heads, A, beside it; no second copy of the model), then forward passes
+that keep nothing for a backward pass, each of one side of a micro-batch of pairs (b = the
+train step's micro-batch of pairs per device, train.batch_size / grad_accum_steps /
+(data x fsdp), so half the train step's rows):
 
-  reference pass  P + max(P, W + max(block_f, head_f))
+  reference pass  P + max(A, W + max(block_f, head_f))
   block_f         b·T·c·(D + K/t·Q)          the block's input, a copy of k
                 + b·(H/t)·T²·(8 + c)         scores and their masked copy (fp32), probabilities
   head_f          b·T·(D·c + 4·V/t)          final norm output, fp32 logits
 
-Against memory_analysis on 8 CPU devices (fp32; DPO with and without LoRA, fsdp, tensor, remat:
-6 configs) the DPO train step is 10% low to 3% high, its reference pass 11% low to 3% high.
+so the reference pass is never the peak: a train step on twice its rows keeps every block's
+activations at (4 + c) bytes per score, and holds the same P and W. Against memory_analysis on
+8 CPU devices (xla_bytes, xla_reference_bytes; fp32, 10 DPO configs with and without LoRA, fsdp,
+tensor, remat and blocked attention, 8 of them with grad_accum_steps > 1) the DPO train step,
+and so the peak, is 14% low to 3% high, the reference pass 11% low to 18% high (high with tensor
+and no fsdp, where XLA reads each block's weights in place rather than slicing out copies).
 
 Fit search (--device_gb): every data x fsdp x tensor factorization of --num_devices whose
 tensor size divides the heads, kv heads, d_ff and vocab (and whose data x fsdp divides the
@@ -128,6 +134,7 @@ from ml_collections import config_flags
 
 from lm import attention as attention_lib
 from lm import config as config_lib
+from lm import lora as lora_lib
 from lm import model as model_lib
 from lm import pytree
 from lm import sharding
@@ -161,6 +168,7 @@ class Estimate:
   mode: str = 'train'  # config.mode planned.
   rows_per_example: int = 1  # Rows of data.seq_len tokens per batch entry (a DPO pair: 2).
   reference_activations: int = 0  # Of DPO's reference pass (forward only); 0: no such pass.
+  reference_fresh: int = 0  # DPO: the LoRA adapters and scalar heads the reference may lack.
 
   @property
   def train_step(self) -> int:
@@ -172,7 +180,8 @@ class Estimate:
     """DPO's reference log-probabilities before training; 0 in the other modes."""
     if self.mode != 'dpo':
       return 0
-    return self.parameters + max(self.parameters, self.weights + self.reference_activations)
+    return self.parameters + max(self.reference_fresh,
+                                 self.weights + self.reference_activations)
 
   @property
   def total(self) -> int:
@@ -201,7 +210,9 @@ def _parameters(cfg: model_lib.ModelConfig) -> tuple:
 
 
 def _mesh_sizes(mesh) -> dict:
-  return dict(zip(sharding.MESH_AXES, mesh))
+  """{mesh axis: size}; axes past the tuple's end (a (data, fsdp, tensor) mesh) have size 1."""
+  padded = tuple(mesh) + (1,) * (len(sharding.MESH_AXES) - len(mesh))
+  return dict(zip(sharding.MESH_AXES, padded))
 
 
 def _shard_bytes(params, sizes: dict, rules: dict) -> int:
@@ -341,12 +352,12 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
   rows = rows_per_example(config)  # A preference pair's b entries are 2b sequences.
   activations, logits = _activations(cfg, rows * b, T, sizes, rules, remat,
                                      has_logits=config.mode != 'reward')
-  # DPO's reference pass: train.batch_size rows at a time (one side of the pairs), split over
-  # data x fsdp but not into micro-batches.
-  reference_activations = 0
+  # DPO's reference pass: one side of a micro-batch's pairs at a time, b rows per device; before
+  # it, the leaves the reference checkpoint lacks are initialised beside it.
+  reference_activations = reference_fresh = 0
   if config.mode == 'dpo':
-    reference_activations = _forward_activations(
-        cfg, config.train.batch_size // _ways('act_batch', sizes, rules), T, sizes, rules)
+    reference_activations = _forward_activations(cfg, b, T, sizes, rules)
+    reference_fresh = _shard_bytes([p for p in params if _maybe_fresh(p[0])], sizes, rules)
 
   # Weights sliced out of the stacked blocks, cast and gathered: all blocks' unrolled, one
   # block's in a scan; and the output projection when it is gathered or cast.
@@ -373,7 +384,15 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
       micro_batch=rows * b, parameters=P, gradients=P_t, optimizer=2 * P_t,
       accumulation=P_t if config.train.grad_accum_steps > 1 else 0, reduction=reduction,
       weights=int(weights), activations=activations, logits=logits, mode=config.mode,
-      rows_per_example=rows, reference_activations=reference_activations)
+      rows_per_example=rows, reference_activations=reference_activations,
+      reference_fresh=reference_fresh)
+
+
+def _maybe_fresh(name: str) -> bool:
+  """Whether a parameter (dotted name) may be missing from a reference or init_from checkpoint
+  and start fresh: a LoRA adapter or a scalar head (lm.train.init_from_target)."""
+  last = name.split('.')[-1]
+  return lora_lib.is_adapter(last) or last in model_lib.SCALAR_HEADS
 
 
 def _trained(params: tuple, config: ml_collections.ConfigDict, cfg) -> tuple:
@@ -400,6 +419,31 @@ def batch_fields(mode: str) -> dict:
           for name, dtype in {**rows, 'ref_logp': jnp.float32}.items()}
 
 
+def _xla_setup(config: ml_collections.ConfigDict, devices):
+  """lm.train.setup of config as estimate() plans it ('auto' compute dtype as bfloat16)."""
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.model.dtype = compute_dtype(config.model)
+  return train_lib.setup(config, devices)
+
+
+def _analysed_bytes(compiled) -> dict:
+  """A compiled computation's memory_analysis, and its total (xla_bytes' docstring)."""
+  stats = compiled.memory_analysis()
+  out = {
+      'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
+      'alias': stats.alias_size_in_bytes, 'temp': stats.temp_size_in_bytes,
+      'generated_code': stats.generated_code_size_in_bytes}
+  out['total'] = (out['argument'] + out['output'] - out['alias'] + out['temp']
+                  + out['generated_code'])
+  return out
+
+
+def _abstract_batch(fields: dict, rows: int, seq_len: int, where) -> dict:
+  return {name: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=where)
+          for name, dtype in fields.items()}
+
+
 def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   """XLA's own per-device bytes for the real sharded train step, compiled but never run.
 
@@ -412,22 +456,30 @@ def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   arguments (the train state) are counted once: total = argument + output - alias + temp
   (+ generated code, 0 on CPU).
   """
-  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
-  config = config.copy_and_resolve_references()
-  config.model.dtype = compute_dtype(config.model)  # As estimate() plans it.
-  setup = train_lib.setup(config, devices)
-  state = setup.abstract_state()
-  shape = (config.train.batch_size, config.data.seq_len)
-  batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_sharding)
-           for name, dtype in batch_fields(config.mode).items()}
+  setup = _xla_setup(config, devices)
+  batch = _abstract_batch(batch_fields(config.mode), config.train.batch_size,
+                          config.data.seq_len, setup.batch_sharding)
   with setup.active():
-    stats = setup.step_fn.lower(state, batch).compile().memory_analysis()
-  out = {
-      'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
-      'alias': stats.alias_size_in_bytes, 'temp': stats.temp_size_in_bytes,
-      'generated_code': stats.generated_code_size_in_bytes}
-  out['total'] = (out['argument'] + out['output'] - out['alias'] + out['temp']
-                  + out['generated_code'])
+    return _analysed_bytes(setup.step_fn.lower(setup.abstract_state(), batch).compile())
+
+
+def xla_reference_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
+  """XLA's per-device bytes for DPO's reference pass (lm.post.dpo), compiled but never run, as
+  xla_bytes does the train step: {'complete': lm.post.dpo.complete_params on a reference that
+  lacks every LoRA adapter and scalar head (a base model's checkpoint; the restored leaves are
+  its argument), 'forward': one reference_logps pass of reference_batch_size rows, 'total': the
+  larger}. config as xla_bytes takes it, with config.mode='dpo'."""
+  from lm.post import dpo  # pylint: disable=g-import-not-at-top
+  setup = _xla_setup(config, devices)
+  params = setup.abstract_state().params
+  restored = pytree.subtree(params, [path for path in pytree.leaf_paths(params)
+                                     if not _maybe_fresh('.'.join(path))])
+  rows = _abstract_batch(batch_fields('sft'), dpo.reference_batch_size(setup.config),
+                         config.data.seq_len, setup.batch_sharding)
+  with setup.active():
+    out = {'complete': _analysed_bytes(dpo.complete_params(setup).lower(restored).compile()),
+           'forward': _analysed_bytes(dpo.reference_logps(setup).lower(params, rows).compile())}
+  out['total'] = max(out['complete']['total'], out['forward']['total'])
   return out
 
 
@@ -503,6 +555,7 @@ def _peak_phase(e: Estimate) -> str:
 
 def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'config') -> str:
   """The per-device table for config.mesh on num_devices: remat off and on, side by side."""
+  from lm.post import dpo  # pylint: disable=g-import-not-at-top
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   off, on = (estimate(c, mesh) for c in remat_options(config).values())
   rows = [
@@ -543,10 +596,11 @@ def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'conf
   if reference:
     lines.append(f'total = max(train step, reference pass); train step = {step}')
     lines.append(
-        'reference pass = parameters + max(parameters, weights + its activations): before '
-        'training, the reference is restored beside a fresh initialisation, then runs forward '
-        f'passes of config.train.batch_size={config.train.batch_size} rows (grad_accum_steps '
-        'does not split them); the train step holds no reference')
+        'reference pass = parameters + max(fresh adapters and heads, weights + its activations):'
+        ' before training, the reference is restored with the leaves its checkpoint lacks '
+        'initialised, then runs forward passes of one side of a micro-batch '
+        f'(config.train.batch_size / grad_accum_steps = {dpo.reference_batch_size(config)} '
+        'pairs); the train step holds no reference')
   else:
     lines.append(f'total = {step}')
   lines.append("'remat on' is remat=True with scan_layers=True. This config: "
@@ -573,10 +627,6 @@ def fit_report(config: ml_collections.ConfigDict, num_devices: int,
   if best is None:
     remedy = (' Use more devices, a smaller config.train.batch_size (or more '
               'config.train.grad_accum_steps), or a smaller model.')
-    if smallest.reference_pass > smallest.train_step:
-      remedy = (' Its peak is the reference pass, which runs config.train.batch_size rows at '
-                'once whatever grad_accum_steps: use more devices, a smaller '
-                'config.train.batch_size, or a smaller model.')
     return (f'nothing fits in {device_gb:g} GiB per device on {num_devices} devices: the '
             f'smallest is {_describe_mesh(smallest.mesh)}, {_describe_setting(smallest)}, at '
             f'{_gib(smallest.total)} GiB per device, {_gib(smallest.total - device_gb * GIB)} '

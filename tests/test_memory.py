@@ -91,30 +91,49 @@ def test_lora_dpo_plans_gradients_and_adam_for_the_adapters_only():
   assert lora.parameters == full.parameters == full.gradients  # The base weights stay.
   assert lora.activations == full.activations  # The backward pass still runs through every block.
   assert lora.reference_pass == full.reference_pass  # The reference: base and (zero) adapters.
+  assert lora.reference_fresh == 4 * adapters  # What the base checkpoint lacks starts fresh.
 
 
-def test_dpo_plans_the_reference_pass_before_training():
-  # One pair per micro-batch, 64 pairs per step: the reference's forward passes take the whole
-  # batch_size of one side at once, so here they are the peak.
+def test_dpo_plans_the_reference_pass_at_the_train_steps_micro_batch():
+  # 64 pairs a step in micro-batches of one: the reference's forward passes take one side of
+  # one micro-batch at a time, b = 1 row, not the whole batch's 64.
   config = _mode(_config(B=64, accum=64), 'dpo')
   e = memory.estimate(config, (1, 1, 1))
-  b, c, Q = 64, 4, D // H
+  b, c, Q = 1, 4, D // H
   block = b * T * c * (D + K * Q) + b * H * T * T * (8 + c)
   head = b * T * (D * c + 4 * V)
   assert e.micro_batch == 2 and e.reference_activations == max(block, head)
-  assert e.reference_pass == e.parameters + max(e.parameters,
-                                                e.weights + e.reference_activations)
-  assert e.total == e.reference_pass > e.train_step
+  assert e.reference_fresh == 0  # No LoRA adapters, no scalar head: nothing starts fresh.
+  assert e.reference_pass == e.parameters + e.weights + e.reference_activations
+  assert e.total == e.train_step > e.reference_pass
   text, fits = memory.fit_report(config, 1, device_gb=1)
-  assert fits and 'GiB spare, peak in the reference pass)' in text
-  text, fits = memory.fit_report(config, 1, device_gb=1e-6)
-  assert not fits and 'Its peak is the reference pass' in text
-  # Split over data x fsdp like the batch, whatever the micro-batches; a mode without a
-  # reference has no such pass.
+  assert fits and 'GiB spare, peak in the train step)' in text
+  # Split over data x fsdp like the micro-batch: 4 pairs over 4 devices.
   config.train.grad_accum_steps = 16
-  assert memory.estimate(config, (2, 2, 1)).reference_activations == max(block, head) // 4
+  assert memory.estimate(config, (2, 2, 1)).reference_activations == max(block, head)
+  config.train.grad_accum_steps = 1
+  assert memory.estimate(config, (2, 2, 1)).reference_activations == max(block * 16, head * 16)
   sft = memory.estimate(_mode(_config(B=64, accum=64), 'sft'), (1, 1, 1))
   assert sft.reference_activations == sft.reference_pass == 0 and sft.total == sft.train_step
+
+
+def test_the_dpo_reference_pass_is_never_the_peak():
+  """Half the train step's rows, forward only: below the train step on every mesh, remat
+  setting, micro-batch and attention (LoRA included, whose fresh adapters it adds)."""
+  for accum in (1, 8, 64):  # 64: one pair per micro-batch.
+    for mesh in [(1, 1, 1), (1, 1, 2)] + memory.meshes(8):
+      for remat in (False, True):
+        for attention in ('xla', 'blocked'):
+          config = _mode(_config(B=64, accum=accum, remat=remat, scan_layers=remat,
+                                 attention=attention), 'dpo')
+          for lora in (0, 4):
+            config.lora.update(rank=lora, targets='all')
+            config.train.trainable = 'lora' if lora else 'all'
+            try:
+              e = memory.estimate(config, mesh)
+            except sharding.ShardingError:
+              continue  # Heads or kv heads that the tensor split does not divide.
+            assert 0 < e.reference_pass < e.train_step, (mesh, remat, accum, attention, lora)
 
 
 def test_a_reward_model_plans_pairs_without_logits():

@@ -65,18 +65,57 @@ def test_estimate_is_within_15_percent_of_xla(name):
     assert planned.total == off.total
 
 
-def test_lora_dpo_train_step_is_within_15_percent_of_xla(tmp_path):
-  """A preference pair is two rows; LoRA trains the adapters only. The run's data and reference
-  (post.data, init_from) are never read, but setup validates that they are named."""
-  config = _config(dict(data=2, fsdp=2, tensor=2), B=16, lora=dict(rank=8), trainable='lora')
-  config.update(mode='dpo', init_from=str(tmp_path))
+def _dpo(config, reference: str):
+  """config as a DPO run: its data and reference (post.data, init_from) are never read, but
+  setup validates that they are named."""
+  config.update(mode='dpo', init_from=reference)
   config.post.data = 'stdlib:function_pairs'
-  xla = memory.xla_bytes(config, jax.devices())
+  return config
+
+
+def _check_dpo(config) -> tuple[memory.Estimate, dict]:
+  """(plan, XLA's train step): the planned train step, reference pass and peak each within 15%
+  of XLA's (8 devices), the reference pass below the train step, and completing the reference's
+  params holding only the fresh leaves beside the restored ones (no second model)."""
+  devices = jax.devices()
+  step, reference = memory.xla_bytes(config, devices), memory.xla_reference_bytes(config, devices)
   planned = memory.estimate(config, num_devices=8)
-  assert planned.micro_batch == 2 * 16 // 4 and planned.reference_pass < planned.train_step
-  assert planned.train_step == pytest.approx(xla['total'], rel=0.15), (planned, xla)
+  assert planned.train_step == pytest.approx(step['total'], rel=0.15), (planned, step)
+  assert planned.reference_pass == pytest.approx(reference['total'], rel=0.15), (
+      planned, reference)
+  assert planned.total == pytest.approx(max(step['total'], reference['total']), rel=0.15)
+  assert planned.reference_pass < planned.train_step and reference['total'] < step['total']
+  complete = reference['complete']
+  assert complete['alias'] == complete['argument']  # The restored leaves are passed through.
+  assert 0 <= complete['output'] - complete['alias'] - planned.reference_fresh < 256
+  assert complete['temp'] <= max(planned.reference_fresh, 256)  # The fresh leaves' init only.
+  return planned, step
+
+
+def test_lora_dpo_is_within_15_percent_of_xla(tmp_path):
+  """A preference pair is two rows; LoRA trains the adapters only."""
+  config = _dpo(_config(dict(data=2, fsdp=2, tensor=2), B=16, lora=dict(rank=8),
+                        trainable='lora'), str(tmp_path))
+  planned, xla = _check_dpo(config)
+  assert planned.micro_batch == 2 * 16 // 4 and planned.reference_fresh > 0
   # Both sides' rows and the reference's log-probabilities: 12 [pairs, seq_len] arrays.
   fields = memory.batch_fields('dpo')
   batch = sum(np.dtype(d).itemsize for d in fields.values()) * 16 * config.data.seq_len // 4
   assert len(fields) == 12
   assert 0 <= xla['argument'] - (planned.parameters + planned.optimizer + batch) < 256
+
+
+# DPO in micro-batches: the reference pass runs one side of one micro-batch at a time.
+DPO_ACCUM_CASES = {
+    'dpo_data2_fsdp2_tensor2_accum4': _config(dict(data=2, fsdp=2, tensor=2), B=32, accum=4),
+    'lora_dpo_data4_fsdp2_accum2': _config(dict(data=4, fsdp=2), B=32, accum=2,
+                                           lora=dict(rank=8), trainable='lora'),
+}
+
+
+@pytest.mark.parametrize('name', DPO_ACCUM_CASES)
+def test_dpo_with_gradient_accumulation_is_within_15_percent_of_xla(name, tmp_path):
+  config = _dpo(DPO_ACCUM_CASES[name].copy_and_resolve_references(), str(tmp_path))
+  planned, _ = _check_dpo(config)
+  pairs = config.train.batch_size // config.train.grad_accum_steps
+  assert planned.micro_batch == 2 * pairs // (config.mesh.data * config.mesh.fsdp)
