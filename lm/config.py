@@ -57,6 +57,19 @@ def base_config() -> ml_collections.ConfigDict:
   # A scalar value head on every token's hidden state, sharing the trunk with the policy: PPO's
   # critic (mode='ppo' sets it; it starts at zero, so the policy's outputs are unchanged).
   m.value_head = False
+  # Mixture of Experts (lm/moe.py): every every_n_layers-th block's MLP becomes num_experts expert
+  # MLPs (each of width d_ff) and a router sending each token to top_k of them. 0: dense.
+  m.moe = moe = ml_collections.ConfigDict()
+  moe.num_experts = 0
+  moe.top_k = 2  # Experts per token (1: Switch, 2: GShard/Mixtral).
+  # Slots per expert in a row: ceil(capacity_factor * top_k * seq_len / num_experts); a token's
+  # assignment beyond its expert's slots is dropped (counted as moe_dropped). 0: dropless (every
+  # assignment computed, grouped matmuls via jax.lax.ragged_dot: fast on GPU/TPU, slow on CPU,
+  # and the experts are not split over config.mesh.expert).
+  moe.capacity_factor = 1.25
+  moe.every_n_layers = 1  # 1: every block is MoE (Mixtral); 2: every other block (GShard, Switch).
+  moe.load_balance_loss = 0.01  # Weight of Switch's load-balancing loss (1.0 at uniform routing).
+  moe.router_z_loss = 0.001  # Weight of ST-MoE's router z-loss (mean squared router logsumexp).
   m.rope_theta = 10_000.0  # Base of the rotary frequencies (llama only).
   m.norm_eps = 1e-5  # Epsilon inside RMSNorm / LayerNorm.
   m.init_std = 0.02  # Std of the normal init; output projections are scaled by 1/sqrt(2*num_layers).
@@ -133,6 +146,8 @@ def base_config() -> ml_collections.ConfigDict:
   #   'text:GLOB'            local text files, one document per file
   #   'jsonl:GLOB'           local JSON-lines files, one document per line, text under data.text_field
   #   'tfds:NAME[:SPLIT]'    a TensorFlow Datasets dataset, e.g. 'tfds:lm1b', 'tfds:wiki40b/hi:train'
+  #   'prepared:DIR'         token shards written by `python -m lm.prepare --workdir DIR`, packed
+  #                          without tokenizing again (data.tokenizer: theirs, or refused if another)
   d.source = 'stdlib'
   d.text_field = 'text'  # Field holding the text in jsonl records and TFDS examples.
   d.seq_len = 512  # Tokens per training row (at most model.max_seq_len).
@@ -151,12 +166,16 @@ def base_config() -> ml_collections.ConfigDict:
   d.mixture = ''
 
   # ---------------------------------------------------------------------------------------------
-  # Device mesh (lm/sharding.py). The three sizes multiply to the number of devices (all
-  # processes together); one of them may be -1 to take the rest. Batch is split over data x fsdp.
+  # Device mesh (lm/sharding.py). The four sizes multiply to the number of devices (all
+  # processes together); one of them may be -1 to take the rest. Batch is split over
+  # data x fsdp x expert.
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Data parallelism: parameters replicated.
   mesh.fsdp = 1  # ZeRO-3 style: parameters, gradients and optimizer state split along 'embed'.
   mesh.tensor = 1  # Megatron style: heads and MLP hidden units split; must divide both.
+  # Expert parallelism (config.model.moe): the experts split over these devices, which also split
+  # the batch; must divide moe.num_experts. Tokens reach their experts by all-to-all.
+  mesh.expert = 1
   # Overrides of the logical-axis rules in lm/sharding.py, 'LOGICAL=AXIS[+AXIS],...', e.g.
   # 'vocab=,embed=fsdp+data'. Empty: the standard rules.
   mesh.rules = ''
@@ -590,6 +609,38 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
                       'config.lora.rank=0 adds no adapters')
 
 
+def _validate_moe(config: ml_collections.ConfigDict) -> None:
+  moe = config.model.get('moe')
+  if moe is None or moe.num_experts == 0:
+    if config.mesh.get('expert', 1) not in (1, -1):
+      raise ConfigError(f'config.mesh.expert={config.mesh.expert} splits experts, but '
+                        'config.model.moe.num_experts=0 (a dense model) has none')
+    return
+  if moe.num_experts < 0:
+    raise ConfigError(f'config.model.moe.num_experts={moe.num_experts}: must be >= 0')
+  if not 1 <= moe.top_k <= moe.num_experts:
+    raise ConfigError(f'config.model.moe.top_k={moe.top_k}: must be in [1, '
+                      f'config.model.moe.num_experts={moe.num_experts}]')
+  if moe.every_n_layers < 1 or config.model.num_layers % moe.every_n_layers:
+    raise ConfigError(f'config.model.moe.every_n_layers={moe.every_n_layers}: must be positive '
+                      f'and divide config.model.num_layers={config.model.num_layers}')
+  for field in ('capacity_factor', 'load_balance_loss', 'router_z_loss'):
+    if not moe[field] >= 0:
+      raise ConfigError(f'config.model.moe.{field}={moe[field]!r}: must be >= 0')
+  expert = config.mesh.get('expert', 1)
+  if expert > 1 and moe.num_experts % expert:
+    raise ConfigError(f'config.mesh.expert={expert} does not divide '
+                      f'config.model.moe.num_experts={moe.num_experts}')
+  if config.lora.rank > 0 and moe.every_n_layers == 1:
+    from lm import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    mlp = set(lora_lib.lora_targets(config.lora.targets, config.model.block)) & {
+        'w_gate', 'w_up', 'w_down'}
+    if mlp:
+      raise ConfigError(f'config.lora.targets={config.lora.targets!r} names MLP projections, '
+                        'but every block of this MoE model has experts there (LoRA adapts '
+                        "dense projections); use 'attention'")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first field whose value cannot work; runs before compiling."""
   for field, choices in _CHOICES.items():
@@ -639,6 +690,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.trainable={t.trainable!r}: {unknown} not among the groups '
                       f'{tuple(PARAM_GROUPS)}; separate several with commas')
   _validate_lora(config)
+  _validate_moe(config)
   if d.mixture:
     from lm import sources as sources_lib  # pylint: disable=g-import-not-at-top
     try:

@@ -373,6 +373,9 @@ def lm_to_hf(checkpoint: str, out: str, tokenizer: str | None = None, dtype: str
   if cfg.block != 'llama':
     raise ValueError(f'{checkpoint}: config.model.block={cfg.block!r}; only llama blocks export '
                      'as LlamaForCausalLM')
+  if cfg.moe_num_experts:
+    raise ValueError(f'{checkpoint}: config.model.moe.num_experts={cfg.moe_num_experts}; a Mixture '
+                     'of Experts model does not export as LlamaForCausalLM')
   hf_source, hf_config, dtype = _original_hf_config(checkpoint, config, dtype)
   if tokenizer is None and config.data.tokenizer and os.path.isfile(config.data.tokenizer):
     tokenizer = config.data.tokenizer

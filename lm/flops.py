@@ -44,15 +44,31 @@ _ACCELERATOR_PEAK_BF16 = {
 _CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'lm', 'cpu_matmul_peak.json')
 
 
-def matmul_params(cfg) -> int:
+def moe_shape(cfg) -> tuple[int, int, int]:
+  """(experts, top_k, MoE layers) of a ModelConfig or config.model; (0, 0, 0) when dense."""
+  if hasattr(cfg, 'moe_num_experts'):
+    experts, top_k, every = cfg.moe_num_experts, cfg.moe_top_k, cfg.moe_every_n_layers
+  else:
+    moe = cfg.get('moe')
+    if moe is None:
+      return 0, 0, 0
+    experts, top_k, every = moe.num_experts, moe.top_k, moe.every_n_layers
+  return (experts, top_k, cfg.num_layers // every) if experts else (0, 0, 0)
+
+
+def matmul_params(cfg, active: bool = False) -> int:
   """Parameters that take part in a matmul: N in 6N (excludes embedding/position lookups).
 
-  `cfg` is a lm.model.ModelConfig or the config.model ConfigDict (same field names).
+  `cfg` is a lm.model.ModelConfig or the config.model ConfigDict (same field names). An MoE layer
+  holds num_experts MLPs and a router [D, E]; active=True counts the top_k experts a token runs
+  (N_active, what a token costs) instead of all of them.
   """
   D, F, L = cfg.d_model, cfg.d_ff, cfg.num_layers
   attention = D * _head_dim(cfg) * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = (3 if cfg.block == 'llama' else 2) * D * F
-  return L * (attention + mlp) + D * cfg.vocab_size
+  experts, top_k, moe_layers = moe_shape(cfg)
+  moe = (top_k if active else experts) * mlp + D * experts
+  return L * attention + (L - moe_layers) * mlp + moe_layers * moe + D * cfg.vocab_size
 
 
 def flops_per_token(cfg, seq_len: int, matmul: int | None = None,
@@ -62,10 +78,11 @@ def flops_per_token(cfg, seq_len: int, matmul: int | None = None,
   Every weight costs 2 FLOPs per token forward, 2 for the gradient of its input and 2 for its
   own gradient; a frozen weight (LoRA's base, an embeddings-only run) skips the last, so with
   N matmul parameters of which N_trained train it is 4N + 2N_trained (6N when all train).
-  `matmul` and `trained_matmul` are matmul_param_counts' (default: matmul_params(cfg), all
-  trained).
+  `matmul` and `trained_matmul` are matmul_param_counts' (default: matmul_params(cfg,
+  active=True), all trained): with MoE, N is the active count (6 N_active); moving tokens to
+  their experts is not model FLOPs and is not counted.
   """
-  matmul = matmul_params(cfg) if matmul is None else matmul
+  matmul = matmul_params(cfg, active=True) if matmul is None else matmul
   trained_matmul = matmul if trained_matmul is None else trained_matmul
   attention = 12 * cfg.num_layers * cfg.num_heads * _head_dim(cfg) * seq_len
   return 4 * matmul + 2 * trained_matmul + attention
@@ -78,16 +95,22 @@ def is_matmul_weight(path: tuple, tie_embeddings: bool) -> bool:
   return name.startswith('w_') or name == 'unembed' or (name == 'embed' and tie_embeddings)
 
 
-def matmul_param_counts(params: dict, trained=None, tie_embeddings: bool = False) -> tuple:
+def matmul_param_counts(params: dict, trained=None, tie_embeddings: bool = False,
+                        active_expert_share: float = 1.0) -> tuple:
   """(N, N_trained): matmul parameters of a parameter tree (arrays or shapes), all and those
-  among the `trained` paths (lm.train.trained_paths; None: all)."""
-  sizes = {path: math.prod(leaf.shape) for path, leaf in traverse_util.flatten_dict(params).items()
-           if is_matmul_weight(path, tie_embeddings)}
-  total = sum(sizes.values())
+  among the `trained` paths (lm.train.trained_paths; None: all). The MoE blocks' expert weights
+  count times active_expert_share (top_k / num_experts: the active N)."""
+  sizes = {}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    if is_matmul_weight(path, tie_embeddings):
+      share = active_expert_share if path[0] == 'moe_blocks' and path[-2] == 'mlp' and \
+          path[-1] != 'w_router' else 1.0
+      sizes[path] = math.prod(leaf.shape) * share
+  total = round(sum(sizes.values()))
   if trained is None:
     return total, total
   trained = set(trained)
-  return total, sum(size for path, size in sizes.items() if path in trained)
+  return total, round(sum(size for path, size in sizes.items() if path in trained))
 
 
 def describe_flops(matmul: int, trained_matmul: int) -> str:

@@ -117,14 +117,19 @@ def merge(params: dict, cfg) -> dict:
   if not cfg.lora_rank:
     return params
   scale = cfg.lora_alpha / cfg.lora_rank
-  blocks = {module: dict(leaves) for module, leaves in params['blocks'].items()}
-  for module, leaves in blocks.items():
-    for name in [n for n in leaves if n.endswith('_lora_a')]:
-      weight_name = name.removesuffix('_lora_a')
-      a, b = np.asarray(leaves.pop(name)), np.asarray(leaves.pop(weight_name + '_lora_b'))
-      w = leaves[weight_name]
-      leaves[weight_name] = (np.asarray(w, np.float32) + scale * delta(a, b)).astype(w.dtype)
-  return {**params, 'blocks': blocks}
+  merged = dict(params)
+  for stack in ('blocks', 'moe_blocks'):  # Dense blocks, and an MoE model's expert blocks.
+    if stack not in params:
+      continue
+    blocks = {module: dict(leaves) for module, leaves in params[stack].items()}
+    for module, leaves in blocks.items():
+      for name in [n for n in leaves if n.endswith('_lora_a')]:
+        weight_name = name.removesuffix('_lora_a')
+        a, b = np.asarray(leaves.pop(name)), np.asarray(leaves.pop(weight_name + '_lora_b'))
+        w = leaves[weight_name]
+        leaves[weight_name] = (np.asarray(w, np.float32) + scale * delta(a, b)).astype(w.dtype)
+    merged[stack] = blocks
+  return merged
 
 
 def delta(a_LIR, b_LRO) -> np.ndarray:

@@ -4,12 +4,15 @@ Shape suffixes name each axis: B batch, T query time, S key time, D d_model, H q
 K key/value heads, G query heads per kv head (H = K * G), Q head dim, F d_ff, V vocab, L layers.
 
 Every parameter carries `logical_axes` metadata ('vocab', 'embed', 'heads', 'kv_heads',
-'head_dim', 'mlp', 'layers'); lm/sharding.py maps these names onto mesh axes, so this file never
-mentions devices. Parameters are stored in `param_dtype` (fp32); matmuls run in `dtype` (e.g.
+'head_dim', 'mlp', 'expert', 'layers'); lm/sharding.py maps these names onto mesh axes, so this
+file never mentions devices. Parameters are stored in `param_dtype` (fp32); matmuls run in `dtype` (e.g.
 bf16); norms, softmax, logits and the loss are computed in fp32.
 
 The blocks' parameters are always stacked along a leading 'layers' axis, so `scan_layers` only
 changes how the forward pass iterates (lax.scan or an unrolled loop), never the checkpoint layout.
+A Mixture-of-Experts model (config.model.moe, lm/moe.py) keeps its MoE blocks in a second stack,
+`moe_blocks`, beside the dense ones: the layers are groups of moe_every_n_layers blocks whose last
+is MoE, and the loop (or scan) runs over those groups.
 """
 
 import dataclasses
@@ -23,6 +26,7 @@ import ml_collections
 from lm import attention as attention_lib
 from lm import kv_cache
 from lm import lora as lora_lib
+from lm import moe as moe_lib
 from lm import pytree
 from lm import sharding
 
@@ -56,12 +60,26 @@ class ModelConfig:
   reward_head: bool = False
   # A scalar value head on every token's final hidden state, sharing the trunk (mode='ppo').
   value_head: bool = False
+  # Mixture of Experts (config.model.moe, lm/moe.py): 0 experts is a dense model.
+  moe_num_experts: int = 0
+  moe_top_k: int = 2
+  moe_capacity_factor: float = 1.25
+  moe_every_n_layers: int = 1
+  moe_load_balance_loss: float = 0.01
+  moe_router_z_loss: float = 0.001
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, dtype: str | None = None):
     """From a run config: config.model's fields, and config.lora's when it has that section."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in config.model.items() if k in fields}
+    moe = config.model.get('moe')
+    if moe is not None and moe.num_experts > 0:
+      values.update(moe_num_experts=moe.num_experts, moe_top_k=moe.top_k,
+                    moe_capacity_factor=moe.capacity_factor,
+                    moe_every_n_layers=moe.every_n_layers,
+                    moe_load_balance_loss=moe.load_balance_loss,
+                    moe_router_z_loss=moe.router_z_loss)
     if dtype is not None:
       values['dtype'] = dtype
     if values.get('dtype') == 'auto':
@@ -75,6 +93,19 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def layer_groups(self) -> tuple[int, int, int]:
+    """(groups, dense blocks per group, MoE blocks per group): the layers repeat a group of
+    moe_every_n_layers blocks whose last one is MoE (a dense model: L groups of one dense block)."""
+    if not self.moe_num_experts:
+      return self.num_layers, 1, 0
+    n = self.moe_every_n_layers
+    return self.num_layers // n, n - 1, 1
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return bool(self.moe_num_experts) and layer % self.moe_every_n_layers == \
+        self.moe_every_n_layers - 1
 
 
 def _param(rngs, shape, axes, cfg: ModelConfig, std=None, init=None) -> nnx.Param:
@@ -228,22 +259,86 @@ class MLP(nnx.Module):
     return out_BTD
 
 
-class Block(nnx.Module):
-  """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+class MoE(nnx.Module):
+  """E expert MLPs of the block's kind (SwiGLU for llama, GELU with biases for gpt2) and a router
+  choosing top_k of them per token; routing, dispatch and the auxiliary losses are lm/moe.py's."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, F, E = cfg.d_model, cfg.d_ff, cfg.moe_num_experts
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.w_router = _param(rngs, (D, E), ('embed', None), cfg, std)
+    self.w_up = _param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg, std)
+    self.w_down = _param(rngs, (E, F, D), ('expert', 'mlp', 'embed'), cfg, out_std)
+    if cfg.block == 'llama':
+      self.w_gate = _param(rngs, (E, D, F), ('expert', 'embed', 'mlp'), cfg, std)
+    else:
+      self.b_up = _param(rngs, (E, F), ('expert', 'mlp'), cfg, init=jnp.zeros)
+      self.b_down = _param(rngs, (E, D), ('expert', 'embed'), cfg, init=jnp.zeros)
+
+  def __call__(self, x_BTD, token_mask_BT):
+    """(out_BTD, aux): aux holds this layer's 'load_balance', 'router_z' and 'dropped' (share of
+    assignments over capacity) scalars, 'loss' (the first two, weighted by config.model.moe's
+    load_balance_loss and router_z_loss) and 'expert_share' [E] (share of assignments)."""
+    cfg = self.cfg
+    weights_BTK, experts_BTK, aux = moe_lib.route(
+        x_BTD, self.w_router[...], cfg.moe_top_k, token_mask_BT)
+    if cfg.moe_capacity_factor > 0:
+      out_BTD, kept_BTK = moe_lib.capacity_moe(
+          x_BTD, weights_BTK, experts_BTK, token_mask_BT, self._experts,
+          num_experts=cfg.moe_num_experts, capacity_factor=cfg.moe_capacity_factor,
+          dtype=cfg.dtype)
+      assigned = jnp.maximum(token_mask_BT.sum() * cfg.moe_top_k, 1)
+      aux['dropped'] = 1.0 - (kept_BTK * token_mask_BT[..., None]).sum() / assigned
+    else:
+      out_BTD = moe_lib.dropless_moe(x_BTD, weights_BTK, experts_BTK, self._experts,
+                                     num_experts=cfg.moe_num_experts)
+      aux['dropped'] = jnp.zeros((), jnp.float32)
+    aux['loss'] = (cfg.moe_load_balance_loss * aux['load_balance']
+                   + cfg.moe_router_z_loss * aux['router_z'])
+    return out_BTD.astype(cfg.dtype), aux
+
+  def _experts(self, x, expert_of_row=None, group_sizes_E=None):
+    """The expert MLPs on tokens placed by expert: an [E, G, C, D] buffer (capacity), or [A, D]
+    rows sorted by expert with their experts and group sizes (dropless, grouped matmuls)."""
+    cfg = self.cfg
+    weight = lambda name: getattr(self, name)[...].astype(cfg.dtype)
+    if group_sizes_E is None:
+      matmul = lambda x, w: jnp.einsum('egcd,edf->egcf', x, w)
+      bias = lambda name: weight(name)[:, None, None, :]
+    else:
+      matmul = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E)
+      bias = lambda name: jnp.take(weight(name), expert_of_row, axis=0)
+    up = matmul(x, weight('w_up'))
+    if cfg.block == 'llama':
+      hidden = jax.nn.silu(matmul(x, weight('w_gate'))) * up
+    else:
+      hidden = jax.nn.gelu(up + bias('b_up'), approximate=True)
+    out = matmul(hidden, weight('w_down'))
+    return out + bias('b_down') if cfg.block == 'gpt2' else out
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x)) (MoE: mlp = experts)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
     self.attention_norm = Norm(cfg, rngs=rngs)
     self.attention = Attention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg, rngs=rngs)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
+    """(x_BTD, cache, aux): aux is the MoE layer's (lm/moe.py), {} for a dense block."""
     attention_rng, mlp_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     attention_BTD, cache = self.attention(
         self.attention_norm(x_BTD), segment_ids_BT, positions_BT, cache, attention_rng)
     x_BTD = sharding.constrain(x_BTD + attention_BTD, ('act_batch', 'act_seq', 'act_embed'))
-    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD), mlp_rng)
-    return sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed')), cache
+    if isinstance(self.mlp, MoE):
+      mlp_BTD, aux = self.mlp(self.mlp_norm(x_BTD), segment_ids_BT > 0)
+    else:
+      mlp_BTD, aux = self.mlp(self.mlp_norm(x_BTD), mlp_rng), {}
+    x_BTD = x_BTD + mlp_BTD
+    return sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed')), cache, aux
 
 
 class Transformer(nnx.Module):
@@ -256,12 +351,21 @@ class Transformer(nnx.Module):
     if cfg.block == 'gpt2':
       self.pos_embed = _param(rngs, (cfg.max_seq_len, D), (None, 'embed'), cfg, cfg.init_std)
 
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_blocks(rngs):
-      return Block(cfg, rngs=rngs)
+    groups, dense, moe = cfg.layer_groups
 
-    self.blocks = make_blocks(rngs)  # Every leaf has a leading [L] axis.
+    def make_blocks(count, moe):
+      @nnx.split_rngs(splits=count)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return Block(cfg, rngs=rngs, moe=moe)
+      return make(rngs)
+
+    # Every leaf has a leading layers axis: [L] for a dense model; with MoE every
+    # moe_every_n_layers-th block is in moe_blocks and the others in blocks, in layer order.
+    if dense:
+      self.blocks = make_blocks(groups * dense, moe=False)
+    if moe:
+      self.moe_blocks = make_blocks(groups * moe, moe=True)
     self.final_norm = Norm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
@@ -279,6 +383,15 @@ class Transformer(nnx.Module):
     With a KV cache (lm/kv_cache.py) the tokens continue what the cache holds, and the result
     is (logits_BTV, the cache with them appended). hidden_only (no cache): the final-norm
     hidden states x_BTD instead, for callers that need `logits` at a few positions only."""
+    x_BTD, cache, _ = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, dropout_rng)
+    if hidden_only:
+      return x_BTD
+    logits_BTV = self.logits(x_BTD)
+    return logits_BTV if cache is None else (logits_BTV, kv_cache.advance(cache, tokens_BT.shape[1]))
+
+  def hidden(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
+             dropout_rng=None):
+    """(final-norm hidden states x_BTD, cache, MoE aux): embeddings, the blocks, the final norm."""
     cfg = self.cfg
     B, T = tokens_BT.shape
     if segment_ids_BT is None:
@@ -290,36 +403,61 @@ class Transformer(nnx.Module):
     if cfg.block == 'gpt2':
       x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0)
     x_BTD = sharding.constrain(x_BTD.astype(cfg.dtype), ('act_batch', 'act_seq', 'act_embed'))
+    x_BTD, cache, aux = self.trunk(x_BTD, segment_ids_BT, positions_BT, cache, dropout_rng)
+    return self.final_norm(x_BTD), cache, aux
 
-    block_graph, block_params = nnx.split(self.blocks)
+  def trunk(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
+    """The blocks on embedded inputs: (x_BTD, cache, aux) with aux the MoE layers' statistics
+    stacked along a leading [MoE layers] axis ({} for a dense model)."""
+    cfg = self.cfg
+    groups, dense, moe = cfg.layer_groups
+    period = dense + moe
+    stacks = []  # (graph, params [groups, per group, ...]) for the dense and the MoE blocks.
+    for name, per_group in (('blocks', dense), ('moe_blocks', moe)):
+      if per_group:
+        graph, params = nnx.split(getattr(self, name))
+        params = jax.tree.map(lambda p: p.reshape(groups, per_group, *p.shape[1:]), params)
+        stacks.append((graph, params))
     if cache is not None:
       cache = kv_cache.prepare(cache, segment_ids_BT)
 
-    def run_block(x_and_cache, params_and_layer):
-      (x_BTD, cache), (params, layer) = x_and_cache, params_and_layer
-      if cache is not None:
-        cache = kv_cache.at_layer(cache, layer)
-      layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
-      block = nnx.merge(block_graph, params)
-      return block(x_BTD, segment_ids_BT, positions_BT, cache, layer_rng), None
+    def block_fn(graph):
+      def run_block(x_and_cache, params, layer):
+        x_BTD, cache = x_and_cache
+        if cache is not None:
+          cache = kv_cache.at_layer(cache, layer)
+        layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
+        x_BTD, cache, aux = nnx.merge(graph, params)(
+            x_BTD, segment_ids_BT, positions_BT, cache, layer_rng)
+        return (x_BTD, cache), aux
+      return jax.checkpoint(run_block, prevent_cse=not cfg.scan_layers) if cfg.remat else run_block
 
-    if cfg.remat:
-      run_block = jax.checkpoint(run_block, prevent_cse=not cfg.scan_layers)
-    needs_layer = cache is not None or dropout_rng is not None
+    run_blocks = [block_fn(graph) for graph, _ in stacks]
+
+    def run_group(x_and_cache, params_and_group):
+      """One group's blocks in layer order: its dense blocks, then its MoE block."""
+      group_params, group = params_and_group
+      aux = None
+      for j in range(period):
+        stack, index = (0, j) if j < dense else (len(stacks) - 1, j - dense)
+        params = jax.tree.map(lambda p: p[index], group_params[stack])
+        x_and_cache, block_aux = run_blocks[stack](x_and_cache, params, group * period + j)
+        aux = block_aux or aux
+      return x_and_cache, aux
+
+    all_params = tuple(params for _, params in stacks)
     if cfg.scan_layers:
-      layers = jnp.arange(cfg.num_layers) if needs_layer else None
-      (x_BTD, cache), _ = jax.lax.scan(run_block, (x_BTD, cache), (block_params, layers))
+      (x_BTD, cache), aux = jax.lax.scan(
+          run_group, (x_BTD, cache), (all_params, jnp.arange(groups)))
     else:
-      for layer in range(cfg.num_layers):
-        layer_params = jax.tree.map(lambda p: p[layer], block_params)
-        (x_BTD, cache), _ = run_block(
-            (x_BTD, cache), (layer_params, layer if needs_layer else None))
-
-    x_BTD = self.final_norm(x_BTD)
-    if hidden_only:
-      return x_BTD
-    logits_BTV = self.logits(x_BTD)
-    return logits_BTV if cache is None else (logits_BTV, kv_cache.advance(cache, T))
+      x_and_cache, auxes = (x_BTD, cache), []
+      for group in range(groups):
+        group_params = jax.tree.map(lambda p: p[group], all_params)
+        x_and_cache, aux = run_group(x_and_cache, (group_params, group))
+        auxes.append(aux)
+      (x_BTD, cache) = x_and_cache
+      aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if moe else None
+    return x_BTD, cache, aux or {}
 
   def logits(self, x_BTD):
     """Next-token logits (fp32) from final-norm hidden states."""
@@ -369,6 +507,15 @@ def apply(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None, c
   return nnx.merge(graphdef, params)(tokens_BT, segment_ids_BT, positions_BT, cache, dropout_rng)
 
 
+def apply_with_aux(graphdef, params, tokens_BT, segment_ids_BT=None, positions_BT=None,
+                   dropout_rng=None):
+  """Pure (logits_BTV, aux): aux holds the MoE layers' router statistics and auxiliary losses
+  (lm/moe.py), each with a leading [MoE layers] axis; {} for a dense model."""
+  model = nnx.merge(graphdef, params)
+  x_BTD, _, aux = model.hidden(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng)
+  return model.logits(x_BTD), aux
+
+
 def apply_reward(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, last_B,
                  dropout_rng=None):
   """Pure scalar rewards [B] (a model with reward_head) read at token index last_B of each row."""
@@ -395,7 +542,7 @@ def logical_axes(cfg: ModelConfig):
 
   def axes(path, variable):
     names = tuple(variable.get_metadata()['logical_axes'])
-    return ('layers',) + names if path[0] == 'blocks' else names
+    return ('layers',) + names if path[0] in ('blocks', 'moe_blocks') else names
 
   flat = {path: axes(path, v) for path, v in nnx.to_flat_state(state)}
   return pytree.unflatten(flat)

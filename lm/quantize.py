@@ -44,7 +44,10 @@ def _reduce_axes(path: tuple[str, ...]) -> tuple[int, ...] | None:
     return (1,)  # [V, D]: one scale per vocabulary row.
   if name not in CONTRACTED_AXES:
     return None
-  first = 1 if path[0] == 'blocks' else 0  # Skip the stacked 'layers' axis.
+  # Skip the stacked 'layers' axis, and an MoE block's 'expert' axis: one scale per expert.
+  first = 1 if path[0] in ('blocks', 'moe_blocks') else 0
+  if path[0] == 'moe_blocks' and path[-2] == 'mlp':
+    first = 2
   return tuple(range(first, first + CONTRACTED_AXES[name]))
 
 

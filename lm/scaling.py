@@ -41,39 +41,51 @@ from lm import flops as flops_lib
 
 
 def param_counts(model_cfg) -> dict:
-  """{'total', 'non_embedding', 'embedding'} parameter counts, by formula (no model is built).
+  """{'total', 'non_embedding', 'embedding', 'active', 'active_non_embedding'} parameter counts,
+  by formula (no model is built).
 
   Convention (Kaplan et al. 2020): 'embedding' is the lookup tables, the token embedding
   [V, D] and, for gpt2, the learned positions [max_seq_len, D]; 'non_embedding' is everything
   else: blocks, norms, biases and the output projection [D, V] when it is untied. A tied output
   projection is the token embedding, counted once, under 'embedding'. Chinchilla's N is 'total'.
+  'active' counts what one token runs: with MoE (config.model.moe) its top_k experts of each MoE
+  layer instead of all of them; for a dense model it equals 'total'.
   """
   D, V = model_cfg.d_model, model_cfg.vocab_size
   gpt2 = model_cfg.block == 'gpt2'
   embedding = V * D + (model_cfg.max_seq_len * D if gpt2 else 0)
   tied_output = V * D if model_cfg.tie_embeddings else 0
-  non_embedding = flops_lib.matmul_params(model_cfg) - tied_output + _norms_and_biases(model_cfg)
-  return {'total': embedding + non_embedding, 'non_embedding': non_embedding,
-          'embedding': embedding}
+  counts = {'embedding': embedding}
+  for prefix, active in (('', False), ('active_', True)):
+    non_embedding = (flops_lib.matmul_params(model_cfg, active=active) - tied_output
+                     + _norms_and_biases(model_cfg, active))
+    counts[prefix + 'non_embedding'] = non_embedding
+    counts['active' if active else 'total'] = embedding + non_embedding
+  return counts
 
 
-def _norms_and_biases(model_cfg) -> int:
-  """Per block two norms (scale, and bias for gpt2), plus the final norm; gpt2 biases."""
+def _norms_and_biases(model_cfg, active: bool = False) -> int:
+  """Per block two norms (scale, and bias for gpt2), plus the final norm; gpt2 biases (an MoE
+  layer's experts each have their MLP biases: top_k of them when counting active)."""
   D, L = model_cfg.d_model, model_cfg.num_layers
   if model_cfg.block != 'gpt2':
     return (2 * L + 1) * D
+  experts, top_k, moe_layers = flops_lib.moe_shape(model_cfg)
   q = model_cfg.d_model // model_cfg.num_heads
   attention_biases = q * (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) + D
   mlp_biases = model_cfg.d_ff + D
-  return 2 * (2 * L + 1) * D + L * (attention_biases + mlp_biases)
+  expert_mlp_biases = (top_k if active else experts) * mlp_biases
+  return (2 * (2 * L + 1) * D + L * attention_biases + (L - moe_layers) * mlp_biases
+          + moe_layers * expert_mlp_biases)
 
 
 def flops_per_token_by_method(model_cfg, seq_len: int, method: str = '6N') -> float:
   """Training (forward + backward) FLOPs per token of a sequence of `seq_len` tokens, counted
   by a scaling-law convention (lm.flops.flops_per_token is the exact count behind MFU).
 
-  '6N': 6 x param_counts(model_cfg)['non_embedding'] (Kaplan's C = 6N per token; the attention
-    over the context, and a tied output projection, are left out).
+  '6N': 6 x param_counts(model_cfg)['active_non_embedding'] (Kaplan's C = 6N per token, with N
+    the parameters a token runs: an MoE model's 6 N_active; the attention over the context, and
+    a tied output projection, are left out).
   'chinchilla': Hoffmann et al. appendix F, 3 x the forward pass: embedding (as a one-hot
     matmul, 2VD), per layer the q/k/v/output projections, the attention logits and reduction
     (2THQ each, causal mask ignored) and softmax (3HT), the MLP (3 matrices for SwiGLU), and the
@@ -81,7 +93,7 @@ def flops_per_token_by_method(model_cfg, seq_len: int, method: str = '6N') -> fl
     PaLM count (used for MFU) plus the embedding matmul and the softmax.
   """
   if method == '6N':
-    return 6.0 * param_counts(model_cfg)['non_embedding']
+    return 6.0 * param_counts(model_cfg)['active_non_embedding']
   if method == 'chinchilla':
     embedding = 2 * model_cfg.vocab_size * model_cfg.d_model
     softmax = 3 * model_cfg.num_layers * model_cfg.num_heads * seq_len

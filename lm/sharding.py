@@ -9,6 +9,8 @@ name to mesh axes, in the spirit of t5x's `standard_logical_axis_rules`:
           state (along 'embed'); XLA gathers each layer's weights when it needs them.
   tensor  Megatron style: attention heads and the MLP hidden dimension are split, and the
           activations between the two matmuls of each sub-block stay split.
+  expert  expert parallelism (MoE, lm/moe.py): the experts are split, and so is the batch
+          everywhere else; XLA moves each token to its experts' devices and back (all-to-all).
 
 A config can override single rules with `config.mesh.rules`, e.g. 'vocab=,mlp=tensor+fsdp'
 (an empty right side replicates that axis).
@@ -25,7 +27,7 @@ import ml_collections
 
 from lm import pytree
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 
 # Logical axis -> mesh axes (a tuple: an axis may be split over several mesh axes; () replicates).
 RULES = {
@@ -37,9 +39,12 @@ RULES = {
     'head_dim': (),
     'mlp': ('tensor',),
     'layers': (),
+    'expert': ('expert',),
     'lora_rank': (),  # LoRA adapters are small: split along their other axis only.
     # Activations.
-    'act_batch': ('data', 'fsdp'),
+    'act_batch': ('data', 'fsdp', 'expert'),
+    'act_expert': ('expert',),  # MoE dispatch buffers [E, G, C, D]: experts split ...
+    'act_expert_batch': ('data', 'fsdp'),  # ... and their groups over the other batch axes.
     'act_seq': (),
     'act_embed': (),
     'act_heads': ('tensor',),
@@ -71,8 +76,9 @@ def parse_rules(overrides: str) -> dict:
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int) -> tuple[int, ...]:
-  """(data, fsdp, tensor) with a single -1 resolved; checks the product is the device count."""
-  shape = [mesh_config[axis] for axis in MESH_AXES]
+  """(data, fsdp, tensor, expert) with a single -1 resolved; checks the product is the device
+  count. A config without mesh.expert (written before MoE) has expert=1."""
+  shape = [mesh_config.get(axis, 1) for axis in MESH_AXES]
   described = ', '.join(f'config.mesh.{a}={s}' for a, s in zip(MESH_AXES, shape))
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise ShardingError(f'{described}: use positive sizes and at most one -1')
@@ -90,7 +96,7 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int) -> tup
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
   devices = devices if devices is not None else jax.devices()
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
 

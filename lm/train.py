@@ -115,7 +115,7 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, z_loss: float = 0.0,
   Sums, so that micro-batches add up to exactly the full batch; the caller divides by tokens.
   dropout_rng turns on the model's dropout (LoRA's, when config.lora.dropout > 0).
   """
-  logits_BTV = model_lib.apply(
+  logits_BTV, moe_aux = model_lib.apply_with_aux(
       graphdef, params, batch['inputs'], batch['segment_ids'], batch['positions'],
       dropout_rng=dropout_rng)
   mask_BT = batch['loss_mask']
@@ -129,7 +129,28 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, z_loss: float = 0.0,
   if z_loss:
     objective_BT = objective_BT + z_loss * log_z_BT ** 2
   sums = {'nll': (nll_BT * mask_BT).sum(), 'tokens': mask_BT.sum()}
-  return (objective_BT * mask_BT).sum(), sums
+  objective = (objective_BT * mask_BT).sum()
+  if moe_aux:
+    moe_sums = moe_metric_sums(moe_aux, sums['tokens'])
+    objective = objective + moe_sums['moe_loss']
+    sums.update(moe_sums)
+  return objective, sums
+
+
+def moe_metric_sums(aux: dict, tokens) -> dict:
+  """An MoE model's auxiliary loss and router statistics (lm/moe.py) as sums weighted by the
+  batch's target tokens, so that dividing by the step's tokens averages them over micro-batches:
+  the weighted loss and each statistic as means over MoE layers, and per layer the most loaded
+  expert's share times num_experts (1.0 is perfect balance) and the share of dropped assignments."""
+  E = aux['expert_share'].shape[-1]
+  sums = {'moe_loss': aux['loss'].mean() * tokens,
+          'moe_load_balance': aux['load_balance'].mean() * tokens,
+          'moe_router_z': aux['router_z'].mean() * tokens,
+          'moe_dropped': aux['dropped'].mean() * tokens}
+  for layer, (share_E, dropped) in enumerate(zip(aux['expert_share'], aux['dropped'])):
+    sums[f'moe_max_load_{layer}'] = share_E.max() * E * tokens
+    sums[f'moe_dropped_{layer}'] = dropped * tokens
+  return sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,8 +642,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
 
     num_params = model_lib.count_params(state.params)
     num_trained = model_lib.count_params(split_trained(state.params, trained)[0])
-    matmul, trained_matmul = flops.matmul_param_counts(abstract_state.params, trained,
-                                                       cfg.tie_embeddings)
+    experts, top_k, _ = flops.moe_shape(cfg)
+    matmul, trained_matmul = flops.matmul_param_counts(
+        abstract_state.params, trained, cfg.tie_embeddings,
+        active_expert_share=top_k / experts if experts else 1.0)
     flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
     peak = flops.peak_flops_per_device(cfg.dtype)
     peak = peak * jax.device_count() if peak else None

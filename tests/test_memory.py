@@ -255,7 +255,7 @@ def test_a_mesh_or_batch_that_does_not_divide_is_a_clear_error():
     memory.estimate(_config(B=16), (2, 1, 4))
   with pytest.raises(sharding.ShardingError,
                      match=r'config.train.batch_size=12 / config.train.grad_accum_steps=1 is not '
-                           r'divisible by data=8 x fsdp=1 = 8'):
+                           r'divisible by data=8 x fsdp=1 x expert=1 = 8'):
     memory.estimate(_config(B=12), (8, 1, 1))
   with pytest.raises(sharding.ShardingError, match='the product 3 is not the device count 8'):
     memory.estimate(_config(mesh=(3, 1, 1)), num_devices=8)

@@ -45,7 +45,8 @@ def test_param_counts_by_hand_llama_tied_gqa():
   block = attention + mlp + 2 * 128  # + two RMSNorm scales = 196864
   non_embedding = 4 * block + 128  # + final norm; the tied output is the embedding
   assert scaling.param_counts(model) == {
-      'total': 2048 * 128 + non_embedding, 'non_embedding': 787_584, 'embedding': 262_144}
+      'total': 2048 * 128 + non_embedding, 'non_embedding': 787_584, 'embedding': 262_144,
+      'active': 2048 * 128 + non_embedding, 'active_non_embedding': 787_584}
   assert 2048 * 128 + non_embedding == 1_049_728
 
 
@@ -58,7 +59,25 @@ def test_param_counts_by_hand_gpt2_untied():
   non_embedding = 2 * block + 32 + 16 * 100  # + final LayerNorm + unembed = 8192
   embedding = 100 * 16 + 32 * 16  # tokens + learned positions = 2112
   assert scaling.param_counts(model) == {
-      'total': 10_304, 'non_embedding': non_embedding, 'embedding': embedding}
+      'total': 10_304, 'non_embedding': non_embedding, 'embedding': embedding,
+      'active': 10_304, 'active_non_embedding': non_embedding}
+
+
+def test_param_counts_by_hand_moe():
+  model = config_lib.load_config('configs/moe_tiny.py').model  # tiny, F 128, 8 experts, top-2
+  attention = 49152
+  expert = 3 * 128 * 128
+  router = 128 * 8
+  norms = 4 * 2 * 128 + 128
+  counts = scaling.param_counts(model)
+  assert counts['non_embedding'] == 4 * (attention + 8 * expert + router) + norms
+  assert counts['active_non_embedding'] == 4 * (attention + 2 * expert + router) + norms
+  assert counts['total'] - counts['active'] == 4 * 6 * expert
+  # 6 N_active for compute; every other block MoE halves the experts' share.
+  assert scaling.flops_per_token_by_method(model, 128, '6N') == 6 * counts['active_non_embedding']
+  model.moe.every_n_layers = 2
+  counts = scaling.param_counts(model)
+  assert counts['non_embedding'] == 4 * attention + 2 * expert + 2 * (8 * expert + router) + norms
 
 
 @pytest.mark.parametrize('block,tie,kv_heads', [
@@ -75,6 +94,24 @@ def test_param_counts_match_the_model_tree(block, tie, kv_heads):
   assert counts['total'] == model_lib.count_params(tree)
   assert counts['embedding'] == embedding
   assert counts['non_embedding'] == counts['total'] - embedding
+
+
+@pytest.mark.parametrize('block,every', [('llama', 1), ('llama', 3), ('gpt2', 1), ('gpt2', 3)])
+def test_moe_param_counts_match_the_model_tree(block, every):
+  model = _model(block=block, vocab_size=101, d_model=32, num_layers=3, num_heads=4,
+                 num_kv_heads=2, d_ff=48, max_seq_len=40)
+  model.moe.update(num_experts=4, top_k=2, every_n_layers=every)
+  cfg = model_lib.ModelConfig.from_config(_config(model), dtype='float32')
+  tree = jax.eval_shape(lambda: model_lib.init_params(cfg, 0))
+  counts = scaling.param_counts(model)
+  assert counts['total'] == model_lib.count_params(tree)
+  experts = sum(x.size for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if path[0].key == 'moe_blocks' and path[1].key == 'mlp'
+                and path[-1].key != 'w_router')
+  assert counts['total'] - counts['active'] == experts // 2  # 2 of 4 experts run per token.
+  matmul, _ = flops.matmul_param_counts(tree, active_expert_share=0.5)
+  assert matmul == flops.matmul_params(cfg, active=True)
+  assert flops.matmul_param_counts(tree)[0] == flops.matmul_params(cfg)
 
 
 def test_flops_per_token_by_method_by_hand():
