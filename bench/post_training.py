@@ -143,7 +143,7 @@ def lm_setup(name: str, mode: str, batch: int, seq_len: int, directory: str, war
   else:
     rows = dpo.PairRows([tuple(lm_example(r['prompt'], r[side]) for side in SIDES)
                          for r in records], seq_len, pad_id=PAD)
-    dpo.fill_reference_logps(run, state.params, rows, t.batch_size)  # Before a step donates it.
+    dpo.fill_reference_logps(run, state.params, rows)  # Before a step donates it.
     info['ref_logps'] = [rows.arrays[f'{side}_ref_logp'].sum(-1).tolist() for side in SIDES]
   batch_arrays = jax.device_put(rows.arrays, run.batch_sharding)
   holder = {'state': state}

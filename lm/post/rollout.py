@@ -134,11 +134,16 @@ class RewardModel:
                                         run.rules)
     target = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
                           shapes, shardings)
-    if ('reward_head',) not in set(pytree.leaf_paths(checkpoint_lib.params_shapes(path))):
+    saved = set(pytree.leaf_paths(checkpoint_lib.params_shapes(path)))
+    if ('reward_head',) not in saved:
       raise config_lib.ConfigError(f'{where} holds no trained reward head')
-    fresh = jax.jit(functools.partial(model_lib.init_params, self.cfg, 0), out_shardings=shardings)
-    self.params = pytree.union(fresh(), checkpoint_lib.restore_params(
-        path, train_lib.init_from_target(path, target)))
+    self.params = checkpoint_lib.restore_params(path, train_lib.init_from_target(path, target))
+    missing = [p for p in pytree.leaf_paths(shapes) if p not in set(
+        pytree.leaf_paths(self.params))]
+    if missing:  # Initialised alone: XLA computes only these leaves of the init.
+      fresh = jax.jit(lambda: pytree.subtree(model_lib.init_params(self.cfg, 0), missing),
+                      out_shardings=pytree.subtree(shardings, missing))
+      self.params = pytree.union(self.params, fresh())
     self.score = jax.jit(functools.partial(reward_lib.rewards, graphdef=model_lib.graphdef(self.cfg)),
                          in_shardings=(shardings, run.batch_sharding))
 
