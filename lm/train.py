@@ -510,6 +510,14 @@ class StepLog:
     return out
 
 
+def first_step_row(summary: dict) -> dict:
+  """The first step's metrics (its loss is the model's at its starting point) without throughput,
+  which compilation dominates: its wall time, compilation included, as first_step_seconds."""
+  row = {k: v for k, v in summary.items() if k not in ('tokens_per_sec', 'mfu', 'step_time')}
+  row['first_step_seconds'] = summary['step_time']
+  return row
+
+
 class _StopRequested:
   """SIGTERM (preemption) sets a flag; the loop then saves a checkpoint and exits cleanly."""
 
@@ -692,16 +700,17 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         state, step_metrics = run.step_fn(state, global_batch(local_batch))
         step += 1
         step_log.add(step, {**step_metrics, **rollout_metrics})
-        if step == first_step + 1:  # Keep compilation out of the throughput window.
-          step_log.check()
-          step_log.restart_window()
+        if step == first_step + 1:  # Its metrics on their own row, compilation out of tokens/s.
+          last = first_step_row(step_log.summary())
+          writer.write(step, last)
         else:  # Check the previous step while this one runs: NaN is caught one step late.
           step_log.check(keep_last=True)
         progress.update(1)
 
         if step % t.log_every == 0 or step == last_step:
-          last = step_log.summary() or last
-          if last:
+          summary = step_log.summary()  # Empty when the first step was this window's only one.
+          if summary:
+            last = summary
             writer.write(step, last)
             progress.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_sec"]:,.0f}')
             if logs and not on_terminal:

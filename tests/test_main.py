@@ -45,9 +45,9 @@ def test_cli_trains_with_overrides_then_resumes_and_plots(tmp_path):
   assert '\r' not in first.stderr
 
   rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
-  assert [r['step'] for r in rows if 'loss' in r] == [2, 4, 6]
+  assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 4, 6]
   assert [r['step'] for r in rows if 'eval_loss' in r] == [4, 6]
-  assert {'tokens_per_sec', 'mfu', 'grad_norm', 'learning_rate', 'step_time'} <= set(rows[0])
+  assert {'tokens_per_sec', 'mfu', 'grad_norm', 'learning_rate', 'step_time'} <= set(rows[1])
   assert {'loss', 'eval_loss', 'eval_bits_per_byte', 'tokens_per_sec', 'mfu'} <= (
       _tensorboard_scalars(workdir / 'tensorboard'))
   assert json.load(open(workdir / 'config.json'))['model']['d_model'] == 64

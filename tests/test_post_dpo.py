@@ -251,7 +251,7 @@ def test_dpo_learns_to_prefer_real_text(tiny_llama, pairs_file, tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   train_rows = [r for r in rows if 'loss' in r and 'margin' in r]
   assert train_rows[-1]['margin'] > train_rows[0]['margin']
-  assert {'accuracy', 'chosen_reward', 'rejected_reward', 'tokens_per_sec'} <= set(train_rows[0])
+  assert {'accuracy', 'chosen_reward', 'rejected_reward', 'tokens_per_sec'} <= set(train_rows[1])
 
 
 def test_bad_preference_data_is_named(tiny_llama, tmp_path):

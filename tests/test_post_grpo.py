@@ -104,7 +104,7 @@ def test_grpo_raises_the_reward_with_the_kl_near_its_target(tiny_llama, tmp_path
   config.train.update(steps=40, batch_size=64, log_every=10, eval_every=40)
   state, metrics = train_lib.train(config, str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-  logged = [r for r in rows if 'reward' in r]
+  logged = [r for r in rows if 'reward' in r and 'first_step_seconds' not in r]  # Windows.
   assert logged[-1]['reward'] > logged[0]['reward'] + 0.05, logged
   assert max(r['kl'] for r in logged) < 2 * 2.0, logged
   assert {'eval_reward', 'eval_kl', 'time_rollout', 'time_scoring', 'kl_coef',
