@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import re
+import struct
 
 from lm import sources
 from lm.prepare import config as config_lib
@@ -121,3 +122,25 @@ def test_near_dedup_against_exact_jaccard(tmp_path):
   assert report['dedup']['confirmed_pairs'] <= report['dedup']['candidate_pairs']
   print(f'{len(similar)} pairs with Jaccard >= 0.8, recall {len(found) / len(similar):.3f}; '
         f'{len(removed)} near-duplicates removed, precision {len(right) / len(removed):.3f}')
+
+
+def test_documents_sharing_a_band_are_all_compared(tmp_path):
+  """datatrove's .dups files list consecutive documents of a band's group only: A-B, B-C. A and C
+  are still a candidate pair, so a less similar B between them cannot hide them from each other."""
+  keys = [(0, i) for i in range(5)]
+  listed = [(0, 1), (1, 2), (3, 4)]  # (A, B), (B, C) in one band; (D, E) in another.
+  with open(tmp_path / '00000.dups', 'wb') as f:
+    for a, b in listed:
+      f.write(struct.pack('<4I', *keys[a], *keys[b]))
+  clusters = dedup.Clusters.__new__(dedup.Clusters)
+  clusters.buckets = str(tmp_path)
+  identity = {k: k for k in keys}
+  pairs = clusters._candidate_pairs(identity, identity)
+  assert pairs == {(keys[0], keys[1]), (keys[0], keys[2]), (keys[1], keys[2]), (keys[3], keys[4])}
+  big = [(0, i) for i in range(dedup.MAX_GROUP + 10)]
+  with open(tmp_path / '00000.dups', 'wb') as f:
+    for a, b in zip(big, big[1:]):
+      f.write(struct.pack('<4I', *a, *b))
+  identity = {k: k for k in big}
+  pairs = clusters._candidate_pairs(identity, identity)  # Neighbours and the first: linear.
+  assert len(pairs) == 2 * (len(big) - 1) - 1

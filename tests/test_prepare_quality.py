@@ -268,7 +268,8 @@ def _scrub(tmp_path, texts, **overrides):
 def test_pii_placeholders_and_counts(tmp_path):
   texts, counts = _scrub(tmp_path, [
       'Write to jane.doe@example.com or +91 98765 43210.',
-      'Call (555) 123-4567 or 555.123.4567 or 9876543210; server 8.8.8.8, router 192.168.1.1.',
+      'Call (555) 123-4567 or 555.123.4567 or 9876543210; server 185.201.134.67, router '
+      '192.168.1.1.',
       'Years 2019 2020 2021, pin 123456, date 2024-01-15, 12345678901234567 digits.',
   ])
   assert texts == [
@@ -282,7 +283,9 @@ def test_pii_placeholders_and_counts(tmp_path):
     ('+1 202 555 0143', True), ('98765 43210', True), ('022-2345-6789', True),
     ('123456789', False),  # 9 digits.
     ('1234567890', False),  # A bare 10-digit run that no mobile number starts with.
-    ('2019 2020 2021', False), ('+12 3456 7890 1234 5678', False)])  # Years; 18 digits.
+    ('2019 2020 2021', False), ('+12 3456 7890 1234 5678', False),  # Years; 18 digits.
+    ('185.201.134.67', False),  # A dotted quad: an IPv4 address, left to the IP rule.
+    ('+91  98765  43210', True), ('+91\u00a098765\u00a043210', True)])  # Wider spaces.
 def test_phone_numbers(number, is_phone):
   assert stages.is_phone_number(number) == is_phone
 

@@ -16,6 +16,7 @@ not depend on how the input was split into tasks.
 from collections.abc import Iterator
 import glob
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -87,6 +88,29 @@ class Signatures(PipelineStep):
       else:
         for _ in indexed():
           pass
+
+
+MAX_GROUP = 64  # Documents sharing a band beyond which not every pair is compared.
+
+
+def _groups(pairs: list[tuple]) -> list[list]:
+  """The connected groups (union-find) of the keys in `pairs`, each sorted, of 2+ keys."""
+  parent = {}
+
+  def root(x):
+    while parent.setdefault(x, x) != x:
+      parent[x] = parent.get(parent[x], parent[x])
+      x = parent[x]
+    return x
+
+  for a, b in pairs:
+    ra, rb = root(a), root(b)
+    if ra != rb:
+      parent[max(ra, rb)] = min(ra, rb)
+  groups = {}
+  for key in parent:
+    groups.setdefault(root(key), []).append(key)
+  return [sorted(g) for g in groups.values() if len(g) > 1]
 
 
 class Clusters(PipelineStep):
@@ -169,17 +193,29 @@ class Clusters(PipelineStep):
 
   def _candidate_pairs(self, representative: dict, signed: dict) -> set[tuple]:
     """Pairs of distinct representatives that share a MinHash band (datatrove's .dups files:
-    little-endian uint32 rank, signature index, rank, signature index)."""
+    little-endian uint32 rank, signature index, rank, signature index).
+
+    A .dups file lists only consecutive documents of each group sharing a band (enough for
+    datatrove, which removes whole groups), so two near-duplicates with a less similar document
+    between them would never be compared. Each file's pairs are joined into their groups and
+    every pair within a group is a candidate; a group of more than MAX_GROUP documents (shared
+    boilerplate) compares each member with its neighbours and with the group's first instead.
+    """
     pairs = set()
     if self.buckets is None:
       return pairs
     for path in sorted(glob.glob(os.path.join(self.buckets, '*.dups'))):
       with open(path, 'rb') as f:
         data = f.read()
-      for f1, d1, f2, d2 in struct.iter_unpack('<4I', data):
-        a, b = representative[signed[f1, d1]], representative[signed[f2, d2]]
-        if a != b:
-          pairs.add((min(a, b), max(a, b)))
+      listed = [(representative[signed[f1, d1]], representative[signed[f2, d2]])
+                for f1, d1, f2, d2 in struct.iter_unpack('<4I', data)]
+      for group in _groups(listed):
+        if len(group) <= MAX_GROUP:
+          pairs.update(itertools.combinations(group, 2))
+        else:
+          pairs.update(zip(group, group[1:]))
+          pairs.update((group[0], key) for key in group[1:])
+      pairs.update((min(a, b), max(a, b)) for a, b in listed if a != b)
     return pairs
 
   def _jaccard(self, pairs: set[tuple]) -> dict[tuple, float]:

@@ -146,8 +146,11 @@ def quality_stages(folder: str, config: ml_collections.ConfigDict) -> list[Quali
 # PII.
 
 # Digits in groups of 2 to 5, optionally after +COUNTRY and an (AREA) code.
-_PHONE = re.compile(r'(?<![\w+])(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{1,5}\)[ .-]?)?'
-                    r'[0-9]{2,12}(?:[ .-][0-9]{2,5}){0,4}(?![\w])')
+# Groups may be separated by '.', '-' or up to three spaces (non-breaking ones too), not newlines.
+_SEPARATOR = r'(?:[.-]|[^\S\n]{1,3})'
+_PHONE = re.compile(rf'(?<![\w+])(?:\+[0-9]{{1,3}}{_SEPARATOR}?)?(?:\([0-9]{{1,5}}\){_SEPARATOR}?)?'
+                    rf'[0-9]{{2,12}}(?:{_SEPARATOR}[0-9]{{2,5}}){{0,4}}(?![\w])')
+_DOTTED_QUAD = re.compile(r'[0-9]{1,3}(?:\.[0-9]{1,3}){3}')
 
 
 def is_phone_number(match: str) -> bool:
@@ -155,8 +158,8 @@ def is_phone_number(match: str) -> bool:
   '-' or '.', groups of mixed length joined by spaces ('98765 43210', not a list of years like
   '2019 2020 2021'), or a bare 10-digit mobile number starting with 6 to 9."""
   digits = re.sub(r'[^0-9]', '', match)
-  if not 10 <= len(digits) <= 15:
-    return False
+  if not 10 <= len(digits) <= 15 or _DOTTED_QUAD.fullmatch(match):
+    return False  # A dotted quad is an IPv4 address (the IP rule's), not a phone number.
   if match.startswith('+') or '(' in match or re.search(r'[0-9][.-][0-9]', match):
     return True
   groups = match.split()
