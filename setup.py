@@ -34,10 +34,12 @@ setuptools.setup(
         # torch, transformers and peft: the reference that tests/test_convert.py checks lm's
         # logits against (a CPU wheel at exactly this version; a bare 'torch' pulls a CUDA build);
         # trl: the reference post-training losses (tests/test_post_*.py); the prepare extra for
-        # tests/test_prepare*.py.
+        # tests/test_prepare*.py; datasketch for bench/prepare.py --smoke
+        # (tests/test_bench_prepare.py).
         'test': ['pytest>=8', 'pytest-xdist>=3.6', 'nbclient>=0.10', 'nbformat>=5.10',
                  'ipykernel>=6.29', 'ray>=2.50', 'torch==2.13.0', 'transformers>=5.0',
-                 'peft>=0.21', 'trl>=1.16', 'datatrove>=0.10.1', 'py3langid>=0.4.0'],
+                 'peft>=0.21', 'trl>=1.16', 'datatrove>=0.10.1', 'py3langid>=0.4.0',
+                 'datasketch>=2.0'],
         # Data preparation (python -m lm.prepare): datatrove, the engine (its Gopher, C4 and
         # MinHash steps and executors), and py3langid, language identification with its model
         # in the package.
