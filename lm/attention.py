@@ -1,10 +1,12 @@
-"""Causal self-attention kernels with packed-document (segment id) masking.
+"""Self-attention kernels with packed-document (segment id) masking: causal (a decoder) or
+bidirectional within each document (an encoder, causal=False).
 
 q_BTHQ, k_BSKQ, v_BSKQ -> out_BTHQ, with H = K * G query heads sharing each key/value head.
 'xla' calls jax.nn.dot_product_attention; 'einsum' is a plain einsum + fp32 softmax that groups
 query heads without repeating k/v (the reference the others are tested against); 'blocked'
-computes only the causal lower triangle, in blocks of query rows (fastest on CPU). 'auto' is
-'blocked' on CPU and jax.nn.dot_product_attention elsewhere (cuDNN flash attention on GPUs).
+computes only the causal lower triangle, in blocks of query rows (fastest on CPU; causal only).
+'auto' is 'blocked' on CPU and jax.nn.dot_product_attention elsewhere (cuDNN flash attention on
+GPUs); bidirectional, it is 'einsum' on CPU.
 """
 
 import jax
@@ -24,6 +26,12 @@ def segment_causal_mask(segment_ids_BT):
   return (visible(segment_ids_BT, segment_ids_BT) & causal_TT[None])[:, None]
 
 
+def segment_mask(segment_ids_BT):
+  """[B, 1, T, T] boolean: query t sees every key s of its own document, before or after it (or
+  in a SHARED_PREFIX); padding (segment 0) sees only padding. The encoder's mask."""
+  return visible(segment_ids_BT, segment_ids_BT)[:, None]
+
+
 def visible(query_segment_ids_BT, key_segment_ids_BS):
   """[B, T, S] boolean: which keys' segments each query's segment may attend to: its own, and
   SHARED_PREFIX for any real token (segment >= 1). Padding (segment 0) sees only padding."""
@@ -31,10 +39,21 @@ def visible(query_segment_ids_BT, key_segment_ids_BS):
   return (q_BT1 == k_B1S) | ((k_B1S == SHARED_PREFIX) & (q_BT1 > 0))
 
 
-def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='auto'):
-  if implementation == 'blocked' or (implementation == 'auto' and jax.default_backend() == 'cpu'):
+def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='auto',
+                     causal: bool = True):
+  """Attention within each document: to the keys at or before each query (causal), or to all of
+  its document's keys (causal=False, an encoder; 'blocked' raises ValueError, as its saving is
+  the skipped upper triangle, and 'auto' takes 'einsum' on CPU instead)."""
+  on_cpu = implementation == 'auto' and jax.default_backend() == 'cpu'
+  if not causal:
+    if implementation == 'blocked':
+      raise ValueError("attention implementation 'blocked' computes only the causal lower "
+                       "triangle; a bidirectional encoder needs 'xla', 'einsum' or 'auto'")
+    if on_cpu:
+      implementation = 'einsum'
+  elif implementation == 'blocked' or on_cpu:
     return blocked_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT)
-  mask_B1TS = segment_causal_mask(segment_ids_BT)
+  mask_B1TS = segment_causal_mask(segment_ids_BT) if causal else segment_mask(segment_ids_BT)
   if implementation in ('auto', 'xla'):
     return jax.nn.dot_product_attention(
         q_BTHQ, k_BSKQ, v_BSKQ, mask=mask_B1TS,

@@ -35,8 +35,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model_from_init = False
 
   # ---------------------------------------------------------------------------------------------
-  # Model: a decoder-only transformer (lm/model.py).
+  # Model: a transformer (lm/model.py).
   config.model = m = ml_collections.ConfigDict()
+  # 'decoder': causal attention trained on next-token prediction (every mode). 'encoder': the
+  # same blocks attending to their whole document both ways, trained as a masked language model
+  # (config.mlm, lm/mlm.py; modes 'train' only: no KV cache, so no sampling or post-training).
+  m.kind = 'decoder'
   # Block family. 'llama': RMSNorm, rotary positions, SwiGLU MLP, no biases.
   # 'gpt2': LayerNorm, learned absolute positions, GELU MLP, biases everywhere.
   m.block = 'llama'
@@ -90,6 +94,16 @@ def base_config() -> ml_collections.ConfigDict:
   # implementation), 'einsum' (plain einsum + softmax over the full [T, T] scores), 'blocked'
   # (einsum + softmax computing only the causal lower triangle, in blocks; fastest on CPU).
   m.attention = 'auto'
+
+  # ---------------------------------------------------------------------------------------------
+  # Masked language modelling (model.kind='encoder'; lm/mlm.py, BERT's recipe). Each step selects
+  # tokens of every row at random, seeded by the step and the row, and the loss is the
+  # cross-entropy of the original tokens at the selected positions. The tokenizer needs a
+  # '[MASK]' piece: the one the pipeline trains gets it; a given data.tokenizer must have one.
+  config.mlm = mlm = ml_collections.ConfigDict()
+  mlm.mask_rate = 0.15  # Chance that a real (non-padding) token is selected for prediction.
+  mlm.mask_token_rate = 0.8  # Share of the selected tokens replaced by [MASK] in the input...
+  mlm.random_token_rate = 0.1  # ...and by a uniformly random id; the rest are kept as they are.
 
   # ---------------------------------------------------------------------------------------------
   # LoRA adapters (lm/lora.py): each targeted projection W computes x W + (alpha / rank) x A B,
@@ -375,8 +389,9 @@ def find_hf_config(checkpoint: str, config: ml_collections.ConfigDict) -> str | 
 
 
 # The config.model fields that fix the parameters' shapes and the function the model computes.
-MODEL_SHAPE_FIELDS = ('block', 'vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads',
-                      'd_ff', 'max_seq_len', 'tie_embeddings', 'rope_theta', 'norm_eps')
+MODEL_SHAPE_FIELDS = ('kind', 'block', 'vocab_size', 'd_model', 'num_layers', 'num_heads',
+                      'num_kv_heads', 'd_ff', 'max_seq_len', 'tie_embeddings', 'rope_theta',
+                      'norm_eps')
 
 
 def resolve_model_from_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -457,6 +472,8 @@ _CHOICES = {
     'mode': ('train', 'sft', 'reward', 'dpo', 'ppo', 'grpo', 'sample'),
     'post.loss_type': ('sigmoid', 'ipo'),
     'post.loss_normalization': ('token', 'sequence'),
+    # 'encoder_decoder' would join these (the encoder's blocks, cross-attention in the decoder's).
+    'model.kind': ('decoder', 'encoder'),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -609,6 +626,32 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
                       'config.lora.rank=0 adds no adapters')
 
 
+# Modes that decode with a KV cache or score sequences causally: a decoder's alone.
+DECODER_MODES = ('sample', 'sft', 'reward', 'dpo', 'ppo', 'grpo')
+
+
+def _validate_encoder(config: ml_collections.ConfigDict) -> None:
+  """model.kind='encoder': mode 'train' with the masked-LM objective, and config.mlm's rates."""
+  if config.mode in DECODER_MODES:
+    raise ConfigError(
+        f"config.mode={config.mode!r} needs a decoder, but config.model.kind='encoder' attends "
+        "both ways and has no KV cache (lm.generate, lm.engine and lm.post decode or score "
+        "causally); an encoder trains with config.mode='train' (the masked-LM objective)")
+  if config.model.attention == 'blocked':
+    raise ConfigError("config.model.attention='blocked' computes only the causal lower "
+                      "triangle; config.model.kind='encoder' needs 'auto', 'xla' or 'einsum'")
+  mlm = config.mlm
+  if not 0 < mlm.mask_rate <= 1:
+    raise ConfigError(f'config.mlm.mask_rate={mlm.mask_rate!r}: must be in (0, 1]')
+  for field in ('mask_token_rate', 'random_token_rate'):
+    if not 0 <= mlm[field] <= 1:
+      raise ConfigError(f'config.mlm.{field}={mlm[field]!r}: must be in [0, 1]')
+  if mlm.mask_token_rate + mlm.random_token_rate > 1:
+    raise ConfigError(f'config.mlm.mask_token_rate + random_token_rate = {mlm.mask_token_rate} + '
+                      f'{mlm.random_token_rate}: the shares of the selected tokens must sum to '
+                      'at most 1 (the rest are kept)')
+
+
 def _validate_moe(config: ml_collections.ConfigDict) -> None:
   moe = config.model.get('moe')
   if moe is None or moe.num_experts == 0:
@@ -691,6 +734,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{tuple(PARAM_GROUPS)}; separate several with commas')
   _validate_lora(config)
   _validate_moe(config)
+  if m.kind == 'encoder':
+    _validate_encoder(config)
   if d.mixture:
     from lm import sources as sources_lib  # pylint: disable=g-import-not-at-top
     try:

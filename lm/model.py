@@ -34,6 +34,9 @@ from lm import sharding
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's hyperparameters (config.model, with 'auto' dtype already resolved)."""
+  # 'decoder': causal attention, next-token logits. 'encoder': the same blocks attending to their
+  # whole document both ways (a masked language model, lm/mlm.py); no KV cache.
+  kind: str = 'decoder'
   block: str = 'llama'
   vocab_size: int = 8192
   d_model: int = 512
@@ -180,7 +183,8 @@ def rotary(x_BTNQ, positions_BT, theta: float):
 
 
 class Attention(nnx.Module):
-  """Causal self-attention with K <= H key/value heads (MHA: K = H, GQA: 1 < K < H, MQA: K = 1)."""
+  """Self-attention with K <= H key/value heads (MHA: K = H, GQA: 1 < K < H, MQA: K = 1): causal
+  in a decoder, both ways within each document in an encoder (cfg.kind)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -217,7 +221,11 @@ class Attention(nnx.Module):
       k_BTKQ = rotary(k_BTKQ, positions_BT, cfg.rope_theta)
     if cache is None:
       out_BTHQ = attention_lib.causal_attention(
-          q_BTHQ, k_BTKQ, v_BTKQ, segment_ids_BT, implementation=cfg.attention)
+          q_BTHQ, k_BTKQ, v_BTKQ, segment_ids_BT, implementation=cfg.attention,
+          causal=cfg.kind != 'encoder')
+    elif cfg.kind == 'encoder':
+      raise ValueError("config.model.kind='encoder' attends both ways and has no KV cache: "
+                       'decoding (lm.generate, lm.engine) needs a decoder')
     else:
       cache, k_BSKQ, v_BSKQ = kv_cache.write(cache, k_BTKQ, v_BTKQ)
       out_BTHQ = attention_lib.cached_attention(

@@ -199,9 +199,11 @@ def cached_tokens(data_config, source: str, where: str, tokenizer: tokenizer_lib
 
 
 def cached_tokenizer(data_config, mixture: list[sources_lib.MixtureSource], vocab_size: int,
-                     seed: int, workdir: str) -> tuple[tokenizer_lib.Tokenizer, bool]:
+                     seed: int, workdir: str, user_symbols: tuple[str, ...] = ()
+                     ) -> tuple[tokenizer_lib.Tokenizer, bool]:
   """(tokenizer, whether it was trained now): data.tokenizer; else, when a source is prepared:OUT,
-  the tokenizer its shards were made with; else one trained on the corpus.
+  the tokenizer its shards were made with; else one trained on the corpus, with user_symbols as
+  pieces of their own (an encoder's (tokenizer.MASK_PIECE,); part of the cache's key).
 
   For a mixture, the training text samples each source's share of data.tokenizer_train_chars
   (weight / sum of weights; all of a source smaller than its share).
@@ -219,6 +221,8 @@ def cached_tokenizer(data_config, mixture: list[sources_lib.MixtureSource], voca
     return _shards_tokenizer(prepared, vocab_size, model_path, manifest_path), False
   key = dict(text_field=data_config.text_field, max_chars=data_config.max_chars,
              train_chars=data_config.tokenizer_train_chars, vocab_size=vocab_size, seed=seed)
+  if user_symbols:  # Only then, so that the caches of models without any stay valid.
+    key['user_symbols'] = list(user_symbols)
   if mixture:
     key['mixture'] = [dict(dataclasses.asdict(s),
                            source_fingerprint=sources_lib.source_fingerprint(s.source, s.where))
@@ -248,7 +252,7 @@ def cached_tokenizer(data_config, mixture: list[sources_lib.MixtureSource], voca
     texts = sources_lib.iter_documents(data_config.source, data_config.text_field,
                                        max_chars=data_config.max_chars)
   tokenizer = tokenizer_lib.train_tokenizer(texts, vocab_size, model_path, max_chars=train_chars,
-                                            seed=seed)
+                                            seed=seed, user_symbols=user_symbols)
   files_lib.write_atomically(manifest_path, lambda f: json.dump(key, f, indent=2))
   return tokenizer, True
 

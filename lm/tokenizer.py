@@ -28,6 +28,10 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from lm import files as files_lib
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# The masked-LM input piece (lm/mlm.py): a user-defined symbol of the models the pipeline trains
+# for an encoder (config.model.kind='encoder'). SentencePiece gives user symbols the ids right
+# after the special ones, so in those models it is MASK_ID.
+MASK_PIECE, MASK_ID = '[MASK]', 4
 # SentencePiece sees one line as one sentence and silently drops sentences longer than
 # max_sentence_length bytes. Minified or generated code has lines far longer than that, so we cut
 # lines into pieces of at most this many characters (4 UTF-8 bytes each at most).
@@ -79,6 +83,11 @@ class Tokenizer:
   def pad_id(self) -> int:
     """The PAD piece; for models without one (Llama-2's), EOS. Padding is always masked anyway."""
     return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+
+  def piece_id(self, piece: str) -> int:
+    """The id of `piece` as a whole piece (e.g. MASK_PIECE); -1 if the model has no such piece."""
+    i = self._sp.PieceToId(piece)
+    return i if self._sp.IdToPiece(i) == piece else -1
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, without BOS or EOS."""
@@ -178,9 +187,11 @@ def training_sentences(texts: Iterable[str]) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str, *, max_chars: int,
-                    seed: int) -> Tokenizer:
+                    seed: int, user_symbols: Sequence[str] = ()) -> Tokenizer:
   """Trains a Llama-style SentencePiece BPE model on <= max_chars sampled characters.
 
+  user_symbols (e.g. (MASK_PIECE,) for an encoder) become pieces of their own, with the ids
+  after the special ones (4, 5, ...), each kept whole wherever it occurs in text.
   The model is written to `model_path` atomically: a killed run leaves the old file or none.
   """
   sentences = list(training_sentences(sample_texts(texts, max_chars, seed)))
@@ -192,6 +203,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str, *, m
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
         **{**LLAMA2_TRAINER_OPTIONS, 'pad_id': PAD_ID},
+        **({'user_defined_symbols': list(user_symbols)} if user_symbols else {}),
         # We sampled by characters already; SentencePiece's own sampling counts lines instead.
         input_sentence_size=0, train_extremely_large_corpus=False)
   except RuntimeError as e:

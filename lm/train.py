@@ -425,7 +425,11 @@ def updates_per_step(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def mode_objective(config: ml_collections.ConfigDict, graphdef) -> Objective:
-  """config.mode's loss: the language model's for 'train' and 'sft', lm.post's for the others."""
+  """config.mode's loss: the language model's for 'train' and 'sft', lm.post's for the others;
+  an encoder's (config.model.kind='encoder', mode 'train') is the masked LM's (lm/mlm.py)."""
+  if config.model.kind == 'encoder':
+    from lm import mlm  # pylint: disable=g-import-not-at-top
+    return mlm.objective(graphdef, config)
   if config.mode == 'dpo':
     from lm.post import dpo  # pylint: disable=g-import-not-at-top
     return dpo.objective(graphdef, config.post)
@@ -606,8 +610,11 @@ def make_data(run: Setup, workdir: str) -> data_lib.Data:
       return post_data.make_sft_data(config, tokenizer, **shards)
     modes = {'dpo': dpo, 'reward': reward, 'ppo': ppo, 'grpo': grpo}
     return modes[config.mode].make_data(run, tokenizer, **shards)
-  t = config.train
-  return data_lib.make_data(config.data, vocab_size=vocab_size, batch_size=t.batch_size,
+  t, data_config = config.train, config.data
+  if config.model.kind == 'encoder':  # A tokenizer with the [MASK] piece.
+    from lm import mlm  # pylint: disable=g-import-not-at-top
+    data_config = mlm.data_config(config, workdir)
+  return data_lib.make_data(data_config, vocab_size=vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, **shards)
 
 

@@ -78,3 +78,33 @@ def test_blocked_bf16_close_to_fp32():
                                      v.astype(jnp.bfloat16), segment_ids, block_size=16)
   assert bf16.dtype == jnp.bfloat16
   np.testing.assert_allclose(bf16.astype(jnp.float32), fp32, atol=5e-2, rtol=5e-2)
+
+
+def _bidirectional_reference(q, k, v, segment_ids):
+  """Softmax over every key of the query's document (numpy, fp64, one query at a time)."""
+  q, k, v, seg = (np.asarray(a, np.float64) for a in (q, k, v, segment_ids))
+  B, T, H, Q = q.shape
+  G = H // k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(B):
+    for t in range(T):
+      keys = seg[b] == seg[b, t]
+      for h in range(H):
+        scores = k[b, keys, h // G] @ q[b, t, h] / np.sqrt(Q)
+        p = np.exp(scores - scores.max())
+        out[b, t, h] = (p / p.sum()) @ v[b, keys, h // G]
+  return out
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'einsum', 'auto'])
+def test_bidirectional_attends_to_the_whole_document_only(implementation):
+  q, k, v, segment_ids = _inputs(2, 21, 4, 2, 8, seed=3)
+  out = jax.jit(functools.partial(attention.causal_attention, implementation=implementation,
+                                  causal=False))(q, k, v, segment_ids)
+  np.testing.assert_allclose(out, _bidirectional_reference(q, k, v, segment_ids), atol=1e-5)
+
+
+def test_bidirectional_blocked_is_refused():
+  q, k, v, segment_ids = _inputs(1, 8, 2, 2, 4)
+  with pytest.raises(ValueError, match="'blocked' computes only the causal"):
+    attention.causal_attention(q, k, v, segment_ids, implementation='blocked', causal=False)
