@@ -5,8 +5,10 @@ q_BTHQ, k_BSKQ, v_BSKQ -> out_BTHQ, with H = K * G query heads sharing each key/
 'xla' calls jax.nn.dot_product_attention; 'einsum' is a plain einsum + fp32 softmax that groups
 query heads without repeating k/v (the reference the others are tested against); 'blocked'
 computes only the causal lower triangle, in blocks of query rows (fastest on CPU; causal only).
-'auto' is 'blocked' on CPU and jax.nn.dot_product_attention elsewhere (cuDNN flash attention on
-GPUs); bidirectional, it is 'einsum' on CPU.
+'auto' is 'blocked' on CPU and jax.nn.dot_product_attention's default elsewhere (XLA's, in jax
+0.10 and 0.11: its own "defaults to XLA for now"); 'cudnn' forces that call to cuDNN's fused
+flash attention (NVIDIA GPUs, bf16/fp16), which fails to trace where cuDNN cannot run it.
+Bidirectional, 'auto' is 'einsum' on CPU.
 """
 
 import jax
@@ -54,10 +56,10 @@ def causal_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, implementation='aut
   elif implementation == 'blocked' or on_cpu:
     return blocked_attention(q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT)
   mask_B1TS = segment_causal_mask(segment_ids_BT) if causal else segment_mask(segment_ids_BT)
-  if implementation in ('auto', 'xla'):
+  if implementation in ('auto', 'xla', 'cudnn'):
     return jax.nn.dot_product_attention(
         q_BTHQ, k_BSKQ, v_BSKQ, mask=mask_B1TS,
-        implementation=None if implementation == 'auto' else 'xla')
+        implementation=None if implementation == 'auto' else implementation)
   if implementation == 'einsum':
     return einsum_attention(q_BTHQ, k_BSKQ, v_BSKQ, mask_B1TS)
   raise ValueError(f'unknown attention implementation {implementation!r}')

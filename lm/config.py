@@ -90,8 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
   # block's gathered weights live at a time (unrolled, XLA keeps every block's).
   m.scan_layers = False
   # Attention kernel (lm/attention.py): 'auto' ('blocked' on CPU, jax.nn.dot_product_attention
-  # elsewhere: cuDNN flash attention on GPUs), 'xla' (jax.nn.dot_product_attention, XLA
-  # implementation), 'einsum' (plain einsum + softmax over the full [T, T] scores), 'blocked'
+  # with its default implementation elsewhere, which jax 0.10 and 0.11 make XLA's, not cuDNN's),
+  # 'xla' (jax.nn.dot_product_attention, XLA implementation), 'cudnn' (the same call forced to
+  # cuDNN's fused flash attention: NVIDIA GPUs, bf16/fp16 compute; it never materialises the
+  # [T, T] scores), 'einsum' (plain einsum + softmax over the full [T, T] scores), 'blocked'
   # (einsum + softmax computing only the causal lower triangle, in blocks; fastest on CPU).
   m.attention = 'auto'
 
@@ -477,7 +479,7 @@ _CHOICES = {
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
-    'model.attention': ('auto', 'xla', 'einsum', 'blocked'),
+    'model.attention': ('auto', 'xla', 'cudnn', 'einsum', 'blocked'),
 }
 # Groups of parameters config.train.trainable can name, each a test on a parameter's logical axes
 # (lm/model.py): 'embeddings' is the token embedding and the untied output projection, 'lora' the

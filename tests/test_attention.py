@@ -108,3 +108,16 @@ def test_bidirectional_blocked_is_refused():
   q, k, v, segment_ids = _inputs(1, 8, 2, 2, 4)
   with pytest.raises(ValueError, match="'blocked' computes only the causal"):
     attention.causal_attention(q, k, v, segment_ids, implementation='blocked', causal=False)
+
+
+def test_cudnn_is_a_choice_that_fails_clearly_where_cudnn_cannot_run():
+  """model.attention='cudnn' forces jax.nn.dot_product_attention's cuDNN kernel; off an NVIDIA
+  GPU (here) tracing it raises instead of silently running another kernel."""
+  from lm import config as config_lib
+  config = config_lib.load_config('configs/tiny.py')
+  config.model.attention = 'cudnn'
+  config_lib.validate(config)
+  q = jnp.ones((1, 8, 2, 16), jnp.bfloat16)
+  segment_ids = jnp.ones((1, 8), jnp.int32)
+  with pytest.raises(RuntimeError, match='cuDNN'):
+    attention.causal_attention(q, q, q, segment_ids, implementation='cudnn')
