@@ -280,8 +280,8 @@ def test_a_lora_checkpoint_scores_as_its_unmerged_model(tiny_llama, tmp_path):
   (run / 'config.json').write_text(config.to_json_best_effort())
   merged = scoring.Scorer.load(str(run), dtype='float32', progress=False)
   assert merged.cfg.lora_rank == 0
-  mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((1,) * len(sharding.MESH_AXES), sharding.MESH_AXES, devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
   unmerged = scoring.Scorer(model_lib.graphdef(cfg), params, merged.tokenizer, mesh=mesh,
                             rules=sharding.RULES, progress=False)
   requests = [([1, 5, 6, 7], [8, 9]), ([1] + list(range(10, 60)), [3, 4, 5])]

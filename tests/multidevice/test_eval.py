@@ -20,8 +20,8 @@ def single_device(tiny_llama):
   """The reference: parameters and batches on the first device alone."""
   graphdef, params, tokenizer, _ = generate.load_checkpoint(tiny_llama.lm, dtype='float32')
   devices = jax.devices()[:1]
-  mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  mesh = jax.make_mesh((1,) * len(sharding.MESH_AXES), sharding.MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
   params = jax.device_put(params, devices[0])
   return scoring.Scorer(graphdef, params, tokenizer, mesh=mesh, rules=sharding.RULES,
                         batch_size=8, progress=False)
