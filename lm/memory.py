@@ -13,13 +13,17 @@ tests/multidevice/test_memory.py checks the estimate against (within 15%).
 
 The formula, in bytes per device. P is the parameter bytes this device holds, exactly: every
 parameter's real shape (jax.eval_shape) split the way lm/sharding.py's rules split it on this
-mesh. P_g is the same with the batch axes (data, fsdp) gathered, i.e. split by tensor only.
+mesh (data, fsdp, tensor, expert). P_g is the same with the batch axes data and fsdp gathered,
+i.e. split by tensor, and by expert for an MoE model's expert weights in capacity mode (experts
+compute where they live; dropless gathers them to the tokens).
 
   parameters    P                             param_dtype (fp32: 4 B/param)
   gradients     P                             same dtype and sharding as the parameters
   optimizer     2P                            AdamW mu and nu (fp32: 8 B/param)
   accumulation  P if grad_accum_steps > 1     summed gradients carried across micro-batches
-  reduction     P_g if data x fsdp > 1        gradients before their all-reduce/reduce-scatter
+  reduction     P_g of the parameters that    gradients before their all-reduce/reduce-scatter
+                a batch axis does not split   (data, fsdp, expert: act_batch's axes; expert
+                                              weights split over expert skip that axis)
   weights       W                             weights sliced, cast and gathered for compute
   activations   A                             tensors kept for the backward pass (below)
 
@@ -39,10 +43,11 @@ pass starts, gradients (with their reduction buffers) as it ends, so the peak ho
 of the two rather than their sum. "4 bytes of weights plus 20 more per parameter" is the
 unsharded rule of thumb; parameters + gradients + optimizer alone are 16 B/param in fp32.
 
-Activations. b = train.batch_size / grad_accum_steps / (data x fsdp) sequences per device,
-T = data.seq_len, c bytes of the compute dtype (model.dtype; 'auto' is planned as bfloat16, what
-it resolves to on GPUs and TPUs), D, F, H, K, Q, V, L the model sizes, /t the split by tensor
-of heads, kv heads, d_ff and vocab (by the act_* rules):
+Activations. b = train.batch_size / grad_accum_steps / (data x fsdp x expert) sequences per
+device, T = data.seq_len, c bytes of the compute dtype (model.dtype; 'auto' is planned as
+bfloat16, what it resolves to on GPUs and TPUs), D, F, H, K, Q, V, L the model sizes, /t the
+split by tensor of heads, kv heads, d_ff and vocab (by the act_* rules); for an MoE model also
+E = moe.num_experts and k = moe.top_k:
 
   block         b·T·c·(6D + 2(H/t + K/t)Q + 5F/t)   residual stream and norm outputs, q, k, v,
                                                     attention output; gate, up and product of
@@ -53,23 +58,45 @@ of heads, kv heads, d_ff and vocab (by the act_* rules):
                                                     would not keep these). 'blocked': only the
                                                     causal triangle's blocks of scores, plus
                                                     each block's copy of k and v
+  moe block     block with its 5F/t replaced by:    (config.model.moe; gpt2's experts 3F/t)
+   capacity     b·E·C·c·(2D + 5F/t)                 C slots per expert and row (lm/moe.py's
+                                                    capacity()): the dispatched tokens and the
+                                                    experts' outputs [E, G, C, D] (E/expert
+                                                    experts of b x expert rows: b·E·C slots per
+                                                    device), the experts' gate, up and product
+              + 2·b·T·E·C·c                         dispatch and combine [G, S, E, C] (cast for
+                                                    their einsums)
+              + b·T·k·(E + C)·4                     the one-hot choices [G, k, S, E] and slots
+              + 2·b·T·E·4                           [G, k, S, C], fp32; router logits and probs
+   dropless     A·c·(D + 5F/t) + b·T·k·D·c          A = k·T·(b x data x fsdp x expert): rows
+              + 2·b·T·E·4                           sorted by expert and their grouped matmuls'
+                                                    outputs; the expert outputs in token order;
+                                                    the router. The sort spans the batch, so
+                                                    every device sorts the whole micro-batch
   head          b·T·(3D·c + 2·4·V/t)                embedding output, final norm; fp32 logits
                                                     and their softmax
   out_grad      4·V·D/t                             the output projection's gradient: made
                                                     first in the backward pass, kept to the end
-  remat off     L·block + head + out_grad
-  remat on      L·b·T·D·c + max(block, head)        each block keeps only its input; the logits
+  remat off     L·block + head + out_grad           (each block dense or MoE)
+  remat on      L·b·T·D·c + max(group, head)        each block keeps only its input; the logits
                 + out_grad                          are freed before the first block is
-                                                    recomputed, then one block at a time
+                                                    recomputed, then one group of blocks at a
+                                                    time (group: moe.every_n_layers blocks,
+                                                    one for a dense model; XLA recomputes a scan
+                                                    step's blocks together). An MoE block's
+                                                    backward (capacity, expert > 1) adds its
+                                                    output gradient gathered over expert,
+                                                    expert·b·T·D·c
 
 With scan_layers=True the scan's stacked gradients of all blocks (P of them) are allocated when
 the backward pass starts, so they count with the activations; and a scan reduce-scatters each
-block's gradients over fsdp inside the loop, so the reduction term holds one block's.
+group's block gradients over fsdp inside the loop, so the reduction term holds one group's.
 
 Weights W: with scan_layers=False every block's weights are sliced out of the stacked
 parameters (and gathered over fsdp) and XLA keeps them all for the backward pass; with
-scan_layers=True one block's at a time. The output projection adds its gathered copy when fsdp
-splits it or the compute dtype differs from param_dtype. All in the compute dtype.
+scan_layers=True one group's at a time (the scan runs over groups of blocks: one block each in
+a dense model, moe.every_n_layers in an MoE one). The output projection adds its gathered copy
+when fsdp splits it or the compute dtype differs from param_dtype. All in the compute dtype.
 
 Where the counts come from, and how close they are. The per-block counts (6D, 5F, two T²
 tensors) and the other terms are the buffers XLA keeps live at its peak, read from its buffer
@@ -83,6 +110,24 @@ above this plan. remat=True needs scan_layers=True: with unrolled layers XLA mer
 recomputation back into the forward pass and saved nothing (seen in the optimized HLO schedule
 on XLA:CPU), so remat=True with scan_layers=False is planned as remat off, and 'remat on' in
 the table and the fit search means remat with scan_layers.
+
+Mixture of Experts. The MoE terms above are the buffers XLA keeps (its buffer assignment; XLA:CPU,
+fp32, 8 devices; the experts' F-wide count is the dense MLP's, 5 for llama, 3 for gpt2).
+Against memory_analysis, capacity mode with unrolled layers is 1% low to 2% high (expert=4 x
+data=2, expert=2 x fsdp=2 x tensor=2, expert=8 with top-1, moe.every_n_layers=2, gpt2 blocks).
+With scan_layers=True it is 11-17% low with remat (12% on expert=2 x fsdp=2 x tensor=2 and
+with every_n_layers=2, 15-17% with T=256 on expert=4 x data=2, data=4 x expert=2 and data=8)
+and 15% low without: lm/model.py's trunk reshapes the stacked blocks into [groups, per group]
+for the scan, and XLA then holds up to about two more copies of them inside the loop (dense
+models too: the remat cases of tests/multidevice/test_memory.py are 5% and 11% low, 1% and 6%
+without the reshape, an 8-layer d_model 256 model 20% low, 5% without; without it these MoE
+cases are 7-14% low). Dropless cannot be checked on XLA:CPU with more than one expert: CPU lowers
+jax.lax.ragged_dot to one masked dense matmul per expert ([E, A, D] and [E, A, F] buffers),
+while GPUs and TPUs run grouped matmuls, which the plan assumes; with one expert the two keep
+the same, and the plan is 2% low on data=8. Dropless's gathered expert weights (in W and the
+reduction) are not checked: one expert has nothing to split. DPO's reference pass of an MoE
+model adds the MoE layer's forward peak (its input, dispatch and combine or the sorted rows, two
+F-wide tensors), also not checked against XLA.
 
 Modes (config.mode). A batch entry is lm.train's Objective.sequences_per_example rows of T
 tokens (1; 2 for a 'dpo' or 'reward' preference pair, chosen and rejected), and b counts rows:
@@ -109,11 +154,14 @@ tensor, remat and blocked attention, 8 of them with grad_accum_steps > 1) the DP
 and so the peak, is 14% low to 3% high, the reference pass 11% low to 18% high (high with tensor
 and no fsdp, where XLA reads each block's weights in place rather than slicing out copies).
 
-Fit search (--device_gb): every data x fsdp x tensor factorization of --num_devices whose
-tensor size divides the heads, kv heads, d_ff and vocab (and whose data x fsdp divides the
+Fit search (--device_gb): every data x fsdp x tensor (x expert, for an MoE model)
+factorization of --num_devices whose tensor size divides the heads, kv heads, d_ff and vocab,
+whose expert size divides moe.num_experts (and whose data x fsdp x expert divides the
 micro-batch), with remat off and on, in this order of preference: remat off before on (no
-recompute), then less tensor parallelism (its activations all-reduce every block), then more
-data and less fsdp (fsdp gathers weights every step). The first that fits is printed.
+recompute), then less tensor parallelism (its activations all-reduce every block), then less
+fsdp (fsdp gathers weights every step), then less expert and more data (expert moves every MoE
+layer's tokens by all-to-all, and splits the experts' weights, gradients and AdamW state). The
+first that fits is printed.
 --device_gb is in GiB (2^30 bytes) of what the process may use: JAX on a GPU preallocates 75%
 of the device's memory unless told otherwise (XLA_PYTHON_CLIENT_MEM_FRACTION).
 """
@@ -136,6 +184,7 @@ from lm import attention as attention_lib
 from lm import config as config_lib
 from lm import lora as lora_lib
 from lm import model as model_lib
+from lm import moe as moe_lib
 from lm import pytree
 from lm import sharding
 
@@ -148,12 +197,16 @@ RULE_OF_THUMB_BYTES_PER_PARAM = 24  # 4 B of fp32 weights + 20 B more to train w
 _KEPT_PER_BLOCK = {'llama': (6, 5), 'gpt2': (9, 3)}
 _KEPT_OUTSIDE_BLOCKS = 3  # d_model-wide: embedding output, final norm input and output.
 _LOGITS_COPIES = 2  # fp32 [b, T, V]: the logits and their softmax (which becomes the gradient).
+# An MoE block's router keeps its fp32 [b, T, E] logits and probabilities.
+_ROUTER_COPIES = 2
+# Capacity mode: the tokens dispatched to the experts and the experts' outputs, [E, G, C, D].
+_DISPATCHED_COPIES = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
   """Bytes per device of one training step on one mesh (see the module docstring)."""
-  mesh: tuple  # (data, fsdp, tensor)
+  mesh: tuple  # (data, fsdp, tensor, expert)
   remat: bool  # Whether `activations` are the remat ones (remat=True with scan_layers=True).
   num_params: int
   micro_batch: int  # Sequences (rows) per device per micro-batch: examples x rows_per_example.
@@ -169,6 +222,7 @@ class Estimate:
   rows_per_example: int = 1  # Rows of data.seq_len tokens per batch entry (a DPO pair: 2).
   reference_activations: int = 0  # Of DPO's reference pass (forward only); 0: no such pass.
   reference_fresh: int = 0  # DPO: the LoRA adapters and scalar heads the reference may lack.
+  experts: int = 0  # config.model.moe.num_experts (0: a dense model).
 
   @property
   def train_step(self) -> int:
@@ -211,8 +265,30 @@ def _parameters(cfg: model_lib.ModelConfig) -> tuple:
 
 def _mesh_sizes(mesh) -> dict:
   """{mesh axis: size}; axes past the tuple's end (a (data, fsdp, tensor) mesh) have size 1."""
+  if len(mesh) > len(sharding.MESH_AXES):
+    raise sharding.ShardingError(f'mesh {tuple(mesh)}: at most {len(sharding.MESH_AXES)} sizes, '
+                                 f'{" x ".join(sharding.MESH_AXES)}')
   padded = tuple(mesh) + (1,) * (len(sharding.MESH_AXES) - len(mesh))
   return dict(zip(sharding.MESH_AXES, padded))
+
+
+def _in_blocks(name: str) -> bool:
+  """Whether a parameter (dotted name) is in a stack of blocks: the dense or the MoE ones."""
+  return name.startswith(('blocks.', 'moe_blocks.'))
+
+
+def _split_axes(param, sizes: dict, rules: dict) -> set:
+  """The mesh axes (of size > 1) that split a parameter on a mesh of these sizes."""
+  name, shape, _, axes = param
+  spec = sharding.spec(axes, rules, types.SimpleNamespace(shape=sizes), shape, name)
+  return {a for part in spec if part for a in ((part,) if isinstance(part, str) else part)}
+
+
+def _reduced(params, sizes: dict, compute: dict, rules: dict) -> tuple:
+  """The parameters whose gradients are summed over devices: some batch axis (act_batch's, of
+  size > 1 in `sizes`) does not split them where they are computed (`compute` sizes)."""
+  batch = [a for a in rules['act_batch'] if sizes[a] > 1]
+  return tuple(p for p in params if set(batch) - _split_axes(p, compute, rules))
 
 
 def _shard_bytes(params, sizes: dict, rules: dict) -> int:
@@ -269,6 +345,45 @@ def _split_sizes(cfg: model_lib.ModelConfig, sizes: dict, rules: dict) -> tuple:
       (cfg.vocab_size, 'act_vocab')))
 
 
+def _sorted_rows(b: int, sizes: dict, rules: dict) -> int:
+  """Rows whose tokens a dropless MoE layer sorts together on each device: lm/moe.py's
+  dropless_moe sorts the whole micro-batch's assignments (the sort spans the split batch axis,
+  so XLA gathers it onto every device), not each device's own b rows."""
+  return b * _ways('act_batch', sizes, rules)
+
+
+def _moe_kept(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict, rules: dict) -> int:
+  """Bytes per device an MoE layer keeps for the backward pass instead of a dense MLP's kept_F
+  d_ff-wide tensors (module docstring): capacity or dropless, and the router."""
+  c = jnp.dtype(cfg.dtype).itemsize
+  D, E, top_k = cfg.d_model, cfg.moe_num_experts, cfg.moe_top_k
+  F = _split_sizes(cfg, sizes, rules)[2]
+  kept_F = _KEPT_PER_BLOCK[cfg.block][1]
+  router = b * T * E * 4 * _ROUTER_COPIES
+  if cfg.moe_capacity_factor > 0:
+    C = moe_lib.capacity(cfg.moe_capacity_factor, top_k, T, E)
+    # [E, G, C, *] per device: E/expert experts of b x expert rows, so b * E * C slots.
+    experts = b * E * C * c * (_DISPATCHED_COPIES * D + kept_F * F)
+    dispatch_combine = 2 * b * T * E * C * c
+    one_hots = b * T * top_k * (E + C) * 4  # chosen [G, k, S, E], slots [G, k, S, C]; fp32.
+    return int(experts + dispatch_combine + one_hots + router)
+  A = _sorted_rows(b, sizes, rules) * T * top_k  # Assignments, sorted by expert.
+  return int(A * c * (D + kept_F * F) + b * T * top_k * D * c + router)
+
+
+def _moe_forward(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict, rules: dict) -> int:
+  """Bytes per device at an MoE layer's forward peak, keeping nothing for a backward pass: its
+  input, the dispatch (capacity) or sorted rows (dropless), and two d_ff-wide tensors."""
+  c = jnp.dtype(cfg.dtype).itemsize
+  D, E, top_k = cfg.d_model, cfg.moe_num_experts, cfg.moe_top_k
+  F = _split_sizes(cfg, sizes, rules)[2]
+  if cfg.moe_capacity_factor > 0:
+    C = moe_lib.capacity(cfg.moe_capacity_factor, top_k, T, E)
+    return int(b * T * D * c + 2 * b * T * E * C * c + b * E * C * c * (D + 2 * F))
+  A = _sorted_rows(b, sizes, rules) * T * top_k
+  return int(b * T * D * c + A * c * (D + 2 * F))
+
+
 def _activations(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict, rules: dict,
                  remat: bool, has_logits: bool = True) -> tuple[int, int]:
   """(activation bytes per device, of which logits): the formula in the module docstring.
@@ -281,15 +396,25 @@ def _activations(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict, rules:
   H, K, F, V = _split_sizes(cfg, sizes, rules)
   kept_D, kept_F = _KEPT_PER_BLOCK[cfg.block]
   scores, kv_rows = _attention_elements(T, cfg.attention)
-  block = (b * T * c * (kept_D * D + 2 * (H + K) * Q + kept_F * F)
+  trunk = (b * T * c * (kept_D * D + 2 * (H + K) * Q)  # All but the MLP's kept tensors.
            + b * H * scores * (4 + c) + b * 2 * K * Q * kv_rows * c)
+  groups, dense, moe = cfg.layer_groups
+  blocks = [trunk + b * T * c * kept_F * F] * dense  # One group's blocks.
+  if moe:
+    moe_block = trunk + _moe_kept(cfg, b, T, sizes, rules)
+    if remat and cfg.moe_capacity_factor > 0 and sizes['expert'] > 1:
+      # Recomputed one group at a time, the peak is inside an MoE block's backward pass, which
+      # also holds its output gradient all-gathered over expert ([b x expert, T, D]) to reach
+      # the experts of every expert device's rows.
+      moe_block += sizes['expert'] * b * T * D * c
+    blocks += [moe_block] * moe
   logits = b * T * _LOGITS_COPIES * 4 * V if has_logits else 0
   head = b * T * _KEPT_OUTSIDE_BLOCKS * D * c + logits
   # Kept from first to last.
   output_gradient = jnp.dtype(cfg.param_dtype).itemsize * V * D if has_logits else 0
-  if remat:  # The logits are gone before the first block is recomputed.
-    return int(L * b * T * D * c + max(block, head) + output_gradient), int(logits)
-  return int(L * block + head + output_gradient), int(logits)
+  if remat:  # The logits are gone before the first group of blocks is recomputed.
+    return int(L * b * T * D * c + max(sum(blocks), head) + output_gradient), int(logits)
+  return int(groups * sum(blocks) + head + output_gradient), int(logits)
 
 
 def _forward_activations(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict,
@@ -303,7 +428,8 @@ def _forward_activations(cfg: model_lib.ModelConfig, b: int, T: int, sizes: dict
   block = (b * T * c * (D + K * Q) + b * H * scores * (8 + c)
            + b * 2 * K * Q * kv_rows * c)
   head = b * T * (D * c + 4 * V)
-  return int(max(block, head))
+  moe = _moe_forward(cfg, b, T, sizes, rules) if cfg.moe_num_experts else 0
+  return int(max(block, head, moe))
 
 
 @functools.cache
@@ -323,31 +449,35 @@ def rows_per_example(config: ml_collections.ConfigDict) -> int:
 def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
              num_devices: int | None = None) -> Estimate:
   """Per-device bytes of a train step of config.mode (and DPO's reference pass) for `config` on
-  `mesh` = (data, fsdp, tensor).
+  `mesh` = (data, fsdp, tensor, expert) (a 3-tuple has expert=1).
 
   mesh defaults to config.mesh resolved for num_devices (default: jax.device_count()).
   Raises sharding.ShardingError when the mesh does not divide the model or the batch.
   """
   if mesh is None:
     mesh = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
-  mesh = tuple(int(s) for s in mesh)
-  sizes, gathered = _mesh_sizes(mesh), _mesh_sizes((1, 1, mesh[2]))
+  sizes = _mesh_sizes(tuple(int(s) for s in mesh))
+  mesh = tuple(sizes.values())
   rules = sharding.parse_rules(config.mesh.rules)
   cfg = model_config(config)
+  # Where weights are computed with: gathered over the batch axes (data, fsdp), still split by
+  # tensor, and by expert where the experts compute where they live (capacity mode; dropless
+  # gathers every expert to the tokens).
+  dropless = bool(cfg.moe_num_experts) and cfg.moe_capacity_factor == 0
+  gathered = {**sizes, 'data': 1, 'fsdp': 1, **({'expert': 1} if dropless else {})}
   b = micro_batch_per_device(config, sizes, rules)
   params = _parameters(dataclasses.replace(
       cfg, dtype='float32', remat=False, scan_layers=False, attention='einsum'))
-  blocks = [p for p in params if p[0].startswith('blocks.')]
+  blocks = [p for p in params if _in_blocks(p[0])]
   output = [p for p in params if p[0] == ('embed' if cfg.tie_embeddings else 'unembed')]
   P = _shard_bytes(params, sizes, rules)
   blocks_gathered = _shard_bytes(blocks, gathered, rules)
   # Gradients, optimizer state and their buffers exist for the trained parameters only
-  # (config.train.trainable; e.g. LoRA adapters): P_t, P_t gathered, and their blocks'.
+  # (config.train.trainable; e.g. LoRA adapters).
   trained = _trained(params, config, cfg)
-  trained_blocks = [p for p in trained if p[0].startswith('blocks.')]
-  P_t, P_t_gathered = _shard_bytes(trained, sizes, rules), _shard_bytes(trained, gathered, rules)
-  trained_blocks_gathered = _shard_bytes(trained_blocks, gathered, rules)
-  L, T = cfg.num_layers, config.data.seq_len
+  trained_blocks = [p for p in trained if _in_blocks(p[0])]
+  P_t = _shard_bytes(trained, sizes, rules)
+  T, groups = config.data.seq_len, cfg.layer_groups[0]  # A scan runs over groups of blocks.
   remat = cfg.remat and cfg.scan_layers  # Unrolled, XLA merges the recomputation away.
   rows = rows_per_example(config)  # A preference pair's b entries are 2b sequences.
   activations, logits = _activations(cfg, rows * b, T, sizes, rules, remat,
@@ -362,20 +492,23 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
   # Weights sliced out of the stacked blocks, cast and gathered: all blocks' unrolled, one
   # block's in a scan; and the output projection when it is gathered or cast.
   cast = jnp.dtype(cfg.dtype).itemsize / jnp.dtype(cfg.param_dtype).itemsize
-  weights = blocks_gathered / (L if cfg.scan_layers else 1)
+  weights = blocks_gathered / (groups if cfg.scan_layers else 1)
   output_gathered = _shard_bytes(output, gathered, rules)
   if output_gathered != _shard_bytes(output, sizes, rules) or cast != 1:
     weights += output_gathered
   weights *= cast
 
-  # Gradients before their cross-device reduction: XLA reduces them all together at the end,
-  # except that a scan reduce-scatters each block's over fsdp inside the loop.
-  reduction = 0
-  if sizes['data'] * sizes['fsdp'] > 1:
-    reduction = P_t_gathered
-    if cfg.scan_layers and sizes['fsdp'] > 1:
-      reduction += (trained_blocks_gathered // L - trained_blocks_gathered
-                    + (P_t if sizes['data'] > 1 else 0))
+  # Gradients before their cross-device reduction, as computed (gathered): of the parameters
+  # that a batch axis does not split (expert weights in capacity mode are split over expert, the
+  # rest are not). XLA reduces them all together at the end, except that a scan reduce-scatters
+  # each group's block gradients over fsdp inside the loop, and the other batch axes then
+  # all-reduce the scattered gradients.
+  reduced = _reduced(trained, sizes, gathered, rules)
+  reduction = _shard_bytes(reduced, gathered, rules)
+  if cfg.scan_layers and sizes['fsdp'] > 1:
+    reduced_blocks = _shard_bytes([p for p in reduced if _in_blocks(p[0])], gathered, rules)
+    reduction += (reduced_blocks // groups - reduced_blocks + _shard_bytes(
+        _reduced(trained, {**sizes, 'fsdp': 1}, gathered, rules), sizes, rules))
   if cfg.scan_layers:  # The scan's stacked block gradients exist from the backward's start.
     activations += _shard_bytes(trained_blocks, sizes, rules)
 
@@ -385,7 +518,7 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
       accumulation=P_t if config.train.grad_accum_steps > 1 else 0, reduction=reduction,
       weights=int(weights), activations=activations, logits=logits, mode=config.mode,
       rows_per_example=rows, reference_activations=reference_activations,
-      reference_fresh=reference_fresh)
+      reference_fresh=reference_fresh, experts=cfg.moe_num_experts)
 
 
 def _maybe_fresh(name: str) -> bool:
@@ -499,34 +632,41 @@ def remat_options(config: ml_collections.ConfigDict) -> dict:
           'remat on': _with_model(config, remat=True, scan_layers=True)}
 
 
-def meshes(num_devices: int) -> list[tuple[int, int, int]]:
-  """Every (data, fsdp, tensor) with product num_devices, in the fit search's order of
-  preference: less tensor parallelism first, then less fsdp (more data)."""
+def meshes(num_devices: int, num_experts: int = 0) -> list[tuple[int, int, int, int]]:
+  """Every (data, fsdp, tensor, expert) with product num_devices, expert dividing num_experts
+  (always 1 for a dense model, num_experts=0), in the fit search's order of preference: less
+  tensor parallelism first, then less fsdp, then less expert (more data)."""
   divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-  return [(num_devices // tensor // fsdp, fsdp, tensor)
-          for tensor in divisors for fsdp in divisors if (num_devices // tensor) % fsdp == 0]
+  experts = [e for e in divisors if num_experts % e == 0] if num_experts else [1]
+  return [(num_devices // tensor // fsdp // expert, fsdp, tensor, expert)
+          for tensor in divisors for fsdp in divisors for expert in experts
+          if num_devices % (tensor * fsdp * expert) == 0]
 
 
 def search(config: ml_collections.ConfigDict, num_devices: int, device_bytes: float):
   """(first estimate that fits, or None; the smallest estimate of all) over meshes x remat.
 
-  Order of preference: remat off, then less tensor, then less fsdp (module docstring).
+  Order of preference: remat off, then less tensor, then less fsdp, then less expert (module
+  docstring); expert meshes only for an MoE model.
   Raises sharding.ShardingError when no mesh of num_devices divides the model and batch.
   """
+  experts = model_config(config).moe_num_experts
   candidates = []
   for remat_config in remat_options(config).values():
-    for mesh in meshes(num_devices):
+    for mesh in meshes(num_devices, experts):
       try:
         candidates.append(estimate(remat_config, mesh))
       except sharding.ShardingError:
-        continue  # The model's heads, d_ff or vocab, or the batch, do not divide this mesh.
+        continue  # The model's heads, d_ff, vocab or experts, or the batch, do not divide it.
   if not candidates:
+    axes = ' x '.join(sharding.MESH_AXES if experts else sharding.MESH_AXES[:3])
+    m = config.model
     raise sharding.ShardingError(
-        f'no data x fsdp x tensor mesh of {num_devices} devices divides this model and batch '
+        f'no {axes} mesh of {num_devices} devices divides this model and batch '
         f'(config.train.batch_size={config.train.batch_size}, config.train.grad_accum_steps='
-        f'{config.train.grad_accum_steps}, config.model.num_heads={config.model.num_heads}, '
-        f'num_kv_heads={config.model.num_kv_heads}, d_ff={config.model.d_ff}, vocab_size='
-        f'{config.model.vocab_size})')
+        f'{config.train.grad_accum_steps}, config.model.num_heads={m.num_heads}, '
+        f'num_kv_heads={m.num_kv_heads}, d_ff={m.d_ff}, vocab_size={m.vocab_size}'
+        + (f', moe.num_experts={experts}' if experts else '') + ')')
   fitting = [e for e in candidates if e.total <= device_bytes]
   return (fitting[0] if fitting else None), min(candidates, key=lambda e: e.total)
 
@@ -535,8 +675,15 @@ def _gib(n: float) -> str:
   return f'{n / GIB:.2f}'
 
 
-def _describe_mesh(mesh) -> str:
-  return ' '.join(f'{a}={s}' for a, s in zip(sharding.MESH_AXES, mesh))
+def _mesh_items(e: Estimate) -> list[tuple[str, int]]:
+  """(mesh axis, size) of an estimate's mesh; the expert axis only for an MoE model (or when
+  set)."""
+  items = list(zip(sharding.MESH_AXES, e.mesh))
+  return items if e.experts or e.mesh[3] > 1 else items[:3]
+
+
+def _describe_mesh(e: Estimate) -> str:
+  return ' '.join(f'{a}={s}' for a, s in _mesh_items(e))
 
 
 def _describe_setting(e: Estimate) -> str:
@@ -580,7 +727,7 @@ def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'conf
   unit, scale = ('GiB', GIB) if off.total >= GIB else ('MiB', 2 ** 20)  # Tiny models in MiB.
   lines = [
       f'{name}, {_describe_mode(config, off)}: {off.num_params:,} parameters on {num_devices} '
-      f'devices as {_describe_mesh(mesh)}; {off.micro_batch} x {config.data.seq_len} tokens per '
+      f'devices as {_describe_mesh(off)}; {off.micro_batch} x {config.data.seq_len} tokens per '
       f'device per micro-batch; compute {dtype}'
       + (" (model.dtype='auto' planned as bfloat16)" if config.model.dtype == 'auto' else ''),
       '',
@@ -628,15 +775,15 @@ def fit_report(config: ml_collections.ConfigDict, num_devices: int,
     remedy = (' Use more devices, a smaller config.train.batch_size (or more '
               'config.train.grad_accum_steps), or a smaller model.')
     return (f'nothing fits in {device_gb:g} GiB per device on {num_devices} devices: the '
-            f'smallest is {_describe_mesh(smallest.mesh)}, {_describe_setting(smallest)}, at '
+            f'smallest is {_describe_mesh(smallest)}, {_describe_setting(smallest)}, at '
             f'{_gib(smallest.total)} GiB per device, {_gib(smallest.total - device_gb * GIB)} '
             'GiB more than there is.' + remedy), False
-  flags_ = ' '.join(f'--config.mesh.{a}={s}' for a, s in zip(sharding.MESH_AXES, best.mesh))
+  flags_ = ' '.join(f'--config.mesh.{a}={s}' for a, s in _mesh_items(best))
   flags_ += ' --config.model.remat=True --config.model.scan_layers=True' if best.remat else (
       ' --config.model.remat=False')
   peak = f', peak in {_peak_phase(best)}' if best.reference_pass else ''
   return (f'fits in {device_gb:g} GiB per device on {num_devices} devices: '
-          f'{_describe_mesh(best.mesh)}, {_describe_setting(best)}, {_gib(best.total)} GiB per '
+          f'{_describe_mesh(best)}, {_describe_setting(best)}, {_gib(best.total)} GiB per '
           f'device ({_gib(device_gb * GIB - best.total)} GiB spare{peak})\n  {flags_}'), True
 
 

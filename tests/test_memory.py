@@ -20,11 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, H, K, F, V, L, T = 32, 4, 2, 64, 64, 2, 16
 
 
-def _config(mesh=(1, 1, 1), B=16, accum=1, **model):
+def _config(mesh=(1, 1, 1), B=16, accum=1, moe=None, **model):
   config = config_lib.base_config()
   config.model.update(vocab_size=V, d_model=D, num_layers=L, num_heads=H, num_kv_heads=K,
                       d_ff=F, max_seq_len=T, dtype='float32')
   config.model.update(model)
+  config.model.moe.update(moe or {})
   config.train.update(batch_size=B, grad_accum_steps=accum)
   config.data.seq_len = T
   config.mesh.update(dict(zip(sharding.MESH_AXES, mesh)))
@@ -226,8 +227,13 @@ def test_remat_without_scan_layers_is_planned_as_no_remat():
 
 def test_meshes_come_in_order_of_preference():
   assert memory.meshes(8) == [
-      (8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2),
-      (2, 1, 4), (1, 2, 4), (1, 1, 8)]
+      (8, 1, 1, 1), (4, 2, 1, 1), (2, 4, 1, 1), (1, 8, 1, 1), (4, 1, 2, 1), (2, 2, 2, 1),
+      (1, 4, 2, 1), (2, 1, 4, 1), (1, 2, 4, 1), (1, 1, 8, 1)]
+  # An MoE model's: expert sizes that divide its 4 experts, after fsdp and before more data.
+  assert memory.meshes(4, num_experts=4) == [
+      (4, 1, 1, 1), (2, 1, 1, 2), (1, 1, 1, 4), (2, 2, 1, 1), (1, 2, 1, 2), (1, 4, 1, 1),
+      (2, 1, 2, 1), (1, 1, 2, 2), (1, 2, 2, 1), (1, 1, 4, 1)]
+  assert max(m[3] for m in memory.meshes(8, num_experts=6)) == 2
 
 
 def test_search_prefers_no_remat_then_less_tensor_then_data_over_fsdp():
@@ -235,11 +241,11 @@ def test_search_prefers_no_remat_then_less_tensor_then_data_over_fsdp():
   everything = [memory.estimate(c, m) for c in memory.remat_options(config).values()
                 for m in memory.meshes(8)]
   best, _ = memory.search(config, 8, device_bytes=math.inf)
-  assert best.mesh == (8, 1, 1) and not best.remat
+  assert best.mesh == (8, 1, 1, 1) and not best.remat
   # Just below the data=8 plan, fsdp (which splits parameters and AdamW) must take over.
   data8 = memory.estimate(config, (8, 1, 1))
   best, _ = memory.search(config, 8, device_bytes=data8.total - 1)
-  assert best.mesh == (4, 2, 1) and not best.remat
+  assert best.mesh == (4, 2, 1, 1) and not best.remat
   # Below every remat-off plan, remat turns on.
   budget = min(e.total for e in everything if not e.remat) - 1
   best, _ = memory.search(config, 8, device_bytes=budget)
@@ -261,6 +267,14 @@ def test_a_mesh_or_batch_that_does_not_divide_is_a_clear_error():
     memory.estimate(_config(mesh=(3, 1, 1)), num_devices=8)
   with pytest.raises(sharding.ShardingError, match='no data x fsdp x tensor mesh of 7 devices'):
     memory.search(_config(B=16), 7, device_bytes=math.inf)
+  with pytest.raises(sharding.ShardingError,
+                     match=r'no data x fsdp x tensor x expert mesh of 7 devices .*'
+                           r'moe.num_experts=4\)'):
+    memory.search(_config(B=16, moe=_MOE), 7, device_bytes=math.inf)
+  with pytest.raises(sharding.ShardingError,
+                     match=r'moe_blocks.mlp.w_down: dimension 1 \(expert=4\) is not divisible by '
+                           r'expert=8'):
+    memory.estimate(_config(B=16, moe=_MOE), (1, 1, 1, 8))
 
 
 def test_plans_for_devices_that_do_not_exist():
@@ -315,3 +329,111 @@ def test_cli_names_the_parameter_a_mesh_does_not_divide():
   assert result.returncode == 1
   assert ('blocks.attention.w_k: dimension 2 (kv_heads=2) is not divisible by tensor=4'
           in result.stderr)
+
+
+# MoE: 4 experts of width F, top-2, in every block; capacity C = ceil(1.25 * 2 * T / 4) slots.
+_MOE = dict(num_experts=4, top_k=2, capacity_factor=1.25)
+E, TOP_K, C = 4, 2, 10
+
+
+def _expert_params(config) -> tuple[int, int]:
+  """(parameters of the experts' w_gate, w_up and w_down; of all the blocks)."""
+  n = L * 3 * E * D * F
+  return n, _num_params(config) - 2 * V * D - D  # Blocks: all but embeddings and final norm.
+
+
+def test_moe_expert_weights_are_split_over_expert_and_reduced_over_the_other_batch_axes():
+  config = _config(B=16, moe=_MOE)
+  n, experts = _num_params(config), _expert_params(config)[0]
+  assert memory.estimate(config, (1, 1, 1)).parameters == 4 * n
+  # Experts split 4 ways, everything else (attention, router, norms, embeddings) replicated.
+  e4 = memory.estimate(config, (1, 1, 1, 4))
+  assert e4.mesh == (1, 1, 1, 4) and e4.num_params == n and e4.micro_batch == 4
+  assert e4.parameters == e4.gradients == 4 * (n - experts + experts // 4)
+  assert e4.optimizer == 2 * e4.parameters
+  # The batch is split over expert too: the replicated parameters' gradients are all-reduced
+  # over it, the experts' are not (each device's experts see only their own tokens).
+  assert e4.reduction == 4 * (n - experts)
+  data2 = memory.estimate(config, (2, 1, 1, 2))
+  assert data2.reduction == 4 * (n - experts + experts // 2)  # Experts all-reduced over data.
+  # Weights sliced out of the stacked blocks keep the expert split (capacity: experts compute
+  # where they live); dropless gathers every expert to the tokens.
+  blocks = _expert_params(config)[1]
+  assert e4.weights == 4 * (blocks - experts + experts // 4)
+  dropless = memory.estimate(_config(B=16, moe={**_MOE, 'capacity_factor': 0.0}), (1, 1, 1, 4))
+  assert dropless.parameters == e4.parameters and dropless.weights == 4 * blocks
+  assert dropless.reduction == 4 * n  # Gathered experts: reduce-scattered over expert.
+
+
+def test_moe_activations_follow_the_documented_formula():
+  b, c, Q = 4, 4, D // H
+  trunk = b * T * c * (6 * D + 2 * (H + K) * Q) + b * H * T * T * (4 + c)
+  capacity = (b * E * C * c * (2 * D + 5 * F) + 2 * b * T * E * C * c
+              + b * T * TOP_K * (E + C) * 4 + 2 * b * T * E * 4)
+  A = TOP_K * T * b  # One device: the rows it sorts are its own.
+  dropless = A * c * (D + 5 * F) + b * T * TOP_K * D * c + 2 * b * T * E * 4
+  head = b * T * 3 * D * c + b * T * 2 * 4 * V
+  config = _config(B=4, moe=_MOE)
+  assert memory.estimate(config, (1, 1, 1)).activations == (
+      L * (trunk + capacity) + head + 4 * V * D)
+  config = _config(B=4, moe={**_MOE, 'capacity_factor': 0.0})
+  assert memory.estimate(config, (1, 1, 1)).activations == (
+      L * (trunk + dropless) + head + 4 * V * D)
+  # Every other block MoE, with remat: a scan step's group (a dense block and an MoE block) is
+  # recomputed together, and the scan's stacked block gradients count from the backward's start.
+  config = _config(B=4, num_layers=4, remat=True, scan_layers=True,
+                   moe={**_MOE, 'every_n_layers': 2})
+  e = memory.estimate(config, (1, 1, 1))
+  blocks = _expert_params(config)[1]
+  group = 2 * trunk + b * T * c * 5 * F + capacity
+  assert e.remat and e.activations == 4 * b * T * D * c + group + 4 * V * D + 4 * blocks
+  assert e.weights == 4 * blocks // 2  # One group's of the two.
+  # On expert=4 (the same b), an MoE block's backward also holds its output gradient gathered
+  # over expert, and the stacked gradients of the 2 MoE layers' experts are split 4 ways.
+  config.train.batch_size = 16
+  split = memory.estimate(config, (1, 1, 1, 4))
+  experts = 2 * 3 * E * D * F
+  assert split.micro_batch == 4 and split.activations - e.activations == (
+      4 * b * T * D * c - 4 * experts * 3 // 4)
+
+
+def test_capacity_keeps_more_than_dropless_on_one_device_and_less_on_many():
+  """Capacity mode keeps capacity_factor x the assignments' rows (the empty slots too), and
+  dispatch and combine; dropless keeps only the assignments, but every device sorts the whole
+  micro-batch's, so on data=8 it keeps 8x its rows."""
+  capacity, dropless = (_config(B=16, moe={**_MOE, 'capacity_factor': cf}) for cf in (1.25, 0.0))
+  one = [memory.estimate(cfg, (1, 1, 1)).activations for cfg in (capacity, dropless)]
+  assert one[0] > one[1]
+  eight = [memory.estimate(cfg, (8, 1, 1)).activations for cfg in (capacity, dropless)]
+  assert eight[1] > 2 * eight[0]
+  # Capacity mode's activations split with the batch over expert, all but the output
+  # projection's gradient (4 V D).
+  e4 = memory.estimate(capacity, (1, 1, 1, 4))
+  assert e4.micro_batch == 4 and 4 * (e4.activations - 4 * V * D) == one[0] - 4 * V * D
+
+
+def test_search_picks_an_expert_mesh_when_that_is_what_fits():
+  # Wide experts, a small batch: the experts' weights and AdamW state dominate.
+  config = _config(B=8, d_ff=512, moe=_MOE)
+  data8 = memory.estimate(config, (8, 1, 1))
+  best, _ = memory.search(config, 8, device_bytes=math.inf)
+  assert best.mesh == (8, 1, 1, 1) and not best.remat
+  best, _ = memory.search(config, 8, device_bytes=data8.total - 1)
+  assert best.mesh == (4, 1, 1, 2) and not best.remat  # Before fsdp, which gathers weights.
+  assert best.parameters < data8.parameters
+  everything = [memory.estimate(c, m) for c in memory.remat_options(config).values()
+                for m in memory.meshes(8, num_experts=4) if m[2] <= K]  # tensor | kv heads.
+  no_fsdp = min(e.total for e in everything if e.mesh[1] == 1 and e.mesh[2] == 1)
+  assert any(e.mesh[3] == 4 and e.total == no_fsdp for e in everything)
+  text, fits = memory.fit_report(config, 8, device_gb=(data8.total - 1) / memory.GIB)
+  assert fits and 'data=4 fsdp=1 tensor=1 expert=2, remat off' in text
+  assert ('--config.mesh.data=4 --config.mesh.fsdp=1 --config.mesh.tensor=1 '
+          '--config.mesh.expert=2 --config.model.remat=False') in text
+
+
+def test_the_table_names_the_expert_axis_of_an_moe_model_only():
+  moe = _config(B=16, moe=_MOE)
+  moe.mesh.update(data=2, expert=4)
+  assert 'on 8 devices as data=2 fsdp=1 tensor=1 expert=4;' in memory.table(moe, 8)
+  dense = _config(B=16, mesh=(8, 1, 1))
+  assert 'on 8 devices as data=8 fsdp=1 tensor=1;' in memory.table(dense, 8)

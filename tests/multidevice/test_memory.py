@@ -12,12 +12,13 @@ from lm import config as config_lib
 from lm import memory
 
 
-def _config(mesh, B=32, T=256, accum=1, lora=None, trainable='all', **model):
+def _config(mesh, B=32, T=256, accum=1, lora=None, trainable='all', moe=None, **model):
   config = config_lib.base_config()
   config.model.update(
       vocab_size=4096, d_model=256, num_layers=2, num_heads=8, num_kv_heads=8, d_ff=768,
       max_seq_len=T, dtype='float32', attention='xla')
   config.model.update(model)
+  config.model.moe.update(moe or {})
   config.lora.update(lora or {})
   config.train.update(batch_size=B, grad_accum_steps=accum, trainable=trainable)
   config.data.seq_len = T
@@ -119,3 +120,31 @@ def test_dpo_with_gradient_accumulation_is_within_15_percent_of_xla(name, tmp_pa
   planned, _ = _check_dpo(config)
   pairs = config.train.batch_size // config.train.grad_accum_steps
   assert planned.micro_batch == 2 * pairs // (config.mesh.data * config.mesh.fsdp)
+
+
+# Mixture of Experts: 8 experts of width 384 (top-2, capacity 1.25: C = 80 slots per row) in
+# every block; the batch is split over data x fsdp x expert.
+_MOE = dict(d_ff=384, moe=dict(num_experts=8, top_k=2, capacity_factor=1.25))
+MOE_CASES = {
+    'moe_capacity_data2_expert4': _config(dict(data=2, expert=4), **_MOE),
+    'moe_capacity_fsdp2_tensor2_expert2': _config(dict(fsdp=2, tensor=2, expert=2), **_MOE),
+    'moe_capacity_fsdp2_tensor2_expert2_remat': _config(
+        dict(fsdp=2, tensor=2, expert=2), remat=True, scan_layers=True, **_MOE),
+    # XLA:CPU computes ragged_dot as one masked dense matmul per expert ([E, A, D] buffers), so
+    # only with one expert does its figure stand for a grouped matmul's (GPUs, TPUs).
+    'moe_dropless_data8_one_expert': _config(
+        dict(data=8), d_ff=384, moe=dict(num_experts=1, top_k=1, capacity_factor=0.0)),
+}
+
+
+@pytest.mark.parametrize('name', MOE_CASES)
+def test_moe_estimate_is_within_15_percent_of_xla(name):
+  config = MOE_CASES[name]
+  xla = memory.xla_bytes(config, jax.devices())
+  planned = memory.estimate(config, num_devices=8)
+  assert planned.total == pytest.approx(xla['total'], rel=0.15), (planned, xla)
+  # Parameters and AdamW's moments are exact, the experts split over expert: XLA's arguments
+  # are those, the batch split over data x fsdp x expert, and a few scalars.
+  m = config.mesh
+  batch = 5 * config.train.batch_size * config.data.seq_len * 4 // (m.data * m.fsdp * m.expert)
+  assert 0 <= xla['argument'] - (planned.parameters + planned.optimizer + batch) < 256
