@@ -420,12 +420,16 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     groups, dense, moe = cfg.layer_groups
     period = dense + moe
-    stacks = []  # (graph, params [groups, per group, ...]) for the dense and the MoE blocks.
+    # (graph, params, blocks per group) for the dense and the MoE blocks: params [groups, ...]
+    # with one block per group, [groups, per group, ...] with several. (A dense model's stack is
+    # never reshaped: inside a scan the reshape and index made XLA keep extra copies of it.)
+    stacks = []
     for name, per_group in (('blocks', dense), ('moe_blocks', moe)):
       if per_group:
         graph, params = nnx.split(getattr(self, name))
-        params = jax.tree.map(lambda p: p.reshape(groups, per_group, *p.shape[1:]), params)
-        stacks.append((graph, params))
+        if per_group > 1:
+          params = jax.tree.map(lambda p: p.reshape(groups, per_group, *p.shape[1:]), params)
+        stacks.append((graph, params, per_group))
     if cache is not None:
       cache = kv_cache.prepare(cache, segment_ids_BT)
 
@@ -440,7 +444,7 @@ class Transformer(nnx.Module):
         return (x_BTD, cache), aux
       return jax.checkpoint(run_block, prevent_cse=not cfg.scan_layers) if cfg.remat else run_block
 
-    run_blocks = [block_fn(graph) for graph, _ in stacks]
+    run_blocks = [block_fn(graph) for graph, _, _ in stacks]
 
     def run_group(x_and_cache, params_and_group):
       """One group's blocks in layer order: its dense blocks, then its MoE block."""
@@ -448,12 +452,14 @@ class Transformer(nnx.Module):
       aux = None
       for j in range(period):
         stack, index = (0, j) if j < dense else (len(stacks) - 1, j - dense)
-        params = jax.tree.map(lambda p: p[index], group_params[stack])
+        params = group_params[stack]
+        if stacks[stack][2] > 1:
+          params = jax.tree.map(lambda p: p[index], params)
         x_and_cache, block_aux = run_blocks[stack](x_and_cache, params, group * period + j)
         aux = block_aux or aux
       return x_and_cache, aux
 
-    all_params = tuple(params for _, params in stacks)
+    all_params = tuple(params for _, params, _ in stacks)
     if cfg.scan_layers:
       (x_BTD, cache), aux = jax.lax.scan(
           run_group, (x_BTD, cache), (all_params, jnp.arange(groups)))
