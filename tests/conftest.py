@@ -30,3 +30,16 @@ def local_tasks(tmp_path_factory):
   import eval_fixtures  # pylint: disable=g-import-not-at-top
   directory = str(tmp_path_factory.mktemp('tasks'))
   return directory, eval_fixtures.write_tasks(directory)
+
+
+@pytest.fixture(scope='session')
+def stdlib_tokenizer(tmp_path_factory):
+  """A 512-piece tokenizer trained once on the standard library's source (seq_len 64, 300k
+  characters), shared by the training-loop tests (tests/test_train.py, tests/test_moe.py)."""
+  from lm import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lm import data as data_lib  # pylint: disable=g-import-not-at-top
+  data_config = config_lib.base_config().data
+  data_config.update(seq_len=64, max_chars=300_000, tokenizer_train_chars=300_000)
+  data = data_lib.make_data(data_config, vocab_size=512, batch_size=8, seed=0,
+                            workdir=str(tmp_path_factory.mktemp('tokenizer')))
+  return data.tokenizer.path

@@ -224,15 +224,6 @@ def _loop_config(tokenizer='', **train):
   return config
 
 
-@pytest.fixture(scope='module')
-def stdlib_tokenizer(tmp_path_factory):
-  from lm import data as data_lib
-  workdir = tmp_path_factory.mktemp('tokenizer')
-  data = data_lib.make_data(_loop_config().data, vocab_size=512, batch_size=8, seed=0,
-                            workdir=str(workdir))
-  return data.tokenizer.path
-
-
 def test_moe_loss_on_real_text_falls_and_router_metrics_are_logged(tmp_path, stdlib_tokenizer):
   config = _loop_config(stdlib_tokenizer, steps=150, eval_every=150, checkpoint_every=150,
                         log_every=10, eval_batches=4, learning_rate=1e-2, warmup_steps=10)

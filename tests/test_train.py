@@ -167,17 +167,6 @@ def _loop_config(tokenizer='', **train):
   return config
 
 
-@pytest.fixture(scope='module')
-def stdlib_tokenizer(tmp_path_factory):
-  """A tokenizer trained once on the standard library's source, shared by the loop tests."""
-  from lm import data as data_lib
-  workdir = tmp_path_factory.mktemp('tokenizer')
-  config = _loop_config()
-  data = data_lib.make_data(config.data, vocab_size=512, batch_size=8, seed=0,
-                            workdir=str(workdir))
-  return data.tokenizer.path
-
-
 def _leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
