@@ -215,14 +215,11 @@ def measured_peak(args) -> int | None:
 
 
 def xla_memory(compiled) -> dict:
-  """compiled.memory_analysis() in bytes, with the total lm.memory.xla_bytes reports."""
-  stats = compiled.memory_analysis()
-  out = {'argument': stats.argument_size_in_bytes, 'output': stats.output_size_in_bytes,
-         'alias': stats.alias_size_in_bytes, 'temp': stats.temp_size_in_bytes,
-         'generated_code': stats.generated_code_size_in_bytes}
-  out['total'] = (out['argument'] + out['output'] - out['alias'] + out['temp']
-                  + out['generated_code'])
-  peak = getattr(stats, 'peak_memory_in_bytes', None)
+  """compiled.memory_analysis() in bytes, with the total lm.memory.xla_bytes reports
+  (lm.memory.analysed_bytes), and XLA's peak where this jaxlib reports one."""
+  from lm import memory  # pylint: disable=g-import-not-at-top
+  out = memory.analysed_bytes(compiled)
+  peak = getattr(compiled.memory_analysis(), 'peak_memory_in_bytes', None)
   if peak is not None:
     out['peak_memory'] = peak
   return out

@@ -560,7 +560,7 @@ def _xla_setup(config: ml_collections.ConfigDict, devices):
   return train_lib.setup(config, devices)
 
 
-def _analysed_bytes(compiled) -> dict:
+def analysed_bytes(compiled) -> dict:
   """A compiled computation's memory_analysis, and its total (xla_bytes' docstring)."""
   stats = compiled.memory_analysis()
   out = {
@@ -593,7 +593,7 @@ def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   batch = _abstract_batch(batch_fields(config.mode), config.train.batch_size,
                           config.data.seq_len, setup.batch_sharding)
   with setup.active():
-    return _analysed_bytes(setup.step_fn.lower(setup.abstract_state(), batch).compile())
+    return analysed_bytes(setup.step_fn.lower(setup.abstract_state(), batch).compile())
 
 
 def xla_reference_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
@@ -610,8 +610,8 @@ def xla_reference_bytes(config: ml_collections.ConfigDict, devices=None) -> dict
   rows = _abstract_batch(batch_fields('sft'), dpo.reference_batch_size(setup.config),
                          config.data.seq_len, setup.batch_sharding)
   with setup.active():
-    out = {'complete': _analysed_bytes(dpo.complete_params(setup).lower(restored).compile()),
-           'forward': _analysed_bytes(dpo.reference_logps(setup).lower(params, rows).compile())}
+    out = {'complete': analysed_bytes(dpo.complete_params(setup).lower(restored).compile()),
+           'forward': analysed_bytes(dpo.reference_logps(setup).lower(params, rows).compile())}
   out['total'] = max(out['complete']['total'], out['forward']['total'])
   return out
 
