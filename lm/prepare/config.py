@@ -33,11 +33,32 @@ def base_config() -> ml_collections.ConfigDict:
   config.id_field = 'id'
 
   # ---------------------------------------------------------------------------------------------
-  # Engine: datatrove's LocalPipelineExecutor on this machine.
-  config.workers = 1  # Processes at once.
+  # Engine: datatrove's pipeline executors. 'local': worker processes on this machine; 'ray':
+  # Ray tasks on the cluster at config.ray.address (or a Ray instance started here); 'slurm':
+  # one job array per pass, each depending on the one before, submitted with sbatch (the command
+  # returns once they are queued; OUT/report.json appears when the last job ends). On a
+  # cluster, --workdir must be a filesystem that every node shares.
+  config.executor = 'local'
+  config.workers = 1  # Tasks running at once (local: processes; ray, slurm: tasks or jobs).
   # Shards of the input, each a task that datatrove runs, records as completed and skips when
   # a killed run is started again. 0: one per worker. Outputs do not depend on it.
   config.tasks = 0
+  config.ray = ray = ml_collections.ConfigDict()
+  ray.address = ''  # A running cluster ('auto', 'ray://HOST:10001'); empty: start one here.
+  ray.cpus_per_task = 1
+  ray.mem_per_cpu_gb = 2.0
+  config.slurm = slurm = ml_collections.ConfigDict()
+  slurm.partition = ''  # Required for executor='slurm'.
+  slurm.time = '24:00:00'  # Each job's time limit.
+  slurm.cpus_per_task = 1
+  slurm.mem_per_cpu_gb = 2
+  slurm.qos = 'normal'
+  slurm.job_name = 'lm-prepare'  # Each pass's jobs are named JOB_NAME-PASS.
+  # Run in each job before the task, e.g. 'source /path/to/venv/bin/activate'.
+  slurm.env_command = ''
+  # More #SBATCH directives, 'KEY=VALUE; KEY=VALUE' (e.g. 'account=myproject; constraint=cpu').
+  slurm.sbatch_args = ''
+  slurm.srun = True  # Start each task under srun inside its job (datatrove's default).
 
   # ---------------------------------------------------------------------------------------------
   # 1. Language identification with py3langid (its model ships in the package).
@@ -192,6 +213,25 @@ def n_gram_fractions(text: str, field: str) -> tuple[tuple[int, float], ...]:
   return pairs
 
 
+EXECUTORS = ('local', 'ray', 'slurm')
+
+
+def sbatch_args(text: str) -> dict[str, str]:
+  """'account=proj; constraint=cpu' -> {'account': 'proj', 'constraint': 'cpu'}; a bare KEY is
+  a flag (value '')."""
+  out = {}
+  for entry in (e.strip() for e in text.split(';')):
+    if not entry:
+      continue
+    key, _, value = entry.partition('=')
+    key = key.strip().lstrip('-')
+    if not key or ' ' in key:
+      raise ConfigError(f'config.slurm.sbatch_args={text!r}: expected KEY=VALUE; KEY=VALUE, '
+                        f'e.g. account=myproject; constraint=cpu (bad entry {entry!r})')
+    out[key] = value.strip()
+  return out
+
+
 def languages(config: ml_collections.ConfigDict) -> list[str]:
   return [code.strip() for code in config.language.keep.split(',') if code.strip()]
 
@@ -201,6 +241,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   parse_inputs(config)
   if config.workers < 1:
     raise ConfigError(f'config.workers={config.workers}: expected at least 1')
+  if config.executor not in EXECUTORS:
+    raise ConfigError(f'config.executor={config.executor!r}: expected one of {EXECUTORS}')
+  if config.executor == 'ray' and importlib.util.find_spec('ray') is None:
+    raise ConfigError("config.executor='ray' needs Ray: pip install 'ray>=2.50'")
+  if config.executor == 'slurm':
+    if not config.slurm.partition:
+      raise ConfigError("config.executor='slurm' needs config.slurm.partition, the partition "
+                        'its jobs are submitted to')
+    sbatch_args(config.slurm.sbatch_args)
+  for section in ('ray', 'slurm'):
+    for field in ('cpus_per_task', 'mem_per_cpu_gb'):
+      if config[section][field] <= 0:
+        raise ConfigError(f'config.{section}.{field}={config[section][field]}: expected more '
+                          'than 0')
   if config.tasks < 0:
     raise ConfigError(f'config.tasks={config.tasks}: expected 0 (one per worker) or more')
   if config.language.enabled:

@@ -1,4 +1,5 @@
-"""The passes of lm.prepare, each a datatrove LocalPipelineExecutor, and what they leave in OUT.
+"""The passes of lm.prepare, each run by a datatrove executor (config.executor), and what they
+leave in OUT.
 
   documents   read -> language -> gopher_quality -> gopher_repetition -> c4_quality
               [-> c4_bad_words] -> pii, kept documents to WORK/documents/RANK.jsonl
@@ -14,6 +15,8 @@ OUT/decisions.jsonl, OUT/tokens/manifest.json and OUT/report.json are then rebui
 tasks' records.
 """
 
+import contextlib
+import functools
 import glob
 import heapq
 import json
@@ -22,6 +25,7 @@ import time
 
 from absl import logging
 from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
 import ml_collections
 
 from lm import files
@@ -35,7 +39,7 @@ from lm.prepare import stages
 from lm.prepare import tokens
 
 # Fields that may change between a killed run and its restart.
-_RESTART_FIELDS = ('workers',)
+_RESTART_FIELDS = ('workers', 'executor', 'ray', 'slurm')
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -84,6 +88,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
   kept = os.path.join(workdir, 'documents')
   final.append(records.DocumentWriter(kept, by_language=True, languages=languages))
   passes.append(('final', final, tasks))
+  tokenizer = None
   if tk.enabled:
     tokenizer = tk.tokenizer or os.path.join(workdir, 'tokenizer', 'spm.model')
     if not tk.tokenizer:
@@ -92,22 +97,122 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               tokens.Tokenize(folder, workdir, tokenizer, tk.shard_tokens)], tasks))
 
   stage_names = [s.name for _, steps, _ in passes for s in steps if isinstance(s, records.Stage)]
+  finish = functools.partial(
+      _finish, workdir=workdir, stage_names=stage_names, inputs=inputs, tasks=tasks,
+      workers=config.workers, tokenizer=tokenizer)
+  if config.executor == 'slurm':
+    return _submit(passes, config, work, finish)
   wall = {}
-  for name, pipeline, pass_tasks in passes:
-    start = time.perf_counter()
-    LocalPipelineExecutor(pipeline, tasks=pass_tasks, workers=min(config.workers, pass_tasks),
-                          logging_dir=os.path.join(work, 'logs', name)).run()
-    wall[name] = time.perf_counter() - start
-    logging.info('lm.prepare: pass %s done in %.1f s', name, wall[name])
-    if name == 'documents':
-      _check_not_empty(folder, inputs)
+  with _cluster(config):
+    for name, pipeline, pass_tasks in passes:
+      start = time.perf_counter()
+      executor(config, name, pipeline, pass_tasks, os.path.join(work, 'logs', name)).run()
+      _check_completed(name, pass_tasks, os.path.join(work, 'logs', name))
+      wall[name] = time.perf_counter() - start
+      logging.info('lm.prepare: pass %s done in %.1f s', name, wall[name])
+      if name == 'documents':
+        _check_not_empty(folder, inputs)
+  return finish(wall_seconds=wall)
 
+
+def executor(config: ml_collections.ConfigDict, name: str, pipeline: list, tasks: int,
+             logging_dir: str, depends=None):
+  """datatrove's executor of config.executor for one pass of `tasks` tasks."""
+  workers = min(config.workers, tasks)
+  if config.executor == 'local':
+    return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir)
+  if config.executor == 'ray':
+    from datatrove.executor import RayPipelineExecutor  # pylint: disable=g-import-not-at-top
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                               cpus_per_task=config.ray.cpus_per_task,
+                               mem_per_cpu_gb=config.ray.mem_per_cpu_gb)
+  from datatrove.executor import SlurmPipelineExecutor  # pylint: disable=g-import-not-at-top
+  s = config.slurm
+  return SlurmPipelineExecutor(
+      pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir, depends=depends,
+      time=s.time, partition=s.partition, cpus_per_task=s.cpus_per_task,
+      mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, job_name=f'{s.job_name}-{name}',
+      env_command=s.env_command or None, sbatch_args=config_lib.sbatch_args(s.sbatch_args),
+      with_srun=s.srun)
+
+
+@contextlib.contextmanager
+def _cluster(config: ml_collections.ConfigDict):
+  """For executor='ray': joins config.ray.address, or starts a Ray instance here (stopped
+  after), unless Ray is already initialised."""
+  if config.executor != 'ray':
+    yield
+    return
+  import ray  # pylint: disable=g-import-not-at-top
+  if ray.is_initialized():
+    yield
+    return
+  if config.ray.address:
+    ray.init(address=config.ray.address, log_to_driver=False)
+  else:
+    ray.init(num_cpus=config.workers * config.ray.cpus_per_task, include_dashboard=False,
+             log_to_driver=False)
+  try:
+    yield
+  finally:
+    ray.shutdown()
+
+
+def _check_completed(name: str, tasks: int, logging_dir: str) -> None:
+  """Raises RuntimeError when a pass ended with tasks not completed (a cluster executor reports
+  failed tasks in its logs rather than raising)."""
+  done = os.path.join(logging_dir, 'completions')
+  missing = [r for r in range(tasks) if not os.path.exists(os.path.join(done, f'{r:05d}'))]
+  if missing:
+    raise RuntimeError(
+        f'lm.prepare: pass {name} ended with {len(missing)} of {tasks} tasks not completed '
+        f'(ranks {missing[:10]}); their logs are in {logging_dir}/logs. Run the same command '
+        'again to retry them')
+
+
+def _submit(passes: list, config: ml_collections.ConfigDict, work: str, finish) -> dict:
+  """executor='slurm': one job array per pass, each after the one before, and a last one-task
+  job that writes the report. Returns {'submitted': {pass: job id}}."""
+  passes = passes + [('report', [_Finish(finish)], 1)]
+  last, jobs = None, {}
+  for name, pipeline, pass_tasks in passes:
+    last = executor(config, name, pipeline, pass_tasks, os.path.join(work, 'logs', name),
+                    depends=last)
+    last.launch_job()
+    jobs[name] = last.job_id
+  logging.info('lm.prepare: submitted %s; %s appears when the last job ends', jobs,
+               os.path.join(os.path.dirname(work), 'report.json'))
+  return {'submitted': jobs}
+
+
+class _Finish(PipelineStep):
+  """The report job of a Slurm run: `finish` once every pass has completed."""
+  name = 'report'
+  type = 'lm.prepare'
+
+  def __init__(self, finish):
+    super().__init__()
+    self.finish = finish
+
+  def run(self, data, rank: int = 0, world_size: int = 1):
+    del data, rank, world_size
+    self.finish(wall_seconds={})
+    return iter(())
+
+
+def _finish(*, workdir: str, stage_names: list[str], inputs, tasks: int, workers: int,
+            tokenizer: str | None, wall_seconds: dict) -> dict:
+  """OUT/tokens/manifest.json, OUT/decisions.jsonl, OUT/report.json and report.png, from every
+  task's records; returns the report."""
+  work = os.path.join(workdir, 'work')
+  folder = os.path.join(work, 'records')
+  _check_not_empty(folder, inputs)
   manifest = tokens.write_manifest(workdir, folder, os.path.join(work, 'logs', 'tokens'), tasks,
-                                   tokenizer) if tk.enabled else None
+                                   tokenizer) if tokenizer else None
   decisions = write_decisions(folder, stage_names, os.path.join(workdir, 'decisions.jsonl'))
   summary = report_lib.build(folder, stage_names, inputs=inputs, tasks=tasks,
-                             workers=config.workers, wall_seconds=wall, decisions=decisions,
-                             dedup_path=os.path.join(removals, 'clusters.json'),
+                             workers=workers, wall_seconds=wall_seconds, decisions=decisions,
+                             dedup_path=os.path.join(work, 'dedup', 'removals', 'clusters.json'),
                              manifest=manifest)
   files.write_atomically(os.path.join(workdir, 'report.json'),
                          lambda f: json.dump(summary, f, indent=1, ensure_ascii=False),
