@@ -169,6 +169,11 @@ class Engine:
 
   def __init__(self, cfg: model_lib.ModelConfig, params, *, slots: int = 8,
                block_size: int = 16, num_blocks: int | None = None, steps_per_call: int = 8):
+    if cfg.kind != 'decoder':
+      raise ValueError(
+          f"lm.engine serves decoders; config.model.kind={cfg.kind!r} "
+          + ("has no causal decoder to serve" if cfg.kind == 'encoder' else
+             "decodes with lm.generate (sample, beam_search), which runs the encoder once"))
     self.cfg, self.params, self.slots, self.block_size = cfg, params, slots, block_size
     # Decode steps per jitted call: more saves host round trips; fewer admits waiting requests
     # sooner and wastes fewer steps on rows that finish early in a call.

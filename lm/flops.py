@@ -68,7 +68,14 @@ def matmul_params(cfg, active: bool = False) -> int:
   mlp = (3 if cfg.block == 'llama' else 2) * D * F
   experts, top_k, moe_layers = moe_shape(cfg)
   moe = (top_k if active else experts) * mlp + D * experts
-  return L * attention + (L - moe_layers) * mlp + moe_layers * moe + D * cfg.vocab_size
+  total = L * attention + (L - moe_layers) * mlp + moe_layers * moe + D * cfg.vocab_size
+  if getattr(cfg, 'kind', 'decoder') == 'encoder_decoder':  # The encoder, and cross-attention.
+    encoder = getattr(cfg, 'encoder_layers', 0) or L
+    every = cfg.moe_every_n_layers if hasattr(cfg, 'moe_every_n_layers') else (
+        cfg.moe.every_n_layers if experts else 1)
+    encoder_moe = encoder // every if experts else 0
+    total += (L + encoder) * attention + (encoder - encoder_moe) * mlp + encoder_moe * moe
+  return total
 
 
 def flops_per_token(cfg, seq_len: int, matmul: int | None = None,
@@ -103,7 +110,7 @@ def matmul_param_counts(params: dict, trained=None, tie_embeddings: bool = False
   sizes = {}
   for path, leaf in traverse_util.flatten_dict(params).items():
     if is_matmul_weight(path, tie_embeddings):
-      share = active_expert_share if path[0] == 'moe_blocks' and path[-2] == 'mlp' and \
+      share = active_expert_share if path[0] in _MOE_STACKS and path[-2] == 'mlp' and \
           path[-1] != 'w_router' else 1.0
       sizes[path] = math.prod(leaf.shape) * share
   total = round(sum(sizes.values()))
@@ -111,6 +118,45 @@ def matmul_param_counts(params: dict, trained=None, tie_embeddings: bool = False
     return total, total
   trained = set(trained)
   return total, round(sum(size for path, size in sizes.items() if path in trained))
+
+
+_MOE_STACKS = ('moe_blocks', 'encoder_moe_blocks')  # lm.model.MOE_STACKS (not imported here).
+
+
+def encoder_decoder_flops_per_token(cfg, params: dict, trained=None, *, raw_len: int,
+                                    inputs_len: int, targets_len: int,
+                                    active_expert_share: float = 1.0) -> float:
+  """Training FLOPs per raw token of an encoder_decoder model on span corruption: each row of
+  raw_len tokens becomes inputs_len encoder tokens and targets_len decoder tokens. The encoder's
+  weights and the cross-attention's key and value projections run on every input token, the
+  rest of the decoder on every target token (4N + 2N_trained each, as flops_per_token), plus
+  12·L·H·Q per query-key pair of the encoder's, the decoder's and the cross attention."""
+  trained = None if trained is None else set(trained)
+  tie = cfg.tie_embeddings
+  parts = {'encoder': {}, 'cross_kv': {}, 'decoder': {}}
+  for path, leaf in traverse_util.flatten_dict(params).items():
+    if path[0].startswith('encoder_'):
+      part = 'encoder'
+    elif 'cross_attention' in path and path[-1].startswith(('w_k', 'w_v')):
+      part = 'cross_kv'
+    else:
+      part = 'decoder'
+    parts[part][path] = leaf
+
+  def weight_flops(part):
+    n, n_trained = matmul_param_counts(
+        traverse_util.unflatten_dict(parts[part]) if parts[part] else {},
+        None if trained is None else [p for p in trained if p in parts[part]], tie,
+        active_expert_share)
+    return 4 * n + 2 * n_trained
+
+  I, O = inputs_len, targets_len
+  HQ = cfg.num_heads * _head_dim(cfg)
+  encoder_layers = getattr(cfg, 'encoder_layers', 0) or cfg.num_layers
+  attention = 12 * HQ * (encoder_layers * I * I + cfg.num_layers * (O * O + O * I))
+  total = (I * (weight_flops('encoder') + weight_flops('cross_kv'))
+           + O * weight_flops('decoder') + attention)
+  return total / raw_len
 
 
 def describe_flops(matmul: int, trained_matmul: int) -> str:

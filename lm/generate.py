@@ -102,13 +102,26 @@ def left_pad(prompts: list[list[int]], multiple: int = 16, pad_id: int = 0):
   return tokens_BP, segment_ids_BP, positions_BP
 
 
-def _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, cache_len: int):
-  """Runs the prompts into a fresh cache of cache_len slots; returns (last logits_BV, cache)."""
-  cfg = nnx.merge(graphdef, params).cfg
-  cache = kv_cache.init(cfg, tokens_BP.shape[0], cache_len)
+def _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, max_new_tokens: int):
+  """Runs the prompts into a fresh cache with room for max_new_tokens more; returns (last
+  logits_BV, cache, position of each row's next token).
+
+  An encoder_decoder model's prompts are its inputs: the encoder runs once, the first decoder
+  step (decoder_start_id) writes every layer's cross-attention keys and values of them into the
+  cache, and decoding goes on from position 1."""
+  model = nnx.merge(graphdef, params)
+  cfg, B = model.cfg, tokens_BP.shape[0]
+  if cfg.kind == 'encoder_decoder':
+    cache = kv_cache.init(cfg, B, 1 + max_new_tokens, input_segment_ids_BS=segment_ids_BP)
+    encoded_BPD, _ = model.encode(tokens_BP, segment_ids_BP, positions_BP)
+    start_B1 = jnp.full((B, 1), cfg.decoder_start_id, jnp.int32)
+    logits_B1V, cache = model(start_B1, jnp.ones_like(start_B1), jnp.zeros_like(start_B1), cache,
+                              memory=(encoded_BPD, segment_ids_BP))
+    return logits_B1V[:, -1], cache, jnp.ones((B,), jnp.int32)
+  cache = kv_cache.init(cfg, B, tokens_BP.shape[1] + max_new_tokens)
   logits_BPV, cache = model_lib.apply(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP, cache)
-  return logits_BPV[:, -1], cache
+  return logits_BPV[:, -1], cache, jnp.max(positions_BP, axis=1) + 1
 
 
 def _decode_step(graphdef, params, tokens_B, positions_B, cache):
@@ -141,11 +154,10 @@ def _sample(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, seeds_B, 
   """Generated tokens_BN and logprobs_BN (N = max_new_tokens) and each row's count until and
   including its first stop token, or stop piece after its first token (N if none). Only ids
   below num_pieces are ever chosen."""
-  B, P = tokens_BP.shape
-  logits_BV, cache = _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP,
-                              P + max_new_tokens)
+  B = tokens_BP.shape[0]
+  logits_BV, cache, next_position_B = _prefill(
+      graphdef, params, tokens_BP, segment_ids_BP, positions_BP, max_new_tokens)
   keys_B = jax.vmap(jax.random.key)(seeds_B)
-  next_position_B = jnp.max(positions_BP, axis=1) + 1
 
   def body(state):
     step, logits_BV, cache, out_BN, logprobs_BN, done_B, lengths_B = state
@@ -178,7 +190,9 @@ def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 6
            prompt_len: int | None = None) -> list[Completion]:
   """One completion per prompt, all decoded together in one batch.
 
-  prompts: strings (encoded with `tokenizer`, after BOS unless add_bos=False) or token-id lists.
+  prompts: strings (encoded with `tokenizer`, after BOS unless add_bos=False) or token-id lists;
+  an encoder_decoder model's are its inputs (strings also get EOS at the end, as in training)
+  and the completions its decoder's outputs.
   temperature=0 is greedy and deterministic; top_k / top_p restrict sampling to the k most
   likely tokens / the nucleus of probability mass top_p (both together: top-k first).
   stop_tokens default to the tokenizer's EOS. seed: an int (row i uses seed + i) or one seed per
@@ -186,7 +200,7 @@ def sample(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: int = 6
   to exactly this many tokens (e.g. a length bucket, so batches share one compilation).
   """
   _check_sampling(temperature, top_k, top_p)
-  token_prompts = _encode(prompts, tokenizer, add_bos)
+  token_prompts = _encode(prompts, tokenizer, add_bos, _is_seq2seq(graphdef, params))
   cfg = _check_lengths(graphdef, params, token_prompts, max_new_tokens)
   seeds = _seeds(seed, len(token_prompts))
   stop_tokens = _stop_tokens(stop_tokens, tokenizer, stop_strings)
@@ -227,13 +241,14 @@ def _beam_search(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, stop
   by score / length^alpha; a finished beam (it emitted a stop token) competes with its final
   normalised score by continuing with a 0-cost padding token that does not count in its length.
   """
-  B, P = tokens_BP.shape
+  B = tokens_BP.shape[0]
   W, N = num_beams, max_new_tokens
-  logits_BV, cache = _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, P + N)
+  logits_BV, cache, next_position_B = _prefill(
+      graphdef, params, tokens_BP, segment_ids_BP, positions_BP, N)
   rows_R = jnp.repeat(jnp.arange(B), W)  # Beam rows R = B * W, prompt-major.
   cache = kv_cache.gather_rows(cache, rows_R)
   logits_RV = logits_BV[rows_R]
-  next_position_R = jnp.max(positions_BP, axis=1)[rows_R] + 1
+  next_position_R = next_position_B[rows_R]
 
   def normalised(score, length):
     return score / jnp.maximum(length, 1).astype(jnp.float32) ** length_alpha
@@ -296,7 +311,7 @@ def beam_search(graphdef, params, prompts, *, tokenizer=None, max_new_tokens: in
     raise GenerationError(f'num_return={num_return} must be between 1 and num_beams={num_beams}')
   if length_alpha < 0:
     raise GenerationError(f'length_alpha={length_alpha} must be >= 0')
-  token_prompts = _encode(prompts, tokenizer, add_bos)
+  token_prompts = _encode(prompts, tokenizer, add_bos, _is_seq2seq(graphdef, params))
   cfg = _check_lengths(graphdef, params, token_prompts, max_new_tokens)
   if num_beams > cfg.vocab_size:
     raise GenerationError(f'num_beams={num_beams} exceeds the vocabulary size {cfg.vocab_size}')
@@ -325,7 +340,11 @@ def _check_sampling(temperature, top_k, top_p) -> None:
     raise GenerationError(f'top_p={top_p} must be in (0, 1] (1: no nucleus filter)')
 
 
-def _encode(prompts, tokenizer, add_bos: bool) -> list[list[int]]:
+def _is_seq2seq(graphdef, params) -> bool:
+  return nnx.merge(graphdef, params).cfg.kind == 'encoder_decoder'
+
+
+def _encode(prompts, tokenizer, add_bos: bool, add_eos: bool = False) -> list[list[int]]:
   if isinstance(prompts, (str, bytes)) or not prompts:
     raise GenerationError(f'prompts must be a non-empty list (of strings or token-id lists), got '
                      f'{prompts!r}')
@@ -334,7 +353,8 @@ def _encode(prompts, tokenizer, add_bos: bool) -> list[list[int]]:
     if isinstance(prompt, str):
       if tokenizer is None:
         raise GenerationError(f'prompt {i} is a string: pass tokenizer= to encode it')
-      prompt = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+      prompt = (([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+                + ([tokenizer.eos_id] if add_eos else []))
     prompt = [int(t) for t in prompt]
     if not prompt:
       raise GenerationError(f'prompt {i} is empty; start it with BOS (add_bos=True) at least')
@@ -347,8 +367,18 @@ def _check_lengths(graphdef, params, prompts, max_new_tokens: int) -> model_lib.
   cfg = nnx.merge(graphdef, params).cfg
   if max_new_tokens < 1:
     raise GenerationError(f'max_new_tokens={max_new_tokens} must be at least 1')
+  if cfg.kind == 'encoder':
+    raise GenerationError("config.model.kind='encoder' attends both ways and has no KV cache: "
+                          'generation needs a decoder or an encoder_decoder model')
+  seq2seq = cfg.kind == 'encoder_decoder'
+  if seq2seq and 1 + max_new_tokens > cfg.max_seq_len:
+    raise GenerationError(f'max_new_tokens={max_new_tokens} and the decoder start token exceed '
+                          f"the model's max_seq_len={cfg.max_seq_len}")
   for i, prompt in enumerate(prompts):
-    if len(prompt) + max_new_tokens > cfg.max_seq_len:
+    if seq2seq and len(prompt) > cfg.max_seq_len:
+      raise GenerationError(f"input {i} has {len(prompt)} tokens, more than the model's "
+                            f'max_seq_len={cfg.max_seq_len}')
+    if not seq2seq and len(prompt) + max_new_tokens > cfg.max_seq_len:
       raise GenerationError(
           f'prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that '
           f'exceeds the model\'s max_seq_len={cfg.max_seq_len}')

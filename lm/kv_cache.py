@@ -9,6 +9,12 @@ A cache is a dict of arrays (a pytree, so it jits, donates and shards like param
                 SHARED_PREFIX) a prefix that every real token of the row attends to.
   index         []  the slot the next tokens are written to, shared by every row.
 
+An encoder_decoder model's cache also holds the cross-attention's keys and values of the encoded
+input, computed once by the prefill (lm/model.py CrossAttention) and read by every later step:
+
+  cross_k, cross_v    [L, B, S_in, K, Q]
+  cross_segment_ids   [B, S_in]  the input's segment ids (0: padding, which nothing attends to)
+
 Batches of prompts of different lengths are left-padded (padding in segment 0), so every row
 writes at the same slot and one dynamic_update_slice per layer updates the cache in place;
 positions (rotary, gpt2 tables) count from each row's first real token, so a row decodes exactly
@@ -41,16 +47,26 @@ LOGICAL_AXES = {
     'v': ('layers', 'act_batch', 'act_seq', 'act_kv_heads', 'head_dim'),
     'segment_ids': ('act_batch', 'act_seq'),
     'index': (),
+    'cross_k': ('layers', 'act_batch', 'act_seq', 'act_kv_heads', 'head_dim'),
+    'cross_v': ('layers', 'act_batch', 'act_seq', 'act_kv_heads', 'head_dim'),
+    'cross_segment_ids': ('act_batch', 'act_seq'),
 }
 
 
-def init(cfg, batch_size: int, length: int, dtype=None) -> dict:
-  """An empty cache of `length` slots per row, in `dtype` (default the model's compute dtype)."""
+def init(cfg, batch_size: int, length: int, dtype=None, input_segment_ids_BS=None) -> dict:
+  """An empty cache of `length` slots per row, in `dtype` (default the model's compute dtype);
+  an encoder_decoder's also has room for the cross-attention's keys and values of an input with
+  input_segment_ids_BS."""
   shape = (cfg.num_layers, batch_size, length, cfg.num_kv_heads, cfg.head_dim)
   dtype = dtype or cfg.dtype
   cache = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
            'segment_ids': jnp.zeros((batch_size, length), jnp.int32),
            'index': jnp.zeros((), jnp.int32)}
+  if input_segment_ids_BS is not None:
+    cross_shape = (cfg.num_layers, batch_size, input_segment_ids_BS.shape[1], cfg.num_kv_heads,
+                   cfg.head_dim)
+    cache.update(cross_k=jnp.zeros(cross_shape, dtype), cross_v=jnp.zeros(cross_shape, dtype),
+                 cross_segment_ids=jnp.asarray(input_segment_ids_BS, jnp.int32))
   return {name: sharding.constrain(x, LOGICAL_AXES[name]) for name, x in cache.items()}
 
 
@@ -86,14 +102,28 @@ def write(layer_view: dict, k_BTKQ, v_BTKQ):
   return cache, cache['k'][layer], cache['v'][layer]
 
 
+def write_cross(cache: dict, layer, k_BSKQ, v_BSKQ) -> dict:
+  """The cache with one layer's cross-attention keys and values of the encoded input."""
+  start = (layer, 0, 0, 0, 0)
+  return {**cache,
+          'cross_k': jax.lax.dynamic_update_slice(
+              cache['cross_k'], k_BSKQ[None].astype(cache['cross_k'].dtype), start),
+          'cross_v': jax.lax.dynamic_update_slice(
+              cache['cross_v'], v_BSKQ[None].astype(cache['cross_v'].dtype), start)}
+
+
 def advance(cache: dict, num_tokens: int) -> dict:
   return {**cache, 'index': cache['index'] + num_tokens}
 
 
 def gather_rows(cache: dict, rows_B) -> dict:
   """The cache with its batch rows reordered/duplicated as rows_B says (beam search)."""
-  return {'k': cache['k'][:, rows_B], 'v': cache['v'][:, rows_B],
-          'segment_ids': cache['segment_ids'][rows_B], 'index': cache['index']}
+  out = {'k': cache['k'][:, rows_B], 'v': cache['v'][:, rows_B],
+         'segment_ids': cache['segment_ids'][rows_B], 'index': cache['index']}
+  if 'cross_k' in cache:
+    out.update(cross_k=cache['cross_k'][:, rows_B], cross_v=cache['cross_v'][:, rows_B],
+               cross_segment_ids=cache['cross_segment_ids'][rows_B])
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,9 @@ def merge(params: dict, cfg) -> dict:
     return params
   scale = cfg.lora_alpha / cfg.lora_rank
   merged = dict(params)
-  for stack in ('blocks', 'moe_blocks'):  # Dense blocks, and an MoE model's expert blocks.
+  # Dense and MoE blocks, the decoder's (or an encoder-only model's) and an encoder's: the stacks
+  # of lm.model.STACKS (which imports this module).
+  for stack in ('blocks', 'moe_blocks', 'encoder_blocks', 'encoder_moe_blocks'):
     if stack not in params:
       continue
     blocks = {module: dict(leaves) for module, leaves in params[stack].items()}

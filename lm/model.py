@@ -1,4 +1,5 @@
-"""A decoder-only transformer in Flax NNX: Llama-style and GPT-2-style blocks, MHA/GQA/MQA.
+"""Transformers in Flax NNX: Llama-style and GPT-2-style blocks, MHA/GQA/MQA; decoder-only (the
+default), encoder-only and encoder-decoder (config.model.kind).
 
 Shape suffixes name each axis: B batch, T query time, S key time, D d_model, H query heads,
 K key/value heads, G query heads per kv head (H = K * G), Q head dim, F d_ff, V vocab, L layers.
@@ -13,6 +14,11 @@ changes how the forward pass iterates (lax.scan or an unrolled loop), never the 
 A Mixture-of-Experts model (config.model.moe, lm/moe.py) keeps its MoE blocks in a second stack,
 `moe_blocks`, beside the dense ones: the layers are groups of moe_every_n_layers blocks whose last
 is MoE, and the loop (or scan) runs over those groups.
+
+An encoder-decoder (T5's family) adds an encoder stack, `encoder_blocks` (and `encoder_moe_blocks`),
+whose blocks attend both ways, and a final `encoder_norm`; each decoder block then has a
+cross-attention between its self-attention and its MLP, reading the encoded input. The decoder
+keeps the names of a decoder-only model's parameters.
 """
 
 import dataclasses
@@ -36,7 +42,13 @@ class ModelConfig:
   """The model's hyperparameters (config.model, with 'auto' dtype already resolved)."""
   # 'decoder': causal attention, next-token logits. 'encoder': the same blocks attending to their
   # whole document both ways (a masked language model, lm/mlm.py); no KV cache.
+  # 'encoder_decoder': an encoder of encoder_layers blocks and a decoder of num_layers blocks
+  # with cross-attention (span corruption, lm/span_corruption.py).
   kind: str = 'decoder'
+  encoder_layers: int = 0  # 0: num_layers.
+  # encoder_decoder: the encoder reads the decoder's embedding table (T5), or one of its own.
+  shared_embeddings: bool = True
+  decoder_start_id: int = 1  # The decoder's first input token (BOS in lm's tokenizers).
   block: str = 'llama'
   vocab_size: int = 8192
   d_model: int = 512
@@ -101,14 +113,29 @@ class ModelConfig:
   def layer_groups(self) -> tuple[int, int, int]:
     """(groups, dense blocks per group, MoE blocks per group): the layers repeat a group of
     moe_every_n_layers blocks whose last one is MoE (a dense model: L groups of one dense block)."""
+    return self.groups_of(self.num_layers)
+
+  @property
+  def num_encoder_layers(self) -> int:
+    """The encoder's blocks (an encoder_decoder model; 0 for the other kinds)."""
+    return (self.encoder_layers or self.num_layers) if self.kind == 'encoder_decoder' else 0
+
+  def groups_of(self, num_layers: int) -> tuple[int, int, int]:
+    """layer_groups of a stack of num_layers blocks (the decoder's, or the encoder's)."""
     if not self.moe_num_experts:
-      return self.num_layers, 1, 0
+      return num_layers, 1, 0
     n = self.moe_every_n_layers
-    return self.num_layers // n, n - 1, 1
+    return num_layers // n, n - 1, 1
 
   def is_moe_layer(self, layer: int) -> bool:
     return bool(self.moe_num_experts) and layer % self.moe_every_n_layers == \
         self.moe_every_n_layers - 1
+
+
+# The stacks of blocks (every leaf with a leading 'layers' axis): the decoder's (or an encoder-only
+# model's) dense and MoE blocks, and an encoder_decoder model's encoder blocks.
+STACKS = ('blocks', 'moe_blocks', 'encoder_blocks', 'encoder_moe_blocks')
+MOE_STACKS = ('moe_blocks', 'encoder_moe_blocks')
 
 
 def _param(rngs, shape, axes, cfg: ModelConfig, std=None, init=None) -> nnx.Param:
@@ -182,24 +209,30 @@ def rotary(x_BTNQ, positions_BT, theta: float):
   return out_BTN2F.reshape(x_BTNQ.shape).astype(x_BTNQ.dtype)
 
 
+def _attention_weights(module, cfg, rngs):
+  """Gives an attention module its query/key/value/output projections (and GPT-2's biases)."""
+  D, H, K, Q = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+  module.w_q = _param(rngs, (D, H, Q), ('embed', 'heads', 'head_dim'), cfg, std)
+  module.w_k = _param(rngs, (D, K, Q), ('embed', 'kv_heads', 'head_dim'), cfg, std)
+  module.w_v = _param(rngs, (D, K, Q), ('embed', 'kv_heads', 'head_dim'), cfg, std)
+  module.w_o = _param(rngs, (H, Q, D), ('heads', 'head_dim', 'embed'), cfg, out_std)
+  if cfg.block == 'gpt2':
+    module.b_q = _param(rngs, (H, Q), ('heads', 'head_dim'), cfg, init=jnp.zeros)
+    module.b_k = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
+    module.b_v = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
+    module.b_o = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
+  lora_lib.add_adapters(module, ('w_q', 'w_k', 'w_v', 'w_o'), rngs)
+
+
 class Attention(nnx.Module):
   """Self-attention with K <= H key/value heads (MHA: K = H, GQA: 1 < K < H, MQA: K = 1): causal
-  in a decoder, both ways within each document in an encoder (cfg.kind)."""
+  in a decoder, both ways within each document in an encoder (causal=False)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, causal: bool = True):
     self.cfg = cfg
-    D, H, K, Q = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    self.w_q = _param(rngs, (D, H, Q), ('embed', 'heads', 'head_dim'), cfg, std)
-    self.w_k = _param(rngs, (D, K, Q), ('embed', 'kv_heads', 'head_dim'), cfg, std)
-    self.w_v = _param(rngs, (D, K, Q), ('embed', 'kv_heads', 'head_dim'), cfg, std)
-    self.w_o = _param(rngs, (H, Q, D), ('heads', 'head_dim', 'embed'), cfg, out_std)
-    if cfg.block == 'gpt2':
-      self.b_q = _param(rngs, (H, Q), ('heads', 'head_dim'), cfg, init=jnp.zeros)
-      self.b_k = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
-      self.b_v = _param(rngs, (K, Q), ('kv_heads', 'head_dim'), cfg, init=jnp.zeros)
-      self.b_o = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
-    lora_lib.add_adapters(self, ('w_q', 'w_k', 'w_v', 'w_o'), rngs)
+    self.causal = causal
+    _attention_weights(self, cfg, rngs)
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
     """Returns (out_BTD, cache). With a KV cache (decoding, lm/kv_cache.py; cache['layer'] says
@@ -222,8 +255,8 @@ class Attention(nnx.Module):
     if cache is None:
       out_BTHQ = attention_lib.causal_attention(
           q_BTHQ, k_BTKQ, v_BTKQ, segment_ids_BT, implementation=cfg.attention,
-          causal=cfg.kind != 'encoder')
-    elif cfg.kind == 'encoder':
+          causal=self.causal)
+    elif not self.causal:
       raise ValueError("config.model.kind='encoder' attends both ways and has no KV cache: "
                        'decoding (lm.generate, lm.engine) needs a decoder')
     else:
@@ -231,6 +264,51 @@ class Attention(nnx.Module):
       out_BTHQ = attention_lib.cached_attention(
           q_BTHQ, k_BSKQ, v_BSKQ, segment_ids_BT, cache['segment_ids'], cache['index'])
     out_BTD = project(self, 'w_o', out_BTHQ, dropout_rng)  # 'bthq,hqd->btd'
+    if cfg.block == 'gpt2':
+      out_BTD += self.b_o[...].astype(dt)[None, None, :]
+    return out_BTD, cache
+
+
+class CrossAttention(nnx.Module):
+  """An encoder_decoder decoder's attention to the encoded input: queries from the decoder, keys
+  and values from the encoder's output, without positions (rotary would relate positions of two
+  different sequences); each decoder segment sees its own segment of the input."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    _attention_weights(self, cfg, rngs)
+
+  def keys_values(self, encoded_BSD, dropout_rng=None):
+    """(k_BSKQ, v_BSKQ) of the encoded input."""
+    k_BSKQ = project(self, 'w_k', encoded_BSD, dropout_rng)
+    v_BSKQ = project(self, 'w_v', encoded_BSD, dropout_rng)
+    if self.cfg.block == 'gpt2':
+      k_BSKQ += self.b_k[...].astype(self.cfg.dtype)[None, None]
+      v_BSKQ += self.b_v[...].astype(self.cfg.dtype)[None, None]
+    return (sharding.constrain(k_BSKQ, ('act_batch', 'act_seq', 'act_kv_heads', None)),
+            sharding.constrain(v_BSKQ, ('act_batch', 'act_seq', 'act_kv_heads', None)))
+
+  def __call__(self, x_BTD, segment_ids_BT, memory, cache=None, layer=None, dropout_rng=None):
+    """(out_BTD, cache). memory (encoded_BSD, encoded_segment_ids_BS): keys and values computed
+    from it (training; and the prefill of decoding, which also writes them into the cache's
+    cross_k / cross_v at `layer`). memory None: read from the cache (decoding's later steps)."""
+    cfg, dt = self.cfg, self.cfg.dtype
+    q_BTHQ = project(self, 'w_q', x_BTD, dropout_rng)
+    if cfg.block == 'gpt2':
+      q_BTHQ += self.b_q[...].astype(dt)[None, None]
+    q_BTHQ = sharding.constrain(q_BTHQ, ('act_batch', 'act_seq', 'act_heads', None))
+    if memory is not None:
+      encoded_BSD, encoded_segment_ids_BS = memory
+      k_BSKQ, v_BSKQ = self.keys_values(encoded_BSD, dropout_rng)
+      if cache is not None:
+        cache = kv_cache.write_cross(cache, layer, k_BSKQ, v_BSKQ)
+    else:
+      k_BSKQ, v_BSKQ = cache['cross_k'][layer], cache['cross_v'][layer]
+      encoded_segment_ids_BS = cache['cross_segment_ids']
+    mask_B1TS = attention_lib.visible(segment_ids_BT, encoded_segment_ids_BS)[:, None]
+    out_BTHQ = attention_lib.einsum_attention(q_BTHQ, k_BSKQ.astype(dt), v_BSKQ.astype(dt),
+                                              mask_B1TS)
+    out_BTD = project(self, 'w_o', out_BTHQ, dropout_rng)
     if cfg.block == 'gpt2':
       out_BTD += self.b_o[...].astype(dt)[None, None, :]
     return out_BTD, cache
@@ -327,20 +405,35 @@ class MoE(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x)) (MoE: mlp = experts)."""
+  """Pre-norm residual block: x + attention(norm(x)), [x + cross_attention(norm(x)) in an
+  encoder_decoder's decoder], then x + mlp(norm(x)) (MoE: mlp = experts)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, moe: bool = False, causal: bool = True,
+               cross: bool = False):
     self.attention_norm = Norm(cfg, rngs=rngs)
-    self.attention = Attention(cfg, rngs=rngs)
+    self.attention = Attention(cfg, rngs=rngs, causal=causal)
+    if cross:
+      self.cross_attention_norm = Norm(cfg, rngs=rngs)
+      self.cross_attention = CrossAttention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg, rngs=rngs)
     self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
-    """(x_BTD, cache, aux): aux is the MoE layer's (lm/moe.py), {} for a dense block."""
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None,
+               memory=None):
+    """(x_BTD, cache, aux): aux is the MoE layer's (lm/moe.py), {} for a dense block. memory:
+    the encoded input, for the cross-attention (CrossAttention.__call__)."""
     attention_rng, mlp_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    layer = None if cache is None else cache['layer']
     attention_BTD, cache = self.attention(
         self.attention_norm(x_BTD), segment_ids_BT, positions_BT, cache, attention_rng)
     x_BTD = sharding.constrain(x_BTD + attention_BTD, ('act_batch', 'act_seq', 'act_embed'))
+    if hasattr(self, 'cross_attention'):
+      cross_rng = None
+      if mlp_rng is not None:
+        mlp_rng, cross_rng = jax.random.split(mlp_rng)
+      cross_BTD, cache = self.cross_attention(
+          self.cross_attention_norm(x_BTD), segment_ids_BT, memory, cache, layer, cross_rng)
+      x_BTD = sharding.constrain(x_BTD + cross_BTD, ('act_batch', 'act_seq', 'act_embed'))
     if isinstance(self.mlp, MoE):
       mlp_BTD, aux = self.mlp(self.mlp_norm(x_BTD), segment_ids_BT > 0)
     else:
@@ -350,7 +443,8 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Token ids [B, T] -> next-token logits [B, T, V] in fp32."""
+  """Token ids [B, T] -> next-token logits [B, T, V] in fp32 (an encoder_decoder's decoder: given
+  the encoded input, `encode`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -359,21 +453,31 @@ class Transformer(nnx.Module):
     if cfg.block == 'gpt2':
       self.pos_embed = _param(rngs, (cfg.max_seq_len, D), (None, 'embed'), cfg, cfg.init_std)
 
-    groups, dense, moe = cfg.layer_groups
-
-    def make_blocks(count, moe):
+    def make_blocks(count, moe, causal, cross):
       @nnx.split_rngs(splits=count)
       @nnx.vmap(in_axes=(0,), out_axes=0)
       def make(rngs):
-        return Block(cfg, rngs=rngs, moe=moe)
+        return Block(cfg, rngs=rngs, moe=moe, causal=causal, cross=cross)
       return make(rngs)
 
     # Every leaf has a leading layers axis: [L] for a dense model; with MoE every
     # moe_every_n_layers-th block is in moe_blocks and the others in blocks, in layer order.
+    seq2seq = cfg.kind == 'encoder_decoder'
+    if seq2seq:
+      if not cfg.shared_embeddings:
+        self.encoder_embed = _param(rngs, (V, D), ('vocab', 'embed'), cfg, cfg.init_std)
+      groups, dense, moe = cfg.groups_of(cfg.num_encoder_layers)
+      if dense:
+        self.encoder_blocks = make_blocks(groups * dense, False, causal=False, cross=False)
+      if moe:
+        self.encoder_moe_blocks = make_blocks(groups * moe, True, causal=False, cross=False)
+      self.encoder_norm = Norm(cfg, rngs=rngs)
+    groups, dense, moe = cfg.layer_groups
+    causal = cfg.kind != 'encoder'
     if dense:
-      self.blocks = make_blocks(groups * dense, moe=False)
+      self.blocks = make_blocks(groups * dense, False, causal=causal, cross=seq2seq)
     if moe:
-      self.moe_blocks = make_blocks(groups * moe, moe=True)
+      self.moe_blocks = make_blocks(groups * moe, True, causal=causal, cross=seq2seq)
     self.final_norm = Norm(cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (D, V), ('embed', 'vocab'), cfg, cfg.init_std)
@@ -383,48 +487,62 @@ class Transformer(nnx.Module):
       self.value_head = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
 
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
-               dropout_rng=None, hidden_only: bool = False):
+               dropout_rng=None, hidden_only: bool = False, memory=None):
     """segment_ids (1, 2, ... per packed document) keep documents from attending to each other;
     positions restart at 0 in each document. Both default to one document per row. dropout_rng
     (a key; training only) turns on LoRA dropout.
 
     With a KV cache (lm/kv_cache.py) the tokens continue what the cache holds, and the result
     is (logits_BTV, the cache with them appended). hidden_only (no cache): the final-norm
-    hidden states x_BTD instead, for callers that need `logits` at a few positions only."""
-    x_BTD, cache, _ = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, dropout_rng)
+    hidden states x_BTD instead, for callers that need `logits` at a few positions only.
+    memory: an encoder_decoder's encoded input (CrossAttention.__call__)."""
+    x_BTD, cache, _ = self.hidden(tokens_BT, segment_ids_BT, positions_BT, cache, dropout_rng,
+                                  memory)
     if hidden_only:
       return x_BTD
     logits_BTV = self.logits(x_BTD)
     return logits_BTV if cache is None else (logits_BTV, kv_cache.advance(cache, tokens_BT.shape[1]))
 
   def hidden(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
-             dropout_rng=None):
+             dropout_rng=None, memory=None):
     """(final-norm hidden states x_BTD, cache, MoE aux): embeddings, the blocks, the final norm."""
-    cfg = self.cfg
-    B, T = tokens_BT.shape
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones((B, T), jnp.int32)
-    if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0)
-    if cfg.block == 'gpt2':
-      x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0)
-    x_BTD = sharding.constrain(x_BTD.astype(cfg.dtype), ('act_batch', 'act_seq', 'act_embed'))
-    x_BTD, cache, aux = self.trunk(x_BTD, segment_ids_BT, positions_BT, cache, dropout_rng)
+    segment_ids_BT, positions_BT = _default_segments(tokens_BT, segment_ids_BT, positions_BT)
+    x_BTD = self._embed(self.embed, tokens_BT, positions_BT)
+    x_BTD, cache, aux = self.trunk(x_BTD, segment_ids_BT, positions_BT, cache, dropout_rng,
+                                   memory=memory)
     return self.final_norm(x_BTD), cache, aux
 
-  def trunk(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None):
-    """The blocks on embedded inputs: (x_BTD, cache, aux) with aux the MoE layers' statistics
-    stacked along a leading [MoE layers] axis ({} for a dense model)."""
+  def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None, dropout_rng=None):
+    """An encoder_decoder's encoder: (encoded_BSD after encoder_norm, MoE aux), for `memory`."""
+    segment_ids_BS, positions_BS = _default_segments(tokens_BS, segment_ids_BS, positions_BS)
+    table = self.encoder_embed if hasattr(self, 'encoder_embed') else self.embed
+    x_BSD = self._embed(table, tokens_BS, positions_BS)
+    if dropout_rng is not None:
+      dropout_rng = jax.random.fold_in(dropout_rng, _ENCODER_STREAM)
+    x_BSD, _, aux = self.trunk(x_BSD, segment_ids_BS, positions_BS, dropout_rng=dropout_rng,
+                               encoder=True)
+    return self.encoder_norm(x_BSD), aux
+
+  def _embed(self, table, tokens_BT, positions_BT):
+    x_BTD = jnp.take(table[...], tokens_BT, axis=0)
+    if self.cfg.block == 'gpt2':
+      x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0)
+    return sharding.constrain(x_BTD.astype(self.cfg.dtype), ('act_batch', 'act_seq', 'act_embed'))
+
+  def trunk(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None,
+            memory=None, encoder: bool = False):
+    """The blocks on embedded inputs (the encoder's with encoder=True): (x_BTD, cache, aux) with
+    aux the MoE layers' statistics stacked along a leading [MoE layers] axis ({} for a dense
+    model). memory: the encoded input that a decoder's cross-attention reads."""
     cfg = self.cfg
-    groups, dense, moe = cfg.layer_groups
+    groups, dense, moe = cfg.groups_of(cfg.num_encoder_layers) if encoder else cfg.layer_groups
     period = dense + moe
     # (graph, params, blocks per group) for the dense and the MoE blocks: params [groups, ...]
     # with one block per group, [groups, per group, ...] with several. (A dense model's stack is
     # never reshaped: inside a scan the reshape and index made XLA keep extra copies of it.)
     stacks = []
-    for name, per_group in (('blocks', dense), ('moe_blocks', moe)):
+    prefix = 'encoder_' if encoder else ''
+    for name, per_group in ((prefix + 'blocks', dense), (prefix + 'moe_blocks', moe)):
       if per_group:
         graph, params = nnx.split(getattr(self, name))
         if per_group > 1:
@@ -440,7 +558,7 @@ class Transformer(nnx.Module):
           cache = kv_cache.at_layer(cache, layer)
         layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, layer)
         x_BTD, cache, aux = nnx.merge(graph, params)(
-            x_BTD, segment_ids_BT, positions_BT, cache, layer_rng)
+            x_BTD, segment_ids_BT, positions_BT, cache, layer_rng, memory)
         return (x_BTD, cache), aux
       return jax.checkpoint(run_block, prevent_cse=not cfg.scan_layers) if cfg.remat else run_block
 
@@ -488,6 +606,20 @@ class Transformer(nnx.Module):
                       self.reward_head[...].astype(jnp.float32))
 
 
+def _default_segments(tokens_BT, segment_ids_BT, positions_BT):
+  """One document per row when segment ids and positions are not given."""
+  B, T = tokens_BT.shape
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones((B, T), jnp.int32)
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  return segment_ids_BT, positions_BT
+
+
+# Folded into the dropout key for the encoder's layers, so they differ from the decoder's.
+_ENCODER_STREAM = 0x656e63
+
+
 # Scalar heads on the trunk's hidden states: trained whenever the model has them (a fresh head
 # must learn, even when config.train.trainable names only LoRA adapters), and started fresh when
 # config.init_from's checkpoint lacks them.
@@ -530,6 +662,24 @@ def apply_with_aux(graphdef, params, tokens_BT, segment_ids_BT=None, positions_B
   return model.logits(x_BTD), aux
 
 
+def apply_encoder_decoder(graphdef, params, inputs_BS, targets_in_BT, input_segment_ids_BS=None,
+                          input_positions_BS=None, segment_ids_BT=None, positions_BT=None,
+                          dropout_rng=None):
+  """Pure (logits_BTV, aux) of an encoder_decoder model: the encoder reads inputs_BS, the decoder
+  targets_in_BT (the targets shifted right after decoder_start_id) with cross-attention to it;
+  aux holds both stacks' MoE statistics (encoder's layers first), {} for a dense model."""
+  model = nnx.merge(graphdef, params)
+  if input_segment_ids_BS is None:
+    input_segment_ids_BS = jnp.ones(inputs_BS.shape, jnp.int32)
+  encoded_BSD, encoder_aux = model.encode(inputs_BS, input_segment_ids_BS, input_positions_BS,
+                                          dropout_rng)
+  x_BTD, _, aux = model.hidden(targets_in_BT, segment_ids_BT, positions_BT,
+                               dropout_rng=dropout_rng, memory=(encoded_BSD, input_segment_ids_BS))
+  if encoder_aux:
+    aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), encoder_aux, aux)
+  return model.logits(x_BTD), aux
+
+
 def apply_reward(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, last_B,
                  dropout_rng=None):
   """Pure scalar rewards [B] (a model with reward_head) read at token index last_B of each row."""
@@ -556,7 +706,7 @@ def logical_axes(cfg: ModelConfig):
 
   def axes(path, variable):
     names = tuple(variable.get_metadata()['logical_axes'])
-    return ('layers',) + names if path[0] in ('blocks', 'moe_blocks') else names
+    return ('layers',) + names if path[0] in STACKS else names
 
   flat = {path: axes(path, v) for path, v in nnx.to_flat_state(state)}
   return pytree.unflatten(flat)

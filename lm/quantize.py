@@ -45,8 +45,8 @@ def _reduce_axes(path: tuple[str, ...]) -> tuple[int, ...] | None:
   if name not in CONTRACTED_AXES:
     return None
   # Skip the stacked 'layers' axis, and an MoE block's 'expert' axis: one scale per expert.
-  first = 1 if path[0] in ('blocks', 'moe_blocks') else 0
-  if path[0] == 'moe_blocks' and path[-2] == 'mlp':
+  first = 1 if path[0] in model_lib.STACKS else 0
+  if path[0] in model_lib.MOE_STACKS and path[-2] == 'mlp':
     first = 2
   return tuple(range(first, first + CONTRACTED_AXES[name]))
 
