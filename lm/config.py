@@ -40,7 +40,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 'decoder': causal attention trained on next-token prediction (every mode). 'encoder': the
   # same blocks attending to their whole document both ways, trained as a masked language model
   # (config.mlm, lm/mlm.py; modes 'train' only: no KV cache, so no sampling or post-training).
+  # 'encoder_decoder' (T5's family): an encoder of such blocks and a causal decoder whose blocks
+  # also attend to the encoded input, trained on span corruption (config.span_corruption,
+  # lm/span_corruption.py); modes 'train' and 'sample' (targets generated for an input).
   m.kind = 'decoder'
+  m.encoder_layers = 0  # encoder_decoder: the encoder's blocks; 0: as many as num_layers.
+  # encoder_decoder: the encoder reads the decoder's embedding table (T5), or (False) its own.
+  m.shared_embeddings = True
+  m.decoder_start_id = 1  # encoder_decoder: the decoder's first input (BOS in lm's tokenizers).
   # Block family. 'llama': RMSNorm, rotary positions, SwiGLU MLP, no biases.
   # 'gpt2': LayerNorm, learned absolute positions, GELU MLP, biases everywhere.
   m.block = 'llama'
@@ -106,6 +113,20 @@ def base_config() -> ml_collections.ConfigDict:
   mlm.mask_rate = 0.15  # Chance that a real (non-padding) token is selected for prediction.
   mlm.mask_token_rate = 0.8  # Share of the selected tokens replaced by [MASK] in the input...
   mlm.random_token_rate = 0.1  # ...and by a uniformly random id; the rest are kept as they are.
+
+  # ---------------------------------------------------------------------------------------------
+  # Span corruption (model.kind='encoder_decoder'; lm/span_corruption.py, T5's objective). Each
+  # training row of data.seq_len tokens is corrupted on device: noise_density of its tokens, in
+  # spans of mean_noise_span_length, are each replaced in the encoder's input by one sentinel
+  # piece <extra_id_K>, and the decoder predicts <extra_id_0> span_0 <extra_id_1> span_1 ... EOS.
+  # The input is then about (1 - noise_density + noise_density / mean) * seq_len + 1 tokens long
+  # and the targets noise_density * (1 + 1 / mean) * seq_len + 1 (T5: seq_len 568 -> 512 and 114).
+  config.span_corruption = span = ml_collections.ConfigDict()
+  span.noise_density = 0.15
+  span.mean_noise_span_length = 3.0
+  # <extra_id_K> pieces in the tokenizer the pipeline trains (T5's vocabulary has 100); at least
+  # the spans of one row. A given data.tokenizer must have them, consecutive from <extra_id_0>.
+  span.sentinels = 100
 
   # ---------------------------------------------------------------------------------------------
   # LoRA adapters (lm/lora.py): each targeted projection W computes x W + (alpha / rank) x A B,
@@ -393,7 +414,7 @@ def find_hf_config(checkpoint: str, config: ml_collections.ConfigDict) -> str | 
 # The config.model fields that fix the parameters' shapes and the function the model computes.
 MODEL_SHAPE_FIELDS = ('kind', 'block', 'vocab_size', 'd_model', 'num_layers', 'num_heads',
                       'num_kv_heads', 'd_ff', 'max_seq_len', 'tie_embeddings', 'rope_theta',
-                      'norm_eps')
+                      'norm_eps', 'encoder_layers', 'shared_embeddings', 'decoder_start_id')
 
 
 def resolve_model_from_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -474,8 +495,7 @@ _CHOICES = {
     'mode': ('train', 'sft', 'reward', 'dpo', 'ppo', 'grpo', 'sample'),
     'post.loss_type': ('sigmoid', 'ipo'),
     'post.loss_normalization': ('token', 'sequence'),
-    # 'encoder_decoder' would join these (the encoder's blocks, cross-attention in the decoder's).
-    'model.kind': ('decoder', 'encoder'),
+    'model.kind': ('decoder', 'encoder', 'encoder_decoder'),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -654,6 +674,46 @@ def _validate_encoder(config: ml_collections.ConfigDict) -> None:
                       'at most 1 (the rest are kept)')
 
 
+def _validate_encoder_decoder(config: ml_collections.ConfigDict) -> None:
+  """model.kind='encoder_decoder': modes 'train' (span corruption) and 'sample', and
+  config.span_corruption's fields against data.seq_len."""
+  if config.mode not in ('train', 'sample'):
+    raise ConfigError(
+        f"config.mode={config.mode!r}: config.model.kind='encoder_decoder' trains with "
+        "config.mode='train' (span corruption) and generates with 'sample'; lm.post's modes "
+        'score and decode a decoder-only model')
+  if config.model.encoder_layers < 0:
+    raise ConfigError(f'config.model.encoder_layers={config.model.encoder_layers}: expected 0 '
+                      '(as many as num_layers) or more')
+  if config.model.attention == 'blocked':
+    raise ConfigError("config.model.attention='blocked' computes only the causal lower "
+                      "triangle; config.model.kind='encoder_decoder' needs 'auto', 'xla' or "
+                      "'einsum' (its encoder attends both ways)")
+  moe = config.model.get('moe')
+  if moe is not None and moe.num_experts:
+    layers = config.model.encoder_layers or config.model.num_layers
+    if layers % moe.every_n_layers:
+      raise ConfigError(f'config.model.encoder_layers={layers} must be a multiple of '
+                        f'config.model.moe.every_n_layers={moe.every_n_layers}')
+  from lm import span_corruption  # pylint: disable=g-import-not-at-top
+  span = config.span_corruption
+  try:
+    lengths = span_corruption.lengths(config.data.seq_len, span.noise_density,
+                                      span.mean_noise_span_length)
+  except ValueError as e:
+    raise ConfigError(f'config.span_corruption with config.data.seq_len='
+                      f'{config.data.seq_len}: {e}') from None
+  if span.sentinels < lengths.num_spans:
+    raise ConfigError(
+        f'config.span_corruption.sentinels={span.sentinels}: a row of config.data.seq_len='
+        f'{config.data.seq_len} tokens has {lengths.num_spans} noise spans, each needing a '
+        'sentinel of its own')
+  longest = max(lengths.inputs, lengths.targets)
+  if config.model.block == 'gpt2' and longest > config.model.max_seq_len:
+    raise ConfigError(f'config.model.max_seq_len={config.model.max_seq_len}: the corrupted rows '
+                      f'are {lengths.inputs} (input) and {lengths.targets} (targets) tokens')
+
+
 def _validate_moe(config: ml_collections.ConfigDict) -> None:
   moe = config.model.get('moe')
   if moe is None or moe.num_experts == 0:
@@ -738,6 +798,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_moe(config)
   if m.kind == 'encoder':
     _validate_encoder(config)
+  if m.kind == 'encoder_decoder':
+    _validate_encoder_decoder(config)
   if d.mixture:
     from lm import sources as sources_lib  # pylint: disable=g-import-not-at-top
     try:

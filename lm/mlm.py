@@ -68,14 +68,8 @@ def loss_sums(params, batch, rng, *, graphdef, mask_id: int, vocab_size: int,
       graphdef, params, inputs_BT, batch['segment_ids'], batch['positions'],
       dropout_rng=rng if dropout else None)
   mask_BT = selected_BT.astype(jnp.float32)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  nll_BT = log_z_BT - jnp.take_along_axis(logits_BTV, tokens_BT[..., None], -1)[..., 0]
-  objective_BT = nll_BT
-  if label_smoothing:
-    objective_BT = ((1 - label_smoothing) * nll_BT
-                    + label_smoothing * (log_z_BT - logits_BTV.mean(-1)))
-  if z_loss:
-    objective_BT = objective_BT + z_loss * log_z_BT ** 2
+  nll_BT, objective_BT = train_lib.token_objective(
+      logits_BTV, tokens_BT, z_loss=z_loss, label_smoothing=label_smoothing)
   correct_BT = (jnp.argmax(logits_BTV, -1) == tokens_BT).astype(jnp.float32)
   sums = {'nll': (nll_BT * mask_BT).sum(), 'tokens': mask_BT.sum(),
           'mlm_accuracy': (correct_BT * mask_BT).sum()}
@@ -114,12 +108,6 @@ def objective(graphdef, config: ml_collections.ConfigDict) -> train_lib.Objectiv
       eval_sums=functools.partial(eval_sums, seed=config.train.seed, **kwargs), report=report)
 
 
-def _prepared_sources(data: ml_collections.ConfigDict) -> list[str]:
-  entries = (sources_lib.parse_mixture(data.mixture) if data.mixture
-             else [sources_lib.MixtureSource('', data.source, 1.0)])
-  return [e.source for e in entries if sources_lib.is_prepared(e.source)]
-
-
 def mask_id(config: ml_collections.ConfigDict) -> int:
   """The id of the [MASK] piece the run's tokenizer has: data.tokenizer's (ConfigError if it has
   none), or tokenizer.MASK_ID in the one the pipeline trains for an encoder (data_config)."""
@@ -135,9 +123,9 @@ def mask_id(config: ml_collections.ConfigDict) -> int:
       raise config_lib.ConfigError(
           f"config.model.kind='encoder' needs a {tokenizer_lib.MASK_PIECE} piece, but "
           f'config.data.tokenizer={d.tokenizer!r} has none: {how}')
-  elif _prepared_sources(d):
+  elif sources_lib.prepared_sources(d):
     raise config_lib.ConfigError(
-        f"config.model.kind='encoder' on prepared sources {_prepared_sources(d)}: set "
+        f"config.model.kind='encoder' on prepared sources {sources_lib.prepared_sources(d)}: set "
         f"config.data.tokenizer to their shards' tokenizer, which needs a "
         f'{tokenizer_lib.MASK_PIECE} piece ({how})')
   else:
@@ -154,7 +142,7 @@ def data_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
   trains (or reuses) in workdir/tokenizer, with the [MASK] piece, named as data.tokenizer so that
   lm.data takes it as given; otherwise config.data itself (mask_id checked its tokenizer)."""
   d = config.data
-  if d.tokenizer or _prepared_sources(d):
+  if d.tokenizer or sources_lib.prepared_sources(d):
     return d
   mixture = sources_lib.parse_mixture(d.mixture) if d.mixture else []
   tokenizer, _ = token_cache.cached_tokenizer(

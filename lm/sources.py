@@ -190,6 +190,13 @@ def is_prepared(source: str) -> bool:
   return source.partition(':')[0] == PREPARED
 
 
+def prepared_sources(data_config) -> list[str]:
+  """The prepared:OUT sources of config.data (data.source, or each of data.mixture's)."""
+  entries = (parse_mixture(data_config.mixture) if data_config.mixture
+             else [MixtureSource('', data_config.source, 1.0)])
+  return [e.source for e in entries if is_prepared(e.source)]
+
+
 def iter_records(source: str, where: str = '') -> Iterator[tuple[str, dict]]:
   """Yields (location, record) for each example of a jsonl:GLOB or tfds:NAME[:SPLIT] source: the
   structured data of post-training (prompt, response, chosen, ...), bytes decoded to str.

@@ -108,6 +108,23 @@ def make_optimizer(t: ml_collections.ConfigDict, logical_axes,
   return optax.chain(clip, adamw)
 
 
+def token_objective(logits_BTV, targets_BT, *, z_loss: float = 0.0,
+                    label_smoothing: float = 0.0):
+  """(nll_BT, objective_BT) of each position: the cross-entropy of its target, and the trained
+  objective (label-smoothed toward the uniform distribution, plus z_loss * logsumexp^2) that
+  every kind's loss (causal, masked, span corruption) sums over its own target positions."""
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], -1)[..., 0]
+  nll_BT = log_z_BT - target_logit_BT
+  objective_BT = nll_BT
+  if label_smoothing:
+    uniform_nll_BT = log_z_BT - logits_BTV.mean(-1)
+    objective_BT = (1 - label_smoothing) * nll_BT + label_smoothing * uniform_nll_BT
+  if z_loss:
+    objective_BT = objective_BT + z_loss * log_z_BT ** 2
+  return nll_BT, objective_BT
+
+
 def loss_sums(params, batch, dropout_rng=None, *, graphdef, z_loss: float = 0.0,
               label_smoothing: float = 0.0):
   """Summed (not averaged) training objective over the batch's target tokens, and its parts.
@@ -119,15 +136,8 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, z_loss: float = 0.0,
       graphdef, params, batch['inputs'], batch['segment_ids'], batch['positions'],
       dropout_rng=dropout_rng)
   mask_BT = batch['loss_mask']
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], -1)[..., 0]
-  nll_BT = log_z_BT - target_logit_BT
-  objective_BT = nll_BT
-  if label_smoothing:
-    uniform_nll_BT = log_z_BT - logits_BTV.mean(-1)
-    objective_BT = (1 - label_smoothing) * nll_BT + label_smoothing * uniform_nll_BT
-  if z_loss:
-    objective_BT = objective_BT + z_loss * log_z_BT ** 2
+  nll_BT, objective_BT = token_objective(logits_BTV, batch['targets'], z_loss=z_loss,
+                                         label_smoothing=label_smoothing)
   sums = {'nll': (nll_BT * mask_BT).sum(), 'tokens': mask_BT.sum()}
   objective = (objective_BT * mask_BT).sum()
   if moe_aux:
@@ -426,10 +436,14 @@ def updates_per_step(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def mode_objective(config: ml_collections.ConfigDict, graphdef) -> Objective:
   """config.mode's loss: the language model's for 'train' and 'sft', lm.post's for the others;
-  an encoder's (config.model.kind='encoder', mode 'train') is the masked LM's (lm/mlm.py)."""
+  an encoder's (config.model.kind='encoder', mode 'train') is the masked LM's (lm/mlm.py), an
+  encoder_decoder's span corruption (lm/span_corruption.py)."""
   if config.model.kind == 'encoder':
     from lm import mlm  # pylint: disable=g-import-not-at-top
     return mlm.objective(graphdef, config)
+  if config.model.kind == 'encoder_decoder':
+    from lm import span_corruption  # pylint: disable=g-import-not-at-top
+    return span_corruption.objective(graphdef, config)
   if config.mode == 'dpo':
     from lm.post import dpo  # pylint: disable=g-import-not-at-top
     return dpo.objective(graphdef, config.post)
@@ -614,6 +628,9 @@ def make_data(run: Setup, workdir: str) -> data_lib.Data:
   if config.model.kind == 'encoder':  # A tokenizer with the [MASK] piece.
     from lm import mlm  # pylint: disable=g-import-not-at-top
     data_config = mlm.data_config(config, workdir)
+  elif config.model.kind == 'encoder_decoder':  # A tokenizer with the sentinel pieces.
+    from lm import span_corruption  # pylint: disable=g-import-not-at-top
+    data_config = span_corruption.data_config(config, workdir)
   return data_lib.make_data(data_config, vocab_size=vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, **shards)
 
@@ -658,10 +675,19 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     num_params = model_lib.count_params(state.params)
     num_trained = model_lib.count_params(split_trained(state.params, trained)[0])
     experts, top_k, _ = flops.moe_shape(cfg)
+    share = top_k / experts if experts else 1.0
     matmul, trained_matmul = flops.matmul_param_counts(
-        abstract_state.params, trained, cfg.tie_embeddings,
-        active_expert_share=top_k / experts if experts else 1.0)
-    flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
+        abstract_state.params, trained, cfg.tie_embeddings, active_expert_share=share)
+    if cfg.kind == 'encoder_decoder':  # Per raw token of the rows span corruption corrupts.
+      from lm import span_corruption  # pylint: disable=g-import-not-at-top
+      span = config.span_corruption
+      lengths = span_corruption.lengths(config.data.seq_len, span.noise_density,
+                                        span.mean_noise_span_length)
+      flops_per_token = flops.encoder_decoder_flops_per_token(
+          cfg, abstract_state.params, trained, raw_len=config.data.seq_len,
+          inputs_len=lengths.inputs, targets_len=lengths.targets, active_expert_share=share)
+    else:
+      flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
     peak = flops.peak_flops_per_device(cfg.dtype)
     peak = peak * jax.device_count() if peak else None
     logging.info('model: %s params (%s trained), %.3g FLOPs/token (%s), compute dtype %s, mesh %s',

@@ -185,7 +185,7 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=f"config.mode='{mode}' needs a decoder"):
       config_lib.validate(bad)
   for section, field, value, message in [
-      ('model', 'kind', 'encoder_decoder', "config.model.kind='encoder_decoder'"),
+      ('model', 'kind', 'seq2seq', "config.model.kind='seq2seq'"),
       ('model', 'attention', 'blocked', "config.model.attention='blocked'"),
       ('mlm', 'mask_rate', 0.0, 'config.mlm.mask_rate=0.0'),
       ('mlm', 'random_token_rate', 0.3, 'must sum to at most 1')]:
