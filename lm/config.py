@@ -19,7 +19,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # What lm.main does with this config. 'train': train (resuming from DIR/checkpoints if present)
   # and evaluate on held-out text. 'sft': the same loop, fine-tuning on config.post's
-  # prompt/response data (lm/post/); 'reward' and 'dpo': on its preference pairs.
+  # prompt/response data (lm/post/); 'reward' and 'dpo': on its preference pairs. 'distill':
+  # train on config.data's text toward config.distill.teacher's outputs (lm/distill.py).
   # 'sample': print completions of config.sample's prompts by the newest checkpoint in
   # DIR/checkpoints (the model fields must match the trained run's).
   config.mode = 'train'
@@ -127,6 +128,20 @@ def base_config() -> ml_collections.ConfigDict:
   # <extra_id_K> pieces in the tokenizer the pipeline trains (T5's vocabulary has 100); at least
   # the spans of one row. A given data.tokenizer must have them, consecutive from <extra_id_0>.
   span.sentinels = 100
+
+  # ---------------------------------------------------------------------------------------------
+  # Distillation (config.mode='distill'; lm/distill.py): at each target token the loss is
+  # (1 - alpha) * cross-entropy + alpha * temperature^2 * KL(teacher || student), both
+  # distributions softened by the temperature. The teacher runs on each batch before the step.
+  config.distill = distill = ml_collections.ConfigDict()
+  # The teacher: any lm checkpoint (a training workdir, an lm.convert output, ...). It must share
+  # the student's tokenizer (data.tokenizer defaults to the teacher's) and vocab_size.
+  distill.teacher = ''
+  distill.alpha = 0.5  # Weight of the KL term; 0: plain training, 1: the teacher's outputs alone.
+  distill.temperature = 2.0  # Softens both distributions (Hinton et al.: 2-5 is typical).
+  # 0: the teacher's whole distribution ([batch, seq, vocab] fp32 per step, exact KL); k > 0:
+  # its k most likely tokens at each position, renormalised (vocab / k times less memory).
+  distill.top_k = 0
 
   # ---------------------------------------------------------------------------------------------
   # LoRA adapters (lm/lora.py): each targeted projection W computes x W + (alpha / rank) x A B,
@@ -492,7 +507,7 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'mode': ('train', 'sft', 'reward', 'dpo', 'ppo', 'grpo', 'sample'),
+    'mode': ('train', 'sft', 'reward', 'dpo', 'ppo', 'grpo', 'distill', 'sample'),
     'post.loss_type': ('sigmoid', 'ipo'),
     'post.loss_normalization': ('token', 'sequence'),
     'model.kind': ('decoder', 'encoder', 'encoder_decoder'),
@@ -649,7 +664,28 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
 
 
 # Modes that decode with a KV cache or score sequences causally: a decoder's alone.
-DECODER_MODES = ('sample', 'sft', 'reward', 'dpo', 'ppo', 'grpo')
+DECODER_MODES = ('sample', 'sft', 'reward', 'dpo', 'ppo', 'grpo', 'distill')
+
+
+def _validate_distill(config: ml_collections.ConfigDict) -> None:
+  """config.mode='distill': a teacher checkpoint, alpha in [0, 1], a positive temperature and
+  top_k within the vocabulary (lm.distill checks the teacher's tokenizer and vocab_size)."""
+  d = config.distill
+  if not d.teacher:
+    raise ConfigError("config.mode='distill' needs config.distill.teacher: the checkpoint "
+                      'directory of the model to learn from')
+  if '://' not in d.teacher and not os.path.isdir(d.teacher):
+    raise ConfigError(f'config.distill.teacher={d.teacher!r}: no such directory')
+  if not 0 <= d.alpha <= 1:
+    raise ConfigError(f'config.distill.alpha={d.alpha!r}: must be in [0, 1]')
+  if not d.temperature > 0:
+    raise ConfigError(f'config.distill.temperature={d.temperature!r}: must be positive')
+  if not 0 <= d.top_k < config.model.vocab_size:
+    raise ConfigError(f'config.distill.top_k={d.top_k!r}: expected 0 (the whole distribution) '
+                      f'or 1 .. config.model.vocab_size - 1 = {config.model.vocab_size - 1}')
+  if config.model.reward_head or config.model.value_head:
+    raise ConfigError("config.mode='distill' trains a language model: config.model.reward_head "
+                      'and value_head must be False')
 
 
 def _validate_encoder(config: ml_collections.ConfigDict) -> None:
@@ -813,6 +849,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_post(config)
   if config.mode in ('ppo', 'grpo'):
     _validate_rl(config)
+  if config.mode == 'distill':
+    _validate_distill(config)
   if config.mode == 'reward' and not config.model.reward_head:
     raise ConfigError('config.mode=reward needs config.model.reward_head=True (the scalar head '
                       'the reward is read from)')

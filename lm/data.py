@@ -249,6 +249,9 @@ class Data:
   # with the current policy, and evaluate(params) -> metrics replaces the held-out batches.
   rollout: Callable | None = None
   evaluate: Callable | None = None
+  # Distillation (lm/distill.py): global batch -> the batch with the teacher's targets, computed
+  # on device before each train step.
+  augment: Callable | None = None
 
 
 def _source_rows(data_config, source: str, where: str, tokenizer: tokenizer_lib.Tokenizer,

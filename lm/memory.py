@@ -138,6 +138,17 @@ logits. With remat each stack keeps its blocks' inputs. Against memory_analysis 
 one device, configs/t5_tiny.py, batch 16 x 128) the plan is 10% low with unrolled layers and 1%
 low with remat and scan_layers (tests/test_encoder_decoder.py checks both within 15%).
 
+Distillation (config.mode='distill', lm/distill.py). The teacher's parameters (its
+checkpoint's config.json gives the shape; split like the student's) stay on the devices for the
+whole run, and each step's batch carries its targets: fp32 [rows, T, V] log-probabilities, or
+with distill.top_k = k the k best ids and log-probabilities (8k bytes a token), for the step's
+batch_size / (data x fsdp x expert) rows. The KD term adds fp32 [b, T, V/t] tensors kept for
+its gradient: 4 with the whole distribution, 3 with top_k (from memory_analysis: XLA:CPU, fp32,
+one device, the plan then 1-2% low at d_model 32, 9% low at batch 16, 12% high with remat at
+d_model 64). Before each step the teacher's forward pass over those rows runs beside the
+student's state (teacher pass = parameters + optimizer + teacher + targets + its gathered
+weights + forward activations); total = max(train step, teacher pass).
+
 Modes (config.mode). A batch entry is lm.train's Objective.sequences_per_example rows of T
 tokens (1; 2 for a 'dpo' or 'reward' preference pair, chosen and rejected), and b counts rows:
 a DPO batch of n pairs has the activations of 2n sequences. 'reward' reads a scalar head off the
@@ -232,11 +243,26 @@ class Estimate:
   reference_activations: int = 0  # Of DPO's reference pass (forward only); 0: no such pass.
   reference_fresh: int = 0  # DPO: the LoRA adapters and scalar heads the reference may lack.
   experts: int = 0  # config.model.moe.num_experts (0: a dense model).
+  # Distillation (lm/distill.py): the teacher's parameters, held for the whole run; its targets
+  # in the step's batch; its forward pass's activations and gathered weights, before the step.
+  teacher: int = 0
+  teacher_targets: int = 0
+  teacher_activations: int = 0
+  teacher_weights: int = 0
 
   @property
   def train_step(self) -> int:
-    return (self.parameters + self.optimizer + self.accumulation
+    return (self.parameters + self.optimizer + self.accumulation + self.teacher
+            + self.teacher_targets
             + max(self.gradients + self.reduction, self.activations + self.weights))
+
+  @property
+  def teacher_pass(self) -> int:
+    """Distillation's teacher forward pass on a step's batch, beside the student's state."""
+    if self.mode != 'distill':
+      return 0
+    return (self.parameters + self.optimizer + self.accumulation + self.teacher
+            + self.teacher_targets + self.teacher_weights + self.teacher_activations)
 
   @property
   def reference_pass(self) -> int:
@@ -248,7 +274,7 @@ class Estimate:
 
   @property
   def total(self) -> int:
-    return max(self.train_step, self.reference_pass)
+    return max(self.train_step, self.reference_pass, self.teacher_pass)
 
 
 def compute_dtype(model_config) -> str:
@@ -512,6 +538,11 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
     reference_activations = _forward_activations(cfg, b, T, sizes, rules)
     reference_fresh = _shard_bytes([p for p in params if _maybe_fresh(p[0])], sizes, rules)
 
+  teacher = _teacher_bytes(config, b, sizes, gathered, rules) if config.mode == 'distill' else {}
+  if teacher:  # The KD term's fp32 [b, T, V] tensors: 4 with the whole distribution, 3 top_k.
+    kd = (3 if config.distill.top_k else 4) * b * T * _split_sizes(cfg, sizes, rules)[3] * 4
+    activations, logits = activations + kd, logits + kd
+
   # Weights sliced out of the stacked blocks, cast and gathered: all blocks' unrolled, one
   # block's in a scan; and the output projection when it is gathered or cast.
   cast = jnp.dtype(cfg.dtype).itemsize / jnp.dtype(cfg.param_dtype).itemsize
@@ -546,7 +577,27 @@ def estimate(config: ml_collections.ConfigDict, mesh: tuple | None = None,
       accumulation=P_t if config.train.grad_accum_steps > 1 else 0, reduction=reduction,
       weights=int(weights), activations=activations, logits=logits, mode=config.mode,
       rows_per_example=rows, reference_activations=reference_activations,
-      reference_fresh=reference_fresh, experts=cfg.moe_num_experts)
+      reference_fresh=reference_fresh, experts=cfg.moe_num_experts, **teacher)
+
+
+def _teacher_bytes(config: ml_collections.ConfigDict, b: int, sizes: dict, gathered: dict,
+                   rules: dict) -> dict:
+  """Estimate's teacher fields for config.mode='distill': the teacher (its checkpoint's
+  config.json) sharded like the student, its targets for the step's batch_size / (data x fsdp x
+  expert) rows per device (fp32 [rows, T, V], or top_k ids and log-probabilities), and its
+  forward pass over those rows, all its weights gathered and cast (a forward pass keeps none
+  for a backward one, but XLA may gather them all up front)."""
+  from lm import distill  # pylint: disable=g-import-not-at-top
+  tcfg = distill.teacher_model_config(config, compute_dtype(config.model))
+  params = _parameters(dataclasses.replace(
+      tcfg, dtype='float32', remat=False, scan_layers=False, attention='einsum'))
+  rows, T = b * config.train.grad_accum_steps, config.data.seq_len
+  k = config.distill.top_k
+  cast = jnp.dtype(tcfg.dtype).itemsize / jnp.dtype(tcfg.param_dtype).itemsize
+  return {'teacher': _shard_bytes(params, sizes, rules),
+          'teacher_targets': rows * T * (k * 8 if k else config.model.vocab_size * 4),
+          'teacher_activations': _forward_activations(tcfg, rows, T, sizes, rules),
+          'teacher_weights': int(_shard_bytes(params, gathered, rules) * cast)}
 
 
 def _maybe_fresh(name: str) -> bool:
@@ -600,9 +651,13 @@ def analysed_bytes(compiled) -> dict:
   return out
 
 
-def _abstract_batch(fields: dict, rows: int, seq_len: int, where) -> dict:
-  return {name: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=where)
-          for name, dtype in fields.items()}
+def _abstract_batch(fields: dict, rows: int, seq_len: int, where, extra: dict | None = None):
+  """[rows, seq_len] arrays of fields' dtypes, and extra's {name: (dtype, trailing shape)}."""
+  batch = {name: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=where)
+           for name, dtype in fields.items()}
+  for name, (dtype, trailing) in (extra or {}).items():
+    batch[name] = jax.ShapeDtypeStruct((rows, seq_len, *trailing), dtype, sharding=where)
+  return batch
 
 
 def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
@@ -618,8 +673,12 @@ def xla_bytes(config: ml_collections.ConfigDict, devices=None) -> dict:
   (+ generated code, 0 on CPU).
   """
   setup = _xla_setup(config, devices)
+  extra = None
+  if config.mode == 'distill':  # The teacher's targets (lm.distill).
+    from lm import distill  # pylint: disable=g-import-not-at-top
+    extra = distill.batch_fields(config)
   batch = _abstract_batch(batch_fields(config.mode), config.train.batch_size,
-                          config.data.seq_len, setup.batch_sharding)
+                          config.data.seq_len, setup.batch_sharding, extra)
   with setup.active():
     return analysed_bytes(setup.step_fn.lower(setup.abstract_state(), batch).compile())
 
@@ -744,6 +803,15 @@ def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'conf
       ('  of which logits (fp32)', 'logits'),
   ]
   reference = off.mode == 'dpo'
+  if off.mode == 'distill':
+    rows += [
+        ('teacher parameters', 'teacher'),
+        ("teacher's targets (in the batch)", 'teacher_targets'),
+        ('train step', 'train_step'),
+        ('teacher pass: weights', 'teacher_weights'),
+        ('teacher pass: activations', 'teacher_activations'),
+        ('teacher pass', 'teacher_pass'),
+    ]
   if reference:
     rows += [
         ('train step', 'train_step'),
@@ -768,7 +836,11 @@ def table(config: ml_collections.ConfigDict, num_devices: int, name: str = 'conf
   lines.append('')
   step = ('parameters + optimizer + accumulation + max(gradients + reduction, activations + '
           'weights)')
-  if reference:
+  if off.mode == 'distill':
+    lines.append(f'total = max(train step, teacher pass); train step = teacher + its targets + '
+                 f'{step}; teacher pass = the student\'s state + teacher + its targets + the '
+                 "teacher's forward pass on the step's batch, before each step")
+  elif reference:
     lines.append(f'total = max(train step, reference pass); train step = {step}')
     lines.append(
         'reference pass = parameters + max(fresh adapters and heads, weights + its activations):'

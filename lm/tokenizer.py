@@ -104,6 +104,10 @@ class Tokenizer:
     """bool[vocab_size]: the byte-fallback pieces <0x00> ... <0xFF>."""
     return np.array([self._sp.IsByte(i) for i in range(self.vocab_size)], bool)
 
+  def pieces(self) -> list[str]:
+    """Every piece by id: two tokenizers with equal lists tokenize alike."""
+    return [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
+
   def piece_texts(self) -> list[str]:
     """The text each piece stands for ('▁' as a space; a byte piece as its character when it
     is ASCII, else ''; control and unknown pieces ''), e.g. to find pieces holding a stop string.

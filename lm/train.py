@@ -444,6 +444,9 @@ def mode_objective(config: ml_collections.ConfigDict, graphdef) -> Objective:
   if config.model.kind == 'encoder_decoder':
     from lm import span_corruption  # pylint: disable=g-import-not-at-top
     return span_corruption.objective(graphdef, config)
+  if config.mode == 'distill':
+    from lm import distill  # pylint: disable=g-import-not-at-top
+    return distill.objective(graphdef, config)
   if config.mode == 'dpo':
     from lm.post import dpo  # pylint: disable=g-import-not-at-top
     return dpo.objective(graphdef, config.post)
@@ -613,7 +616,8 @@ def make_data(run: Setup, workdir: str) -> data_lib.Data:
   """The mode's data, this process's slice of it: pretraining text (lm.data), or config.post's
   prompt/response examples (mode 'sft', lm.post.data), preference pairs (mode 'reward',
   lm.post.reward; 'dpo', lm.post.dpo, with the reference's log-probabilities) or prompts that
-  the policy completes as it trains ('ppo', 'grpo': lm.post.rollout)."""
+  the policy completes as it trains ('ppo', 'grpo': lm.post.rollout); for 'distill' the text
+  with the teacher's targets added to each batch (lm.distill)."""
   config, vocab_size = run.config, run.cfg.vocab_size
   shards = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   if config.mode in ('sft', 'reward', 'dpo') + RL_MODES:
@@ -631,6 +635,11 @@ def make_data(run: Setup, workdir: str) -> data_lib.Data:
   elif config.model.kind == 'encoder_decoder':  # A tokenizer with the sentinel pieces.
     from lm import span_corruption  # pylint: disable=g-import-not-at-top
     data_config = span_corruption.data_config(config, workdir)
+  elif config.mode == 'distill':  # The teacher's tokenizer, and its targets for each batch.
+    from lm import distill  # pylint: disable=g-import-not-at-top
+    data = data_lib.make_data(distill.data_config(config), vocab_size=vocab_size,
+                              batch_size=t.batch_size, seed=t.seed, workdir=workdir, **shards)
+    return dataclasses.replace(data, augment=distill.make_augment(run, data.tokenizer))
   return data_lib.make_data(data_config, vocab_size=vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, **shards)
 
@@ -688,6 +697,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
           inputs_len=lengths.inputs, targets_len=lengths.targets, active_expert_share=share)
     else:
       flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
+    if config.mode == 'distill':  # The teacher's forward pass is part of each step's work.
+      from lm import distill  # pylint: disable=g-import-not-at-top
+      flops_per_token += distill.teacher_flops_per_token(config)
     peak = flops.peak_flops_per_device(cfg.dtype)
     peak = peak * jax.device_count() if peak else None
     logging.info('model: %s params (%s trained), %.3g FLOPs/token (%s), compute dtype %s, mesh %s',
@@ -730,7 +742,10 @@ def train(config: ml_collections.ConfigDict, workdir: str):
         local_batch, rollout_metrics = next(data.train_iter), {}
         if data.rollout is not None:  # PPO, GRPO: the policy completes the batch's prompts.
           local_batch, rollout_metrics = data.rollout(state, local_batch)
-        state, step_metrics = run.step_fn(state, global_batch(local_batch))
+        batch = global_batch(local_batch)
+        if data.augment is not None:  # Distillation: the teacher's targets, on device.
+          batch = data.augment(batch)
+        state, step_metrics = run.step_fn(state, batch)
         step += 1
         step_log.add(step, {**step_metrics, **rollout_metrics})
         if step == first_step + 1:  # Its metrics on their own row, compilation out of tokens/s.
