@@ -14,6 +14,11 @@ a training checkpoint.
 A run that freezes some parameters (config.train.trainable, e.g. LoRA) saves them once, as
 WORKDIR/frozen/params, and its checkpoints hold only what it trains: a LoRA step of a 7B model
 is megabytes, not 28 GB. `restore_params` puts the two back together.
+
+Quantized parameters (lm/quantize.py: {'int8' or 'int4', 'scale'} dicts in place of weights) read
+as the float weights they stand for: `params_shapes` gives those shapes and `restore_params`
+dequantizes into the target's dtypes, so config.init_from trains from them; keep_quantized=True
+gives them as stored instead (what lm.generate serves).
 """
 
 import logging
@@ -135,10 +140,13 @@ def save_params(directory: str, params, force: bool = False) -> None:
                                 args=ocp.args.PyTreeSave(params), force=force)
 
 
-def params_shapes(path: str) -> dict:
+def params_shapes(path: str, keep_quantized: bool = False) -> dict:
   """The stored parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), read from metadata
-  (a run's frozen parameters included)."""
-  return pytree.union(*(_item_shapes(item, key) for item, key in _params_sources(path)))
+  (a run's frozen parameters included); quantized weights as the float ones they restore to,
+  unless keep_quantized."""
+  from lm import quantize  # pylint: disable=g-import-not-at-top
+  shapes = pytree.union(*(_item_shapes(item, key) for item, key in _params_sources(path)))
+  return shapes if keep_quantized else quantize.dequantized_shapes(shapes)
 
 
 def _item_shapes(item: str, key: str | None) -> dict:
@@ -150,16 +158,22 @@ def _item_shapes(item: str, key: str | None) -> dict:
     raise CheckpointError(f'cannot read the parameters in {item}: {type(e).__name__}: {e}') from e
 
 
-def restore_params(path: str, target) -> dict:
+def restore_params(path: str, target, keep_quantized: bool = False) -> dict:
   """Parameters of the checkpoint at `path` with the shapes, dtypes and shardings of `target`
-  (numpy arrays where a leaf has no sharding); CheckpointError names every leaf that differs."""
+  (numpy arrays where a leaf has no sharding); CheckpointError names every leaf that differs.
+  Quantized weights are dequantized into target's leaves, or with keep_quantized come as stored,
+  their parts placed like target's leaves (lm.quantize.restore_target)."""
+  from lm import quantize  # pylint: disable=g-import-not-at-top
   sources = [(item, key, _item_shapes(item, key)) for item, key in _params_sources(path)]
-  differences = _shape_differences(pytree.union(*(shapes for _, _, shapes in sources)), target)
+  stored = pytree.union(*(shapes for _, _, shapes in sources))
+  differences = _shape_differences(quantize.dequantized_shapes(stored), target)
   if differences:
     raise CheckpointError(f'the parameters in {path} do not fit the model: '
                           + '; '.join(differences))
-  return pytree.union(*(_restore_item(item, key, pytree.subtree(target, pytree.leaf_paths(shapes)))
-                 for item, key, shapes in sources))
+  parts = quantize.restore_target(stored, target)
+  params = pytree.union(*(_restore_item(item, key, pytree.subtree(parts, pytree.leaf_paths(shapes)))
+                          for item, key, shapes in sources))
+  return params if keep_quantized else quantize.dequantize_like(params, target)
 
 
 def _restore_item(item: str, key: str | None, target: dict) -> dict:

@@ -128,7 +128,7 @@ def _prefill(graphdef, params, pool, tokens_1P, length, block_table_1M, sampling
   P = tokens_1P.shape[1]
   cache = kv_cache.paged(pool, block_table_1M, jnp.zeros(1, jnp.int32))
   logits_1PV, cache = model_lib.apply(
-      graphdef, quantize.dequantize(params), tokens_1P, jnp.ones_like(tokens_1P),
+      graphdef, quantize.dequantize_on_read(params), tokens_1P, jnp.ones_like(tokens_1P),
       jnp.arange(P)[None], cache)
   logits_1V = jax.lax.dynamic_index_in_dim(logits_1PV, length - 1, axis=1, keepdims=False)
   token_1, logprob_1 = _choose(logits_1V, sampling, jnp.zeros(1, jnp.int32))
@@ -142,7 +142,7 @@ def _decode(graphdef, params, pool, tokens_B, lengths_B, block_table_BM, steps_B
   last token at position lengths_B: (tokens_BN, logprobs_BN, pool). One call per num_steps
   tokens keeps the host's per-step round trip out of the decode loop; the host then cuts each
   row at its stop token or max_new_tokens (tokens past that are never used)."""
-  params = quantize.dequantize(params)
+  params = quantize.dequantize_on_read(params)
 
   def step(carry, _):
     pool, tokens_B, lengths_B, steps_B = carry
@@ -162,9 +162,9 @@ def _decode(graphdef, params, pool, tokens_B, lengths_B, block_table_BM, steps_B
 class Engine:
   """Serves requests through `slots` decode rows and a pool of `num_blocks` KV blocks.
 
-  params may be int8 (lm/quantize.py). num_blocks defaults to enough for every slot to hold a
-  max_seq_len sequence (+1 scratch block); fewer blocks cap memory, and requests then wait for
-  blocks as well as for slots.
+  params may be quantized (lm/quantize.py: int8 or int4, each weight dequantized where it is
+  read). num_blocks defaults to enough for every slot to hold a max_seq_len sequence (+1 scratch
+  block); fewer blocks cap memory, and requests then wait for blocks as well as for slots.
   """
 
   def __init__(self, cfg: model_lib.ModelConfig, params, *, slots: int = 8,

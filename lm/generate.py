@@ -6,6 +6,9 @@
 per step is decoded inside a jitted while_loop that stops when every row has emitted a stop
 token. Each row draws its random numbers from its own seed, so a row's output never depends on
 which other prompts share its batch. `load` restores a trained model from a workdir.
+
+Params may be quantized (lm/quantize.py; `load(..., keep_quantized=True)` keeps a quantized
+checkpoint so): the model then dequantizes each weight where it reads it, inside the jitted loop.
 """
 
 import bisect
@@ -22,6 +25,7 @@ import numpy as np
 from lm import kv_cache
 from lm import lora
 from lm import model as model_lib
+from lm import quantize
 from lm import tokenizer as tokenizer_lib
 
 
@@ -446,9 +450,11 @@ def _first_stop(text: str, stop_strings) -> int:
   return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
 
 
-def load(config, workdir: str):
+def load(config, workdir: str, keep_quantized: bool = False):
   """(graphdef, params, tokenizer) from the newest checkpoint in workdir/checkpoints, with the
   parameters placed on config.mesh (generate inside `sharding.active` to keep them there).
+  Quantized weights (lm.quantize) are dequantized to float, or with keep_quantized stay
+  quantized (QuantizedArrays, which sample and beam_search take like float weights).
 
   The model and tokenizer fields come from the run's saved workdir/config.json when there is
   one (else from `config`); the tokenizer is data.tokenizer, or the one training put in
@@ -462,13 +468,15 @@ def load(config, workdir: str):
   config = _with_run_model(config, workdir)
   tokenizer_path = config.data.tokenizer or os.path.join(workdir, 'tokenizer', 'spm.model')
   tokenizer = tokenizer_lib.Tokenizer(tokenizer_path)
-  graphdef, params = _restore(config, directory, config.model.dtype)
+  graphdef, params = _restore(config, directory, config.model.dtype, keep_quantized)
   return graphdef, params, tokenizer
 
 
-def load_checkpoint(checkpoint: str, *, dtype: str = 'auto', mesh_config=None, rules: str = ''):
+def load_checkpoint(checkpoint: str, *, dtype: str = 'auto', mesh_config=None, rules: str = '',
+                    keep_quantized: bool = False):
   """(graphdef, params, tokenizer, config) of any lm checkpoint: a training workdir or one of its
-  steps, or an lm.convert / lm.vocab output directory; LoRA adapters merged.
+  steps, or an lm.convert / lm.vocab / lm.prune / lm.quantize output directory; LoRA adapters
+  merged; quantized weights kept as `load` keeps them.
 
   The model comes from the config.json in the checkpoint or up to two directories above (the
   run's root); the tokenizer is its data.tokenizer, else ROOT/tokenizer/spm.model (what training
@@ -486,7 +494,7 @@ def load_checkpoint(checkpoint: str, *, dtype: str = 'auto', mesh_config=None, r
     if rules:
       config.mesh.rules = rules
   tokenizer = tokenizer_lib.Tokenizer(find_tokenizer(checkpoint, config))
-  graphdef, params = _restore(config, checkpoint, dtype)
+  graphdef, params = _restore(config, checkpoint, dtype, keep_quantized)
   return graphdef, params, tokenizer, config
 
 
@@ -505,8 +513,9 @@ def find_tokenizer(checkpoint: str, config) -> str:
       'tokenizer.model)')
 
 
-def _restore(config, checkpoint: str, dtype: str):
-  """(graphdef, params) of `checkpoint` for config.model, sharded over config.mesh, LoRA merged."""
+def _restore(config, checkpoint: str, dtype: str, keep_quantized: bool = False):
+  """(graphdef, params) of `checkpoint` for config.model, sharded over config.mesh, LoRA merged;
+  quantized weights as QuantizedArrays with keep_quantized, else dequantized."""
   from lm import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from lm import flops, sharding  # pylint: disable=g-import-not-at-top
   cfg = model_lib.ModelConfig.from_config(config, flops.resolve_dtype(dtype))
@@ -516,7 +525,8 @@ def _restore(config, checkpoint: str, dtype: str):
   shardings = sharding.tree_shardings(model_lib.logical_axes(cfg), abstract, mesh, rules)
   target = jax.tree.map(lambda a, where: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where),
                         abstract, shardings)
-  params = checkpoint_lib.restore_params(checkpoint, target)
+  params = quantize.dequantize_on_read(
+      checkpoint_lib.restore_params(checkpoint, target, keep_quantized=keep_quantized))
   if cfg.lora_rank:  # Fold the adapters in: generation then costs what the base model's does.
     params = lora.merge(params, cfg)
     cfg = dataclasses.replace(cfg, lora_rank=0, lora_targets=())
@@ -559,7 +569,7 @@ def sample_from_config(config, workdir: str) -> list[tuple[str, list[Completion]
   from lm import config as config_lib  # pylint: disable=g-import-not-at-top
   from lm import sharding  # pylint: disable=g-import-not-at-top
   s = config.sample
-  graphdef, params, tokenizer = load(config, workdir)
+  graphdef, params, tokenizer = load(config, workdir, keep_quantized=True)
   prompts = read_prompts(s)
   stop_strings = [_unescape(x) for x in s.stop_strings.split('|') if x]
   common = dict(tokenizer=tokenizer, max_new_tokens=s.max_new_tokens, stop_strings=stop_strings)

@@ -82,9 +82,11 @@ class Scorer:
   @classmethod
   def load(cls, checkpoint: str, *, dtype: str = 'auto', batch_size='auto',
            max_length: int | None = None, mesh_config=None, progress: bool = True) -> 'Scorer':
-    """A Scorer for any lm checkpoint (generate.load_checkpoint says which directories)."""
+    """A Scorer for any lm checkpoint (generate.load_checkpoint says which directories); a
+    quantized one (lm.quantize) stays quantized, its weights dequantized where the model reads
+    them."""
     graphdef, params, tokenizer, config = generate_lib.load_checkpoint(
-        checkpoint, dtype=dtype, mesh_config=mesh_config)
+        checkpoint, dtype=dtype, mesh_config=mesh_config, keep_quantized=True)
     if tokenizer.vocab_size > config.model.vocab_size:
       raise ValueError(f'{checkpoint}: the tokenizer {tokenizer.path} has {tokenizer.vocab_size} '
                        f'pieces, more than the model\'s vocab_size={config.model.vocab_size}')
