@@ -18,6 +18,8 @@ from lm import model as model_lib
 from lm import span_corruption
 from lm import train as train_lib
 
+import loop_config
+
 SEQ2SEQ = model_lib.ModelConfig(
     kind='encoder_decoder', vocab_size=97, d_model=32, num_layers=2, encoder_layers=3,
     num_heads=4, num_kv_heads=2, d_ff=48, max_seq_len=32, attention='einsum')
@@ -150,16 +152,9 @@ def test_the_engine_refuses_an_encoder_decoder():
 
 
 def _loop_config(tokenizer='', **train):
-  config = config_lib.base_config()
-  config.model.update(kind='encoder_decoder', vocab_size=512, d_model=64, num_layers=2,
-                      encoder_layers=2, num_heads=4, num_kv_heads=2, d_ff=128, max_seq_len=64,
-                      tie_embeddings=True, dtype='float32')
+  config = loop_config.small_run(tokenizer, **train)
+  config.model.update(kind='encoder_decoder', encoder_layers=2)
   config.span_corruption.sentinels = 8
-  config.train.update({
-      'steps': 12, 'batch_size': 8, 'learning_rate': 3e-3, 'warmup_steps': 2, 'log_every': 2,
-      'eval_every': 6, 'eval_batches': 2, 'checkpoint_every': 4, **train})
-  config.data.update(seq_len=64, max_chars=300_000, tokenizer_train_chars=300_000,
-                     tokenizer=tokenizer)
   return config
 
 
@@ -175,7 +170,7 @@ def sentinel_tokenizer(tmp_path_factory):
 
 
 def test_span_corruption_loss_on_real_text_falls(tmp_path, sentinel_tokenizer):
-  config = _loop_config(sentinel_tokenizer, steps=300, eval_every=300, checkpoint_every=300,
+  config = _loop_config(sentinel_tokenizer, steps=200, eval_every=200, checkpoint_every=200,
                         log_every=10, eval_batches=4, batch_size=16, warmup_steps=10)
   _, metrics = train_lib.train(config, str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
@@ -196,14 +191,14 @@ def test_span_corruption_loss_on_real_text_falls(tmp_path, sentinel_tokenizer):
 
 
 def test_interrupted_and_resumed_equals_uninterrupted_bitwise(tmp_path, sentinel_tokenizer):
-  config = _loop_config(sentinel_tokenizer)
+  config = _loop_config(sentinel_tokenizer, steps=6, eval_every=6, checkpoint_every=3)
   straight, _ = train_lib.train(config, str(tmp_path / 'straight'))
-  config.train.steps_per_run = 5
+  config.train.steps_per_run = 3
   first, _ = train_lib.train(config, str(tmp_path / 'resumed'))
   config.train.steps_per_run = 0
-  assert int(first.step) == 5
+  assert int(first.step) == 3
   resumed, _ = train_lib.train(config, str(tmp_path / 'resumed'))
-  assert int(resumed.step) == int(straight.step) == 12
+  assert int(resumed.step) == int(straight.step) == 6
   for a, b in zip(jax.tree.leaves((straight.params, straight.opt_state)),
                   jax.tree.leaves((resumed.params, resumed.opt_state))):
     np.testing.assert_array_equal(a, b)

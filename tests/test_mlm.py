@@ -15,6 +15,8 @@ from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 from lm import train as train_lib
 
+import loop_config
+
 DECODER = model_lib.ModelConfig(
     vocab_size=97, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48,
     max_seq_len=32, attention='einsum')
@@ -215,15 +217,8 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def _loop_config(tokenizer='', **train):
-  config = config_lib.base_config()
-  config.model.update(kind='encoder', vocab_size=512, d_model=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, d_ff=128, max_seq_len=64, tie_embeddings=True,
-                      dtype='float32')
-  config.train.update({
-      'steps': 12, 'batch_size': 8, 'learning_rate': 3e-3, 'warmup_steps': 2, 'log_every': 2,
-      'eval_every': 6, 'eval_batches': 2, 'checkpoint_every': 6, **train})
-  config.data.update(seq_len=64, max_chars=300_000, tokenizer_train_chars=300_000,
-                     tokenizer=tokenizer)
+  config = loop_config.small_run(tokenizer, **{'checkpoint_every': 6, **train})
+  config.model.kind = 'encoder'
   return config
 
 
