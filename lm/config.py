@@ -144,6 +144,24 @@ def base_config() -> ml_collections.ConfigDict:
   distill.top_k = 0
 
   # ---------------------------------------------------------------------------------------------
+  # Pruning while training (lm/prune.py's Schedule; any mode that trains). The projection
+  # matrices of attention, MLPs and experts (embeddings too with include_embed) lose their
+  # smallest |W| gradually: the target sparsity rises from 0 at start_step to `sparsity` at
+  # end_step along Zhu & Gupta's cubic, pruning each matrix to it every `every` steps. A pruned
+  # weight stays exactly zero through every later update (its zero is its mask), so resumes are
+  # exact; `sparsity` (the share of zeros in the prunable matrices) is logged.
+  config.prune = prune = ml_collections.ConfigDict()
+  prune.sparsity = 0.0  # Final share of weights pruned in each matrix; 0: no schedule.
+  prune.start_step = 0
+  prune.end_step = 0  # Must lie in (start_step, train.steps] when sparsity > 0.
+  prune.every = 10
+  prune.include_embed = False
+  # A masks.npz written by `python -m lm.prune` (OUT/masks.npz): applied when the run starts
+  # (with config.init_from=OUT, a no-op) and kept through training, e.g. to recover a pruned
+  # model's quality by fine-tuning or distillation (config.mode='distill' from the dense model).
+  prune.masks = ''
+
+  # ---------------------------------------------------------------------------------------------
   # LoRA adapters (lm/lora.py): each targeted projection W computes x W + (alpha / rank) x A B,
   # with A [in, rank] (uniform init like PEFT's) and B [rank, out] starting at zero, so training
   # starts from the base model's exact outputs. Train them alone or with the embeddings through
@@ -667,6 +685,23 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
 DECODER_MODES = ('sample', 'sft', 'reward', 'dpo', 'ppo', 'grpo', 'distill')
 
 
+def _validate_prune(config: ml_collections.ConfigDict) -> None:
+  """config.prune: a sparsity in [0, 1) reached within the run, and a masks file that exists."""
+  p, steps = config.prune, config.train.steps
+  if not 0 <= p.sparsity < 1:
+    raise ConfigError(f'config.prune.sparsity={p.sparsity!r}: must be in [0, 1) (the share of '
+                      'each matrix pruned by the end of the schedule)')
+  if p.sparsity and not 0 <= p.start_step < p.end_step <= steps:
+    raise ConfigError(
+        f'config.prune.end_step={p.end_step} with start_step={p.start_step}: the schedule needs '
+        f'0 <= start_step < end_step <= config.train.steps={steps}')
+  if p.every < 1:
+    raise ConfigError(f'config.prune.every={p.every!r}: must be >= 1 (steps between updates)')
+  if p.masks and not os.path.isfile(p.masks):
+    raise ConfigError(f'config.prune.masks={p.masks!r}: no such file (lm.prune writes '
+                      'OUT/masks.npz)')
+
+
 def _validate_distill(config: ml_collections.ConfigDict) -> None:
   """config.mode='distill': a teacher checkpoint, alpha in [0, 1], a positive temperature and
   top_k within the vocabulary (lm.distill checks the teacher's tokenizer and vocab_size)."""
@@ -851,6 +886,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_rl(config)
   if config.mode == 'distill':
     _validate_distill(config)
+  _validate_prune(config)
   if config.mode == 'reward' and not config.model.reward_head:
     raise ConfigError('config.mode=reward needs config.model.reward_head=True (the scalar head '
                       'the reward is read from)')

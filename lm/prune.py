@@ -184,6 +184,11 @@ def drop_lowest(scores_GN, k: int):
   """Bool [G, N]: False at exactly the k lowest of each row's N scores (ties: lower index first)."""
   if k == 0:
     return jnp.ones(scores_GN.shape, bool)
+  return _drop_lowest(scores_GN, k)
+
+
+def _drop_lowest(scores_GN, k):
+  """drop_lowest for any k, a traced int32 too (k = 0 keeps every score)."""
   bits_GN = _bits(scores_GN)
   t_G1 = _kth_bits(lambda t: jnp.sum(bits_GN <= t[:, None], axis=1), k, bits_GN.shape[:1])[:, None]
   below_GN, tied_GN = bits_GN < t_G1, bits_GN == t_G1
@@ -368,6 +373,80 @@ def load_masks(path: str, params) -> dict:
     raise ValueError(f'{path} holds a mask for {_where(min(missing))}, which the '
                      'model lacks')
   return _masks_tree(params, by_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning while training (config.prune): a gradual schedule, and masks kept through updates.
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """config.prune as the train step applies it (schedule_from_config).
+
+  Gradual magnitude pruning (Zhu & Gupta, 2017): from start_step to end_step the target sparsity
+  of every prunable matrix rises as s_t = s (1 - (1 - (t - start) / (end - start))^3), fast
+  while many weights are redundant, slowly near the end; every `every` steps (and at end_step)
+  the smallest |W| of each matrix are pruned to s_t. Between updates, and always once a
+  pattern is set (config.prune.masks, applied when the run starts), a weight that is zero
+  before an optimizer update is zero after it: the zero pattern is the mask, so it needs no
+  state of its own, survives checkpoints and makes resume exact. (A kept weight that an update
+  left at exactly 0.0 would stay pruned; with float weights that does not happen in practice.)
+  """
+  sparsity: float = 0.0  # Final target; 0: no schedule, only the kept pattern.
+  start_step: int = 0
+  end_step: int = 0
+  every: int = 1
+  include_embed: bool = False
+
+  def sparsity_at(self, step):
+    """The schedule's target after `step` updates (a traced int32 too)."""
+    if not self.sparsity:
+      return jnp.float32(0.0)
+    span = max(self.end_step - self.start_step, 1)
+    done = jnp.clip((jnp.asarray(step, jnp.float32) - self.start_step) / span, 0.0, 1.0)
+    return jnp.float32(self.sparsity) * (1.0 - (1.0 - done) ** 3)
+
+  def updates_at(self, step):
+    """Whether step prunes the matrices further (a traced bool too)."""
+    if not self.sparsity:
+      return jnp.bool_(False)
+    within = (step >= self.start_step) & (step <= self.end_step)
+    return within & (((step - self.start_step) % self.every == 0) | (step == self.end_step))
+
+
+def schedule_from_config(prune_config) -> Schedule | None:
+  """config.prune's Schedule; None when the run neither prunes nor keeps a pruned pattern."""
+  if not (prune_config.sparsity or prune_config.masks):
+    return None
+  return Schedule(sparsity=prune_config.sparsity, start_step=prune_config.start_step,
+                  end_step=prune_config.end_step, every=prune_config.every,
+                  include_embed=prune_config.include_embed)
+
+
+def keep_pruned(old_params, new_params, step, schedule: Schedule):
+  """(new_params with old_params' zeros kept at zero, pruned further when the schedule updates at
+  `step`, and the share of prunable weights now zero). Pure and jittable (lm.train's step)."""
+  prunable = _prunable(new_params, schedule.include_embed)
+  target = schedule.sparsity_at(step)
+  pruned = {}
+  zeros = total = 0
+  for keys, lay in prunable.items():
+    old, new = _leaf(old_params, keys), _leaf(new_params, keys)
+    new = jnp.where(old != 0, new, jnp.zeros((), new.dtype))
+
+    def prune_further(w, lay=lay):
+      w_GIO = _to_GIO(jnp.abs(w), lay)
+      G, I, O = w_GIO.shape
+      k = jnp.floor(target * (I * O) + 0.5).astype(jnp.int32)
+      keep = _from_GIO(_drop_lowest(w_GIO.reshape(G, I * O), k).reshape(G, I, O), w.shape, lay)
+      return jnp.where(keep, w, jnp.zeros((), w.dtype))
+    new = jax.lax.cond(schedule.updates_at(step), prune_further, lambda w: w, new)
+    pruned[keys] = new
+    zeros += jnp.sum(new == 0, dtype=jnp.float32)
+    total += new.size
+  out = jax.tree_util.tree_map_with_path(
+      lambda path, w: pruned.get(pytree.keys(path), w), new_params)
+  return out, zeros / max(total, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from lm import flops
 from lm import lora as lora_lib
 from lm import metrics as metrics_lib
 from lm import model as model_lib
+from lm import prune as prune_lib
 from lm import pytree
 from lm import sharding
 
@@ -203,7 +204,7 @@ def mean_report(count: str, loss: str) -> Callable[[dict, str], dict]:
 
 def train_step(state: TrainState, batch, *, objective: Objective, optimizer,
                t: ml_collections.ConfigDict, trained: tuple | None = None, epochs: int = 1,
-               minibatches: int = 1):
+               minibatches: int = 1, prune=None):
   """One step on a global batch: one optimizer update, or epochs x minibatches of them.
 
   Gradients of the summed objective are accumulated with lax.scan over t.grad_accum_steps
@@ -212,7 +213,9 @@ def train_step(state: TrainState, batch, *, objective: Objective, optimizer,
   (trained_paths; None: all) are differentiated and updated: a LoRA step computes no gradient
   for the frozen weights. PPO and GRPO pass over each rollout batch `epochs` times, each time
   in a fresh seeded order cut into `minibatches` updates (config.post.update_epochs,
-  config.post.minibatches); their metrics are means over the updates.
+  config.post.minibatches); their metrics are means over the updates. `prune` (an
+  lm.prune.Schedule, config.prune) keeps pruned weights at zero through each update and prunes
+  further on its schedule; `sparsity` is then logged.
   """
   trained_params, frozen_params = split_trained(state.params, trained)
   grad_fn = jax.grad(
@@ -249,7 +252,11 @@ def train_step(state: TrainState, batch, *, objective: Objective, optimizer,
                if name not in (objective.count, objective.loss)}
     metrics.update({'loss': sums[objective.loss] / count, 'grad_norm': optax.tree.norm(grads),
                     objective.count: sums[objective.count]})
-    return (optax.apply_updates(trained_params, updates), opt_state), metrics
+    updated = optax.apply_updates(trained_params, updates)
+    if prune is not None:
+      updated, metrics['sparsity'] = prune_lib.keep_pruned(trained_params, updated,
+                                                           state.step + 1, prune)
+    return (updated, opt_state), metrics
 
   if epochs * minibatches == 1:
     (trained_params, opt_state), metrics = update((trained_params, state.opt_state),
@@ -330,7 +337,7 @@ def state_shardings(cfg: model_lib.ModelConfig, optimizer, mesh, rules,
 def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict, optimizer,
                        shardings: TrainState, batch_sharding: NamedSharding,
                        trained: tuple | None = None, objective: Objective | None = None,
-                       updates: tuple[int, int] = (1, 1)):
+                       updates: tuple[int, int] = (1, 1), prune=None):
   """train_step jitted for the shardings of state_shardings (donating the state); objective
   defaults to the language model's, updates (epochs, minibatches) to one update per step.
 
@@ -341,7 +348,8 @@ def sharded_train_step(cfg: model_lib.ModelConfig, t: ml_collections.ConfigDict,
   objective = objective or language_model_objective(model_lib.graphdef(cfg), t)
   return jax.jit(
       functools.partial(train_step, objective=objective, optimizer=optimizer, t=t,
-                        trained=trained, epochs=updates[0], minibatches=updates[1]),
+                        trained=trained, epochs=updates[0], minibatches=updates[1],
+                        prune=prune),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
       donate_argnums=0)
 
@@ -419,7 +427,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
       config=config, mesh=mesh, rules=rules, cfg=cfg, optimizer=optimizer, trained=trained,
       shardings=shardings, batch_sharding=batch_sharding, objective=objective,
       step_fn=sharded_train_step(cfg, t, optimizer, shardings, batch_sharding, trained,
-                                 objective, updates))
+                                 objective, updates, prune_lib.schedule_from_config(config.prune)))
 
 
 # Modes whose batches the policy generates as it trains (lm/post/rollout.py).
@@ -678,6 +686,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
             config.init_from, init_from_target(config.init_from, abstract_state.params))
         logging.info('parameters from config.init_from=%s', config.init_from)
       state = run.init_state(params)
+      if config.prune.masks:  # A pruned pattern (lm.prune's masks.npz), kept from here on.
+        masks = prune_lib.load_masks(config.prune.masks, state.params)
+        state = state.replace(params=jax.jit(
+            prune_lib.apply_masks, out_shardings=run.shardings.params)(state.params, masks))
+        logging.info('weights pruned as config.prune.masks=%s says', config.prune.masks)
       if trained is not None:
         checkpoint_lib.save_params(frozen_dir, split_trained(state.params, trained)[1], force=True)
 

@@ -1,7 +1,9 @@
 """lm.prune: exact sparsities, 2:4 groups, Wanda's formula and input norms, untouched leaves, a
-pruned checkpoint that loads everywhere, and errors that name the flag."""
+pruned checkpoint that loads everywhere, errors that name the flag; pruning while training
+(config.prune): the cubic schedule, zeros kept through updates, lm.prune's masks kept."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,6 +24,8 @@ from lm import moe as moe_lib
 from lm import prune
 from lm import tokenizer as tokenizer_lib
 from lm import vocab
+
+import loop_config
 
 CFG = model_lib.ModelConfig(vocab_size=400, d_model=16, num_layers=2, num_heads=2,
                             num_kv_heads=1, d_ff=32, max_seq_len=64, dtype='float32')
@@ -362,3 +366,79 @@ def test_bad_input_fails_clearly_naming_the_flag(flags, message, tmp_path):
   with pytest.raises(SystemExit, match=f'^python -m lm.prune: error: {message}'):
     prune.main(flags + ['--out', str(tmp_path / 'out')])
   assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning while training (config.prune).
+
+
+def test_the_schedule_rises_along_the_cubic_to_its_target():
+  schedule = prune.Schedule(sparsity=0.8, start_step=10, end_step=50, every=10)
+  targets = [float(schedule.sparsity_at(t)) for t in (0, 10, 20, 30, 50, 90)]
+  np.testing.assert_allclose(targets, [0, 0, 0.8 * (1 - 0.75 ** 3), 0.8 * (1 - 0.5 ** 3), 0.8,
+                                       0.8], rtol=1e-6)
+  updates = [t for t in range(100) if bool(schedule.updates_at(t))]
+  assert updates == [10, 20, 30, 40, 50]
+  uneven = prune.Schedule(sparsity=0.5, start_step=0, end_step=25, every=10)
+  assert [t for t in range(40) if bool(uneven.updates_at(t))] == [0, 10, 20, 25]
+
+
+def test_keep_pruned_holds_zeros_and_prunes_each_matrix_exactly_at_update_steps():
+  params = _random_params(CFG)
+  schedule = prune.Schedule(sparsity=0.5, start_step=0, end_step=4, every=2)
+  step = jax.jit(functools.partial(prune.keep_pruned, schedule=schedule))
+  masks = prune.magnitude_masks(params, 0.25)
+  old = prune.apply_masks(params, masks)
+  moved = jax.tree.map(lambda w: w + 0.01, old)  # An update that moves every weight.
+  kept, sparsity = step(old, moved, 1)  # Not an update step: the zeros come back, nothing more.
+  for module, name in PROJECTIONS:
+    w, keep = kept['blocks'][module][name], masks['blocks'][module][name]
+    assert np.all(np.asarray(w)[~np.asarray(keep)] == 0)
+    np.testing.assert_array_equal(np.asarray(w)[np.asarray(keep)],
+                                  np.asarray(moved['blocks'][module][name])[np.asarray(keep)])
+  np.testing.assert_allclose(float(sparsity), 0.25, atol=0.01)
+  for vector in ('final_norm',):  # Untouched leaves pass through with the update.
+    np.testing.assert_array_equal(kept[vector]['scale'], moved[vector]['scale'])
+  target = float(schedule.sparsity_at(2))
+  further, sparsity = step(kept, kept, 2)  # An update step: each matrix to the target, exactly.
+  for module, name in PROJECTIONS:
+    for w_N in _matrices(further['blocks'][module][name], 1):
+      assert (w_N == 0).sum() == math.floor(target * w_N.size + 0.5)
+  assert float(sparsity) > 0.25
+
+
+def _pruned_run(tokenizer, **prune_fields):
+  config = loop_config.small_run(tokenizer, steps=10, eval_every=10, checkpoint_every=5)
+  config.prune.update(prune_fields)
+  return config
+
+
+def test_a_run_prunes_on_schedule_and_pruned_weights_stay_zero(tmp_path, stdlib_tokenizer):
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = _pruned_run(stdlib_tokenizer, sparsity=0.5, start_step=2, end_step=6, every=2)
+  state, _ = train_lib.train(config, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl') if '"sparsity"' in line]
+  assert rows[0]['sparsity'] < 0.01 and abs(rows[-1]['sparsity'] - 0.5) < 0.01, rows
+  for module, name in PROJECTIONS:  # Steps 7-10 trained on, and each matrix is still at 50%.
+    for w_N in _matrices(state.params['blocks'][module][name], 1):
+      assert (w_N == 0).sum() == math.floor(0.5 * w_N.size + 0.5)
+  # lm.prune's 2:4 masks (over the 50% run), kept through a fine-tuning run from its output.
+  out = str(tmp_path / 'pruned')
+  prune.prune_checkpoint(str(tmp_path), out, 'nm', n=2, m=4)
+  pruned = checkpoint_lib.restore_params(out, checkpoint_lib.params_shapes(out))
+  tuned = _pruned_run(stdlib_tokenizer, masks=os.path.join(out, 'masks.npz'))
+  tuned.init_from = out
+  tuned.train.steps = 4
+  state, metrics = train_lib.train(tuned, str(tmp_path / 'tuned'))
+  for module, name in PROJECTIONS:  # Zeros stay zero; the rest trained.
+    before = np.asarray(pruned['blocks'][module][name])
+    after = np.asarray(state.params['blocks'][module][name])
+    np.testing.assert_array_equal(after == 0, before == 0)
+    assert not np.array_equal(after, before)
+  w = np.asarray(state.params['blocks']['mlp']['w_up'])  # [L, D, F]: groups of 4 along D.
+  assert np.all((w != 0).reshape(w.shape[0], w.shape[1] // 4, 4, w.shape[2]).sum(2) <= 2)
+  assert metrics['sparsity'] > 0.5
+  with pytest.raises(config_lib.ConfigError, match='config.prune.end_step=60'):
+    config_lib.validate(_pruned_run(stdlib_tokenizer, sparsity=0.5, start_step=2, end_step=60))
+  with pytest.raises(config_lib.ConfigError, match='config.prune.masks=.*no such file'):
+    config_lib.validate(_pruned_run(stdlib_tokenizer, masks=str(tmp_path / 'none.npz')))
