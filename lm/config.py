@@ -162,6 +162,17 @@ def base_config() -> ml_collections.ConfigDict:
   prune.masks = ''
 
   # ---------------------------------------------------------------------------------------------
+  # Quantization-aware training (lm/quantize.py's fake_quantize): the model computes with its
+  # weights quantized and dequantized by the quantizer `python -m lm.quantize` applies after
+  # training (straight-through gradients into the float weights), so the checkpoint it ends with
+  # loses little when quantized with the same bits and group_size; held-out metrics are those of
+  # the quantized weights.
+  config.qat = qat = ml_collections.ConfigDict()
+  qat.bits = 0  # 8 or 4; 0: off.
+  qat.group_size = 0  # 0: one scale per output channel; G: per G inputs (lm.quantize's).
+  qat.include_embed = False  # The embedding tables too.
+
+  # ---------------------------------------------------------------------------------------------
   # LoRA adapters (lm/lora.py): each targeted projection W computes x W + (alpha / rank) x A B,
   # with A [in, rank] (uniform init like PEFT's) and B [rank, out] starting at zero, so training
   # starts from the base model's exact outputs. Train them alone or with the embeddings through
@@ -529,6 +540,7 @@ _CHOICES = {
     'post.loss_type': ('sigmoid', 'ipo'),
     'post.loss_normalization': ('token', 'sequence'),
     'model.kind': ('decoder', 'encoder', 'encoder_decoder'),
+    'qat.bits': (0, 8, 4),
     'model.block': ('llama', 'gpt2'),
     'model.dtype': ('auto', 'float32', 'bfloat16'),
     'model.param_dtype': ('float32', 'bfloat16'),
@@ -697,6 +709,9 @@ def _validate_prune(config: ml_collections.ConfigDict) -> None:
         f'0 <= start_step < end_step <= config.train.steps={steps}')
   if p.every < 1:
     raise ConfigError(f'config.prune.every={p.every!r}: must be >= 1 (steps between updates)')
+  if config.qat.group_size < 0:
+    raise ConfigError(f'config.qat.group_size={config.qat.group_size!r}: must be >= 0 (0: one '
+                      'scale per output channel)')
   if p.masks and not os.path.isfile(p.masks):
     raise ConfigError(f'config.prune.masks={p.masks!r}: no such file (lm.prune writes '
                       'OUT/masks.npz)')

@@ -287,6 +287,21 @@ def quantize(params: dict, bits: int = 8, group_size: int = 0,
   return jax.tree_util.tree_map_with_path(convert, params)
 
 
+def fake_quantize_params(params: dict, bits: int = 8, group_size: int = 0,
+                         include_embed: bool = False) -> dict:
+  """params with every weight `quantize` would quantize replaced by fake_quantize of it (the
+  float values the quantized model computes with; gradients pass straight through): what
+  quantization-aware training (config.qat) runs the model on."""
+  def convert(path, w):
+    keys = pytree.keys(path)
+    axes = _reduce_axes(keys)
+    if axes is None or (keys[-1] in EMBEDDINGS and not include_embed):
+      return w
+    scale_shape(w.shape, axes, group_size, _where(keys))  # ValueError naming the weight.
+    return fake_quantize(w, bits, group_size, axes)
+  return jax.tree_util.tree_map_with_path(convert, params)
+
+
 def dequantize(params: dict, dtype=jnp.float32) -> dict:
   """Ordinary params from a (partly) quantized tree, stored or read as QuantizedArrays;
   unquantized leaves are returned as they are."""

@@ -423,11 +423,32 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
                          'config.train.grad_accum_steps')
   batch_sharding = sharding.batch_sharding(mesh, rules)
   objective = mode_objective(config, model_lib.graphdef(cfg))
+  if config.qat.bits:
+    objective = quantization_aware(
+        objective, config.qat, jax.eval_shape(functools.partial(model_lib.init_params, cfg, 0)))
   return Setup(
       config=config, mesh=mesh, rules=rules, cfg=cfg, optimizer=optimizer, trained=trained,
       shardings=shardings, batch_sharding=batch_sharding, objective=objective,
       step_fn=sharded_train_step(cfg, t, optimizer, shardings, batch_sharding, trained,
                                  objective, updates, prune_lib.schedule_from_config(config.prune)))
+
+
+def quantization_aware(objective: Objective, qat: ml_collections.ConfigDict,
+                       abstract_params) -> Objective:
+  """objective computed on fake-quantized weights (config.qat; lm.quantize.fake_quantize_params),
+  in training and evaluation; ConfigError when a weight's inputs do not divide into groups."""
+  from lm import quantize  # pylint: disable=g-import-not-at-top
+  quantized = functools.partial(quantize.fake_quantize_params, bits=qat.bits,
+                                group_size=qat.group_size, include_embed=qat.include_embed)
+  try:
+    jax.eval_shape(quantized, abstract_params)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'config.qat: {e}') from None
+  return dataclasses.replace(
+      objective,
+      sums=lambda params, batch, rng: objective.sums(quantized(params), batch, rng),
+      eval_sums=lambda params, batch, token_bytes: objective.eval_sums(
+          quantized(params), batch, token_bytes))
 
 
 # Modes whose batches the policy generates as it trains (lm/post/rollout.py).

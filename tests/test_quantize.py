@@ -22,6 +22,8 @@ from lm import quantize
 from lm import tokenizer as tokenizer_lib
 from lm import vocab
 
+import loop_config
+
 SMALL = model_lib.ModelConfig(
     vocab_size=97, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=96,
     max_seq_len=64, scan_layers=True)
@@ -334,3 +336,38 @@ def test_bad_input_fails_clearly_naming_the_flag(flags, message, source, quantiz
   with pytest.raises(SystemExit, match=f'^python -m lm.quantize: error: {message}'):
     quantize.main([paths.get(f, f) for f in flags])
   assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization-aware training (config.qat).
+
+
+def test_qat_trains_through_the_quantizer_and_evaluates_what_ptq_of_its_weights_computes(
+    tmp_path, stdlib_tokenizer):
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  config = loop_config.small_run(stdlib_tokenizer, steps=8, eval_every=8, checkpoint_every=8)
+  config.qat.update(bits=4, group_size=32)
+  state, metrics = train_lib.train(config, str(tmp_path))
+  run = train_lib.setup(config)
+  # The gradient is straight-through: the float model's gradient at the quantized weights.
+  batch = jax.tree.map(jnp.asarray, next(iter(train_lib.make_data(run, str(tmp_path)).train_iter)))
+  float_objective = train_lib.mode_objective(config, run.graphdef)
+  fake = quantize.fake_quantize_params(state.params, bits=4, group_size=32)
+  qat_grads = jax.grad(lambda p: run.objective.sums(p, batch, None)[0])(state.params)
+  direct = jax.grad(lambda p: float_objective.sums(p, batch, None)[0])(fake)
+  for a, b in zip(jax.tree.leaves(qat_grads), jax.tree.leaves(direct)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # Its held-out loss is that of its weights quantized after training, as lm.quantize does.
+  data = train_lib.make_data(run, str(tmp_path))
+  ptq = quantize.dequantize(quantize.quantize(state.params, bits=4, group_size=32))
+  held_out = train_lib.evaluate(jax.jit(float_objective.eval_sums), ptq,
+                                data.eval_batches(config.train.eval_batches), data.token_bytes)
+  np.testing.assert_allclose(held_out['eval_loss'], metrics['eval_loss'], rtol=1e-5)
+  bad = loop_config.small_run(stdlib_tokenizer)
+  bad.qat.update(bits=4, group_size=48)
+  with pytest.raises(config_lib.ConfigError, match=r"config.qat: group_size=48: "
+                     r"params\['blocks'\]\['attention'\]\['w_k'\] contracts 64 inputs"):
+    train_lib.setup(bad)
+  bad.qat.update(bits=3, group_size=0)
+  with pytest.raises(config_lib.ConfigError, match='config.qat.bits=3'):
+    config_lib.validate(bad)
