@@ -404,6 +404,10 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   """
   config = config_lib.resolve_model_from_init(config)
   config_lib.validate(config)
+  if config.mode == 'distill' and not config.data.tokenizer:  # The teacher's, saved with the run.
+    from lm import distill  # pylint: disable=g-import-not-at-top
+    config = config.copy_and_resolve_references()
+    config.data = distill.data_config(config)
   distributed.initialize(config.distributed)  # Before anything touches a device.
   t = config.train
   mesh = sharding.make_mesh(config.mesh, devices)
