@@ -33,7 +33,8 @@ def test_every_shipped_config_validates(path, tmp_path):
 
 
 @pytest.mark.parametrize('name, low, high', [
-    ('llama_125m', 110e6, 140e6), ('llama_1b', 1.0e9, 1.2e9), ('llama_7b', 6.5e9, 7.0e9)])
+    ('llama_125m', 110e6, 140e6), ('llama_1b', 1.0e9, 1.2e9), ('llama_7b', 6.5e9, 7.0e9),
+    ('moe_8x1b', 6.3e9, 6.5e9)])
 def test_real_size_configs_have_their_advertised_size(name, low, high):
   config = _load(os.path.join(ROOT, 'configs', f'{name}.py'))
   cfg = model_lib.ModelConfig.from_config(config, 'bfloat16')
