@@ -291,3 +291,19 @@ def test_the_dpo_config_runs_from_the_command_line(tiny_llama, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Preference data:' in result.stderr and 'step 4/4: loss' in result.stderr
   assert '"eval_accuracy"' in result.stderr
+
+
+def test_an_moe_policy_adds_its_router_losses(tiny_llama):
+  _, _, tokenizer, config = generate.load_checkpoint(tiny_llama.lm, dtype='float32')
+  config.model.moe.update(num_experts=4, top_k=2, capacity_factor=2.0)
+  cfg = model_lib.ModelConfig.from_config(config, 'float32')
+  graphdef, params = model_lib.graphdef(cfg), model_lib.init_params(cfg, 0)
+  rows, _ = _pair_rows(tokenizer, RECORDS[:4])
+  _fill(rows, graphdef, params)
+  batch = {k: np.asarray(v) for k, v in rows.arrays.items()}
+  objective, sums = dpo.loss_sums(params, batch, graphdef=graphdef, beta=0.1,
+                                  loss_type='sigmoid')
+  assert float(sums['moe_loss']) > 0 and 'moe_max_load_0' in sums
+  np.testing.assert_allclose(float(objective), float(sums['loss'] + sums['moe_loss']), rtol=1e-6)
+  # At the reference the preference loss is still log 2 a pair: the router terms sit beside it.
+  assert float(sums['loss'] / sums['pairs']) == pytest.approx(math.log(2), abs=1e-5)

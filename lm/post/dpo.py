@@ -57,9 +57,13 @@ def both_sides(batch) -> dict:
 
 
 def loss_sums(params, batch, dropout_rng=None, *, graphdef, beta: float, loss_type: str):
-  """Summed DPO loss over the batch's pairs and its parts (lm.train.Objective's contract)."""
-  logps_2P = token_logps(params, both_sides(batch), graphdef=graphdef,
-                         dropout_rng=dropout_rng).sum(-1)
+  """Summed DPO loss over the batch's pairs and its parts (lm.train.Objective's contract); an
+  MoE policy adds its router losses and statistics (with_moe_sums)."""
+  rows = both_sides(batch)
+  logits_BTV, moe_aux = model_lib.apply_with_aux(graphdef, params, rows['inputs'],
+                                                 rows['segment_ids'], rows['positions'],
+                                                 dropout_rng=dropout_rng)
+  logps_2P = target_logps(logits_BTV, rows).sum(-1)
   chosen_P, rejected_P = jnp.split(logps_2P, 2)
   chosen_ratio_P = chosen_P - batch['chosen_ref_logp'].sum(-1)
   rejected_ratio_P = rejected_P - batch['rejected_ref_logp'].sum(-1)
@@ -82,7 +86,18 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, beta: float, loss_ty
       'chosen_logp': (chosen_P * valid_P).sum(),
       'rejected_logp': (rejected_P * valid_P).sum(),
   }
-  return sums['loss'], sums
+  return with_moe_sums(sums, moe_aux)
+
+
+def with_moe_sums(sums: dict, moe_aux: dict) -> tuple:
+  """(objective, sums) of a pair loss: sums['loss'], plus for an MoE model the router's
+  load-balancing and z-losses (lm.train.moe_metric_sums, weighted by the batch's pairs) and
+  their statistics, as pretraining adds them."""
+  if not moe_aux:
+    return sums['loss'], sums
+  from lm import train as train_lib  # pylint: disable=g-import-not-at-top
+  moe_sums = train_lib.moe_metric_sums(moe_aux, sums['pairs'])
+  return sums['loss'] + moe_sums['moe_loss'], {**sums, **moe_sums}
 
 
 def objective(graphdef, post):
