@@ -141,3 +141,16 @@ def test_the_grpo_config_runs_from_the_command_line(tiny_llama, tmp_path):
       capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert os.path.isdir(tmp_path / 'grpo' / 'checkpoints' / '2')
+
+
+def test_an_moe_policy_adds_its_router_losses(rollout_batch):
+  config, rows, _ = rollout_batch
+  config = config.copy_and_resolve_references()
+  config.model.moe.update(num_experts=4, top_k=2, capacity_factor=2.0)
+  cfg = model_lib.ModelConfig.from_config(config, 'float32')
+  params = model_lib.init_params(cfg, 0)
+  batch = jax.tree.map(np.asarray, rows)
+  objective, sums = grpo.loss_sums(params, batch, graphdef=model_lib.graphdef(cfg),
+                                   post=config.post)
+  assert float(sums['moe_loss']) > 0 and 'moe_router_z' in sums
+  np.testing.assert_allclose(float(objective), float(sums['loss'] + sums['moe_loss']), rtol=1e-6)

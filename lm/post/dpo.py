@@ -89,14 +89,14 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, beta: float, loss_ty
   return with_moe_sums(sums, moe_aux)
 
 
-def with_moe_sums(sums: dict, moe_aux: dict) -> tuple:
-  """(objective, sums) of a pair loss: sums['loss'], plus for an MoE model the router's
-  load-balancing and z-losses (lm.train.moe_metric_sums, weighted by the batch's pairs) and
-  their statistics, as pretraining adds them."""
+def with_moe_sums(sums: dict, moe_aux: dict, count: str = 'pairs') -> tuple:
+  """(objective, sums) of a post-training loss: sums['loss'], plus for an MoE model the router's
+  load-balancing and z-losses (lm.train.moe_metric_sums, weighted by sums[count], the units the
+  objective averages over) and their statistics, as pretraining adds them."""
   if not moe_aux:
     return sums['loss'], sums
   from lm import train as train_lib  # pylint: disable=g-import-not-at-top
-  moe_sums = train_lib.moe_metric_sums(moe_aux, sums['pairs'])
+  moe_sums = train_lib.moe_metric_sums(moe_aux, sums[count])
   return sums['loss'] + moe_sums['moe_loss'], {**sums, **moe_sums}
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import model as model_lib
 from lm.post import dpo
 from lm.post import rollout
 
@@ -49,9 +50,13 @@ def finish(rows: dict, scores_B, kl_coef: float, post) -> tuple[dict, dict]:
 
 
 def loss_sums(params, batch, dropout_rng=None, *, graphdef, post):
-  """Summed GRPO loss over the batch's tokens or sequences, and its parts (Objective's)."""
+  """Summed GRPO loss over the batch's tokens or sequences, and its parts (Objective's); an MoE
+  policy adds its router losses (dpo.with_moe_sums)."""
   mask_BT = batch['loss_mask']
-  logp_BT = dpo.token_logps(params, batch, graphdef=graphdef, dropout_rng=dropout_rng)
+  logits_BTV, moe_aux = model_lib.apply_with_aux(graphdef, params, batch['inputs'],
+                                                 batch['segment_ids'], batch['positions'],
+                                                 dropout_rng=dropout_rng)
+  logp_BT = dpo.target_logps(logits_BTV, batch)
   ratio_BT = jnp.exp((logp_BT - batch['old_logp']) * mask_BT)
   advantages_BT = batch['advantages']
   eps = post.clip_epsilon
@@ -70,7 +75,7 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, post):
   else:
     sums = {name: (x * mask_BT).sum() for name, x in parts.items()}
     sums['tokens'] = tokens_B.sum()
-  return sums['loss'], sums
+  return dpo.with_moe_sums(sums, moe_aux, 'sequences' if 'sequences' in sums else 'tokens')
 
 
 def objective(graphdef, post):
