@@ -185,6 +185,21 @@ def base_config() -> ml_collections.ConfigDict:
   # down (MLP; gate is llama-only); 'attention', 'mlp' and 'all' name those groups.
   lora.targets = 'all'
 
+  # Adapters and prompt tuning (lm/peft.py), the other parameter-efficient methods. 'lora': LoRA
+  # as config.lora says (none at rank 0); 'adapter': a bottleneck (D -> adapter_dim, GELU, ->
+  # D, up projection starting at zero) after every attention and MLP output, trained with
+  # config.train.trainable='adapter' or 'adapter,embeddings'; 'prompt' (decoders): prompt_tokens
+  # soft-prompt embeddings before every row, trained with trainable='prompt'. Adapters cannot be
+  # merged into the weights; the soft prompt takes prompt_tokens of config.model.max_seq_len.
+  config.peft = peft = ml_collections.ConfigDict()
+  peft.kind = 'lora'
+  peft.adapter_dim = 16  # The adapters' bottleneck width r ('adapter').
+  peft.prompt_tokens = 20  # Soft-prompt length N ('prompt').
+  # 'vocab': the soft prompt starts as the embeddings of prompt_tokens random vocabulary ids
+  # (drawn with prompt_seed; Lester et al., 2021); 'normal': drawn like the embeddings.
+  peft.prompt_init = 'vocab'
+  peft.prompt_seed = 0
+
   # ---------------------------------------------------------------------------------------------
   # Training (lm/train.py).
   config.train = t = ml_collections.ConfigDict()
@@ -553,6 +568,8 @@ PARAM_GROUPS = {
     'all': lambda axes: True,
     'embeddings': lambda axes: 'vocab' in axes,
     'lora': lambda axes: 'lora_rank' in axes,
+    'adapter': lambda axes: 'adapter_dim' in axes,  # config.peft.kind='adapter' (lm/peft.py).
+    'prompt': lambda axes: 'prompt_tokens' in axes,  # config.peft.kind='prompt'.
 }
 _POSITIVE = (
     'model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
@@ -691,6 +708,42 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
   elif 'lora' in groups:
     raise ConfigError(f'config.train.trainable={config.train.trainable!r} names lora, but '
                       'config.lora.rank=0 adds no adapters')
+
+
+def _validate_peft(config: ml_collections.ConfigDict) -> None:
+  from lm import peft as peft_lib  # pylint: disable=g-import-not-at-top
+  peft, groups = config.peft, [g.strip() for g in config.train.trainable.split(',')]
+  if peft.kind not in peft_lib.KINDS:
+    raise ConfigError(f'config.peft.kind={peft.kind!r}: expected one of {peft_lib.KINDS}')
+  if peft.kind != 'lora' and config.lora.rank > 0:
+    raise ConfigError(f'config.peft.kind={peft.kind!r} with config.lora.rank={config.lora.rank}: '
+                      "one method at a time; set config.lora.rank=0 or config.peft.kind='lora'")
+  group = {'adapter': 'adapter', 'prompt': 'prompt'}.get(peft.kind)
+  for name in ('adapter', 'prompt'):
+    if name in groups and name != group:
+      raise ConfigError(f'config.train.trainable={config.train.trainable!r} names {name}, but '
+                        f'config.peft.kind={peft.kind!r} adds no {name} parameters')
+  if group and 'all' in groups:
+    raise ConfigError(
+        f'config.peft.kind={peft.kind!r} with config.train.trainable={config.train.trainable!r} '
+        f"would train the base weights too; use '{group}' or '{group},embeddings'")
+  if peft.kind == 'adapter' and peft.adapter_dim < 1:
+    raise ConfigError(f'config.peft.adapter_dim={peft.adapter_dim}: must be >= 1')
+  if peft.kind != 'prompt':
+    return
+  if config.model.kind != 'decoder':
+    raise ConfigError(f"config.peft.kind='prompt' prepends a soft prompt to a decoder's input; "
+                      f'config.model.kind={config.model.kind!r} is not supported')
+  if peft.prompt_tokens < 1:
+    raise ConfigError(f'config.peft.prompt_tokens={peft.prompt_tokens}: must be >= 1')
+  if peft.prompt_init not in peft_lib.PROMPT_INITS:
+    raise ConfigError(f'config.peft.prompt_init={peft.prompt_init!r}: expected one of '
+                      f'{peft_lib.PROMPT_INITS}')
+  if config.data.seq_len + peft.prompt_tokens > config.model.max_seq_len:
+    raise ConfigError(
+        f'config.data.seq_len={config.data.seq_len} + config.peft.prompt_tokens='
+        f'{peft.prompt_tokens} exceed config.model.max_seq_len={config.model.max_seq_len}: the '
+        'soft prompt takes positions of its own')
 
 
 # Modes that decode with a KV cache or score sequences causally: a decoder's alone.
@@ -881,6 +934,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.trainable={t.trainable!r}: {unknown} not among the groups '
                       f'{tuple(PARAM_GROUPS)}; separate several with commas')
   _validate_lora(config)
+  _validate_peft(config)
   _validate_moe(config)
   if m.kind == 'encoder':
     _validate_encoder(config)

@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,13 +124,16 @@ def _choose(logits_BV, sampling, steps_B):
 
 @functools.partial(jax.jit, static_argnames='graphdef', donate_argnames='pool')
 def _prefill(graphdef, params, pool, tokens_1P, length, block_table_1M, sampling):
-  """One prompt (right-padded to P; `length` real tokens) into its blocks: (first token_1,
-  logprob_1, pool)."""
+  """One prompt (right-padded to P; `length` real tokens) into its blocks, after the model's
+  soft prompt when it has one (lm/peft.py): (first token_1, logprob_1, pool)."""
   P = tokens_1P.shape[1]
   cache = kv_cache.paged(pool, block_table_1M, jnp.zeros(1, jnp.int32))
+  params = quantize.dequantize_on_read(params)
+  model = nnx.merge(graphdef, params)
+  if model.cfg.prompt_tokens:
+    cache = model.prefill_prompt(cache)
   logits_1PV, cache = model_lib.apply(
-      graphdef, quantize.dequantize_on_read(params), tokens_1P, jnp.ones_like(tokens_1P),
-      jnp.arange(P)[None], cache)
+      graphdef, params, tokens_1P, jnp.ones_like(tokens_1P), jnp.arange(P)[None], cache)
   logits_1V = jax.lax.dynamic_index_in_dim(logits_1PV, length - 1, axis=1, keepdims=False)
   token_1, logprob_1 = _choose(logits_1V, sampling, jnp.zeros(1, jnp.int32))
   return token_1, logprob_1, {'k': cache['k'], 'v': cache['v']}
@@ -139,17 +143,20 @@ def _prefill(graphdef, params, pool, tokens_1P, length, block_table_1M, sampling
 def _decode(graphdef, params, pool, tokens_B, lengths_B, block_table_BM, steps_B, sampling,
             num_steps):
   """num_steps tokens for every slot, each fed back as the next input, starting from each slot's
-  last token at position lengths_B: (tokens_BN, logprobs_BN, pool). One call per num_steps
-  tokens keeps the host's per-step round trip out of the decode loop; the host then cuts each
-  row at its stop token or max_new_tokens (tokens past that are never used)."""
+  last token in slot lengths_B (its position: lengths_B less the soft prompt's slots, which the
+  model adds back): (tokens_BN, logprobs_BN, pool). One call per num_steps tokens keeps the
+  host's per-step round trip out of the decode loop; the host then cuts each row at its stop
+  token or max_new_tokens (tokens past that are never used)."""
   params = quantize.dequantize_on_read(params)
+  soft_slots = nnx.merge(graphdef, params).cfg.prompt_tokens
 
   def step(carry, _):
     pool, tokens_B, lengths_B, steps_B = carry
     tokens_B1 = tokens_B[:, None]
     cache = kv_cache.paged(pool, block_table_BM, lengths_B)
     logits_B1V, cache = model_lib.apply(
-        graphdef, params, tokens_B1, jnp.ones_like(tokens_B1), lengths_B[:, None], cache)
+        graphdef, params, tokens_B1, jnp.ones_like(tokens_B1), lengths_B[:, None] - soft_slots,
+        cache)
     tokens_B, logprobs_B = _choose(logits_B1V[:, 0], sampling, steps_B)
     pool = {'k': cache['k'], 'v': cache['v']}
     return (pool, tokens_B, lengths_B + 1, steps_B + 1), (tokens_B, logprobs_B)
@@ -185,8 +192,10 @@ class Engine:
     self.stats = {}
 
   def blocks_needed(self, request: Request) -> int:
-    """The most blocks a request can fill: its prompt and all but its last new token."""
-    return -(-(len(request.prompt) + request.max_new_tokens - 1) // self.block_size)
+    """The most blocks a request can fill: the soft prompt (lm/peft.py), its prompt and all but
+    its last new token."""
+    slots = self.cfg.prompt_tokens + len(request.prompt) + request.max_new_tokens - 1
+    return -(-slots // self.block_size)
 
   def run(self, requests: list[Request]) -> list[generate.Completion]:
     """One completion per request, in order; self.stats says how the pool was used."""
@@ -212,9 +221,11 @@ class Engine:
     if not prompt or new < 1:
       raise ValueError(f'request {i}: needs a non-empty prompt and max_new_tokens >= 1, got '
                        f'{len(prompt)} prompt tokens and max_new_tokens={new}')
-    if len(prompt) + new > self.cfg.max_seq_len:
-      raise ValueError(f'request {i}: {len(prompt)} prompt tokens + max_new_tokens={new} exceed '
-                       f'the model\'s max_seq_len={self.cfg.max_seq_len}')
+    soft = self.cfg.prompt_tokens
+    if soft + len(prompt) + new > self.cfg.max_seq_len:
+      raise ValueError(f'request {i}: {len(prompt)} prompt tokens + max_new_tokens={new} '
+                       + (f'+ {soft} soft-prompt positions ' if soft else '')
+                       + f'exceed the model\'s max_seq_len={self.cfg.max_seq_len}')
     if not all(0 <= t < self.cfg.vocab_size for t in prompt):
       raise ValueError(f'request {i}: token ids outside [0, vocab_size={self.cfg.vocab_size})')
     if self.blocks_needed(request) > self.num_blocks - 1:
@@ -240,15 +251,14 @@ class Engine:
           slots[slot] = sequence
 
   def _prefill(self, sequence: _Sequence, blocks: BlockPool) -> None:
-    prompt = sequence.request.prompt
-    num_blocks = -(-len(prompt) // self.block_size)
-    sequence.blocks = [blocks.take() for _ in range(num_blocks)]
-    tokens_1P = np.zeros((1, num_blocks * self.block_size), np.int32)
+    prompt, soft = sequence.request.prompt, self.cfg.prompt_tokens
+    sequence.blocks = [blocks.take() for _ in range(-(-(soft + len(prompt)) // self.block_size))]
+    tokens_1P = np.zeros((1, -(-len(prompt) // self.block_size) * self.block_size), np.int32)
     tokens_1P[0, :len(prompt)] = prompt
     token_1, logprob_1, self.pool = _prefill(
         self.graphdef, self.params, self.pool, tokens_1P, np.int32(len(prompt)),
         self._block_table([sequence]), _sampling_arrays([sequence.request], self.cfg.vocab_size))
-    sequence.length = len(prompt)
+    sequence.length = soft + len(prompt)  # Slots in the cache, the soft prompt's included.
     sequence.tokens.append(int(token_1[0]))
     sequence.logprobs.append(float(logprob_1[0]))
 

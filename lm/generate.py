@@ -112,7 +112,8 @@ def _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, max_new_
 
   An encoder_decoder model's prompts are its inputs: the encoder runs once, the first decoder
   step (decoder_start_id) writes every layer's cross-attention keys and values of them into the
-  cache, and decoding goes on from position 1."""
+  cache, and decoding goes on from position 1. A decoder's soft prompt (config.peft.kind=
+  'prompt', lm/peft.py) is written before the prompts, in slots of its own."""
   model = nnx.merge(graphdef, params)
   cfg, B = model.cfg, tokens_BP.shape[0]
   if cfg.kind == 'encoder_decoder':
@@ -122,7 +123,9 @@ def _prefill(graphdef, params, tokens_BP, segment_ids_BP, positions_BP, max_new_
     logits_B1V, cache = model(start_B1, jnp.ones_like(start_B1), jnp.zeros_like(start_B1), cache,
                               memory=(encoded_BPD, segment_ids_BP))
     return logits_B1V[:, -1], cache, jnp.ones((B,), jnp.int32)
-  cache = kv_cache.init(cfg, B, tokens_BP.shape[1] + max_new_tokens)
+  cache = kv_cache.init(cfg, B, cfg.prompt_tokens + tokens_BP.shape[1] + max_new_tokens)
+  if cfg.prompt_tokens:  # The soft prompt (lm/peft.py) fills the first slots of every row.
+    cache = model.prefill_prompt(cache)
   logits_BPV, cache = model_lib.apply(
       graphdef, params, tokens_BP, segment_ids_BP, positions_BP, cache)
   return logits_BPV[:, -1], cache, jnp.max(positions_BP, axis=1) + 1
@@ -382,9 +385,10 @@ def _check_lengths(graphdef, params, prompts, max_new_tokens: int) -> model_lib.
     if seq2seq and len(prompt) > cfg.max_seq_len:
       raise GenerationError(f"input {i} has {len(prompt)} tokens, more than the model's "
                             f'max_seq_len={cfg.max_seq_len}')
-    if not seq2seq and len(prompt) + max_new_tokens > cfg.max_seq_len:
+    if not seq2seq and cfg.prompt_tokens + len(prompt) + max_new_tokens > cfg.max_seq_len:
+      soft = f' and the {cfg.prompt_tokens} soft-prompt positions' if cfg.prompt_tokens else ''
       raise GenerationError(
-          f'prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that '
+          f'prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens}{soft} that '
           f'exceeds the model\'s max_seq_len={cfg.max_seq_len}')
     if not all(0 <= t < cfg.vocab_size for t in prompt):
       raise GenerationError(f'prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})')

@@ -205,6 +205,7 @@ from lm import config as config_lib
 from lm import lora as lora_lib
 from lm import model as model_lib
 from lm import moe as moe_lib
+from lm import peft as peft_lib
 from lm import pytree
 from lm import sharding
 
@@ -604,7 +605,7 @@ def _maybe_fresh(name: str) -> bool:
   """Whether a parameter (dotted name) may be missing from a reference or init_from checkpoint
   and start fresh: a LoRA adapter or a scalar head (lm.train.init_from_target)."""
   last = name.split('.')[-1]
-  return lora_lib.is_adapter(last) or last in model_lib.SCALAR_HEADS
+  return lora_lib.is_adapter(last) or peft_lib.is_peft(last) or last in model_lib.SCALAR_HEADS
 
 
 def _trained(params: tuple, config: ml_collections.ConfigDict, cfg) -> tuple:

@@ -33,6 +33,7 @@ from lm import attention as attention_lib
 from lm import kv_cache
 from lm import lora as lora_lib
 from lm import moe as moe_lib
+from lm import peft as peft_lib
 from lm import pytree
 from lm import sharding
 
@@ -71,6 +72,12 @@ class ModelConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
+  # Adapters and prompt tuning (config.peft, lm/peft.py): a bottleneck of adapter_dim after every
+  # sub-layer; prompt_tokens soft-prompt embeddings before the first block, starting from the
+  # embeddings of prompt_ids (empty: drawn like the embeddings).
+  adapter_dim: int = 0
+  prompt_tokens: int = 0
+  prompt_ids: tuple[int, ...] = ()
   # A scalar reward head on the last token's final hidden state (mode='reward', lm/post/reward.py).
   reward_head: bool = False
   # A scalar value head on every token's final hidden state, sharing the trunk (mode='ppo').
@@ -103,6 +110,14 @@ class ModelConfig:
     if lora is not None and lora.rank > 0:
       values.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                     lora_targets=lora_lib.lora_targets(lora.targets, config.model.block))
+    peft = config.get('peft')
+    if peft is not None and peft.kind == 'adapter':
+      values.update(adapter_dim=peft.adapter_dim)
+    if peft is not None and peft.kind == 'prompt':
+      values.update(prompt_tokens=peft.prompt_tokens)
+      if peft.prompt_init == 'vocab':
+        values.update(prompt_ids=peft_lib.prompt_ids(
+            config.model.vocab_size, peft.prompt_tokens, peft.prompt_seed))
     return cls(**values)
 
   @property
@@ -417,6 +432,15 @@ class Block(nnx.Module):
       self.cross_attention = CrossAttention(cfg, rngs=rngs)
     self.mlp_norm = Norm(cfg, rngs=rngs)
     self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, rngs=rngs)
+    if cfg.adapter_dim:  # Houlsby adapters on every sub-layer's output (lm/peft.py).
+      self.attention_adapter = peft_lib.Adapter(cfg, rngs=rngs)
+      if cross:
+        self.cross_attention_adapter = peft_lib.Adapter(cfg, rngs=rngs)
+      self.mlp_adapter = peft_lib.Adapter(cfg, rngs=rngs)
+
+  def _adapt(self, name: str, out_BTD):
+    """A sub-layer's output through its adapter, when the block has adapters."""
+    return getattr(self, name)(out_BTD) if hasattr(self, name) else out_BTD
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache=None, dropout_rng=None,
                memory=None):
@@ -426,6 +450,7 @@ class Block(nnx.Module):
     layer = None if cache is None else cache['layer']
     attention_BTD, cache = self.attention(
         self.attention_norm(x_BTD), segment_ids_BT, positions_BT, cache, attention_rng)
+    attention_BTD = self._adapt('attention_adapter', attention_BTD)
     x_BTD = sharding.constrain(x_BTD + attention_BTD, ('act_batch', 'act_seq', 'act_embed'))
     if hasattr(self, 'cross_attention'):
       cross_rng = None
@@ -433,12 +458,14 @@ class Block(nnx.Module):
         mlp_rng, cross_rng = jax.random.split(mlp_rng)
       cross_BTD, cache = self.cross_attention(
           self.cross_attention_norm(x_BTD), segment_ids_BT, memory, cache, layer, cross_rng)
+      cross_BTD = self._adapt('cross_attention_adapter', cross_BTD)
       x_BTD = sharding.constrain(x_BTD + cross_BTD, ('act_batch', 'act_seq', 'act_embed'))
     if isinstance(self.mlp, MoE):
-      mlp_BTD, aux = self.mlp(self.mlp_norm(x_BTD), segment_ids_BT > 0)
+      # SHARED_PREFIX tokens (-1: a soft prompt, a scored context) are real tokens too.
+      mlp_BTD, aux = self.mlp(self.mlp_norm(x_BTD), segment_ids_BT != 0)
     else:
       mlp_BTD, aux = self.mlp(self.mlp_norm(x_BTD), mlp_rng), {}
-    x_BTD = x_BTD + mlp_BTD
+    x_BTD = x_BTD + self._adapt('mlp_adapter', mlp_BTD)
     return sharding.constrain(x_BTD, ('act_batch', 'act_seq', 'act_embed')), cache, aux
 
 
@@ -485,6 +512,8 @@ class Transformer(nnx.Module):
       self.reward_head = _param(rngs, (D,), ('embed',), cfg, cfg.init_std)
     if cfg.value_head:  # Zeros: values start at 0 and the policy's outputs are unchanged.
       self.value_head = _param(rngs, (D,), ('embed',), cfg, init=jnp.zeros)
+    if cfg.prompt_tokens:
+      self.soft_prompt = peft_lib.init_soft_prompt(cfg, rngs)
 
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
                dropout_rng=None, hidden_only: bool = False, memory=None):
@@ -505,12 +534,45 @@ class Transformer(nnx.Module):
 
   def hidden(self, tokens_BT, segment_ids_BT=None, positions_BT=None, cache=None,
              dropout_rng=None, memory=None):
-    """(final-norm hidden states x_BTD, cache, MoE aux): embeddings, the blocks, the final norm."""
+    """(final-norm hidden states x_BTD, cache, MoE aux): embeddings, the blocks, the final norm.
+
+    With a soft prompt (lm/peft.py) real tokens sit at their positions + N; without a cache the
+    prompt is prepended to every row (SHARED_PREFIX) and x_BTD covers the real tokens only."""
     segment_ids_BT, positions_BT = _default_segments(tokens_BT, segment_ids_BT, positions_BT)
+    N = self.cfg.prompt_tokens
+    if N:
+      positions_BT = positions_BT + N
     x_BTD = self._embed(self.embed, tokens_BT, positions_BT)
+    if N and cache is None:
+      B = tokens_BT.shape[0]
+      x_BTD = jnp.concatenate([self._soft_prompt(B), x_BTD], axis=1)
+      segment_ids_BT = jnp.concatenate(
+          [jnp.full((B, N), attention_lib.SHARED_PREFIX, segment_ids_BT.dtype), segment_ids_BT], 1)
+      positions_BT = jnp.concatenate(
+          [jnp.broadcast_to(jnp.arange(N, dtype=positions_BT.dtype), (B, N)), positions_BT], 1)
     x_BTD, cache, aux = self.trunk(x_BTD, segment_ids_BT, positions_BT, cache, dropout_rng,
                                    memory=memory)
+    if N and cache is None:
+      x_BTD = x_BTD[:, N:]
     return self.final_norm(x_BTD), cache, aux
+
+  def _soft_prompt(self, batch_size: int):
+    """The soft prompt as embedded inputs [B, N, D] (with gpt2's position table at 0 .. N-1)."""
+    prompt_ND = peft_lib.prompt_embeddings(self)
+    if self.cfg.block == 'gpt2':
+      prompt_ND = prompt_ND + self.pos_embed[...][:self.cfg.prompt_tokens]
+    x_BND = jnp.broadcast_to(prompt_ND.astype(self.cfg.dtype), (batch_size, *prompt_ND.shape))
+    return sharding.constrain(x_BND, ('act_batch', 'act_seq', 'act_embed'))
+
+  def prefill_prompt(self, cache):
+    """The cache with the soft prompt written at its next N slots (segment 1, positions 0 ..
+    N-1) for every row: decoding's first step when the model has one (lm/peft.py)."""
+    N = self.cfg.prompt_tokens
+    B = cache['block_table'].shape[0] if 'block_table' in cache else cache['segment_ids'].shape[0]
+    segment_ids_BN = jnp.ones((B, N), jnp.int32)
+    positions_BN = jnp.broadcast_to(jnp.arange(N, dtype=jnp.int32), (B, N))
+    _, cache, _ = self.trunk(self._soft_prompt(B), segment_ids_BN, positions_BN, cache)
+    return kv_cache.advance(cache, N)
 
   def encode(self, tokens_BS, segment_ids_BS=None, positions_BS=None, dropout_rng=None):
     """An encoder_decoder's encoder: (encoded_BSD after encoder_norm, MoE aux), for `memory`."""
@@ -637,8 +699,10 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 def _rngs(seed: int) -> nnx.Rngs:
-  """'params' for the model's weights, 'lora' for LoRA adapters (a stream of its own)."""
-  return nnx.Rngs(params=seed, lora=jax.random.fold_in(jax.random.key(seed), 1))
+  """'params' for the model's weights, 'lora' for LoRA adapters, 'peft' for config.peft's
+  parameters (streams of their own)."""
+  key = jax.random.key(seed)
+  return nnx.Rngs(params=seed, lora=jax.random.fold_in(key, 1), peft=jax.random.fold_in(key, 2))
 
 
 def graphdef(cfg: ModelConfig):

@@ -38,6 +38,7 @@ from lm import flops
 from lm import lora as lora_lib
 from lm import metrics as metrics_lib
 from lm import model as model_lib
+from lm import peft as peft_lib
 from lm import prune as prune_lib
 from lm import pytree
 from lm import sharding
@@ -597,12 +598,14 @@ class _StopRequested:
 
 def init_from_target(path: str, abstract_params: dict) -> dict:
   """The parameters to take from config.init_from: all of the model's, except LoRA adapters
-  that checkpoint lacks (a base model's), which start fresh (B = 0: the base model's outputs),
+  (or config.peft's adapters and soft prompt) that checkpoint lacks (a base model's), which start
+  fresh (B = 0, adapters' up projections = 0: the base model's outputs),
   and a reward or value head it lacks (a language model's), which starts fresh too."""
   stored = set(pytree.leaf_paths(checkpoint_lib.params_shapes(path)))
   return pytree.subtree(abstract_params, [
       p for p in pytree.leaf_paths(abstract_params)
-      if p in stored or not (lora_lib.is_adapter(p[-1]) or p[-1] in model_lib.SCALAR_HEADS)])
+      if p in stored or not (lora_lib.is_adapter(p[-1]) or peft_lib.is_peft(p[-1])
+                             or p[-1] in model_lib.SCALAR_HEADS)])
 
 
 def _restore_frozen(frozen_dir: str, target: dict) -> dict:

@@ -69,10 +69,13 @@ class Scorer:
     self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
     self.cfg = _config_of(graphdef, params)
     self.mesh, self.rules = mesh, rules
-    if max_length is not None and not 2 <= int(max_length) <= self.cfg.max_seq_len:
+    # A soft prompt (config.peft.kind='prompt', lm/peft.py) takes positions of the model's own.
+    room = self.cfg.max_seq_len - self.cfg.prompt_tokens
+    if max_length is not None and not 2 <= int(max_length) <= room:
       raise ValueError(f'max_length={max_length} must be between 2 and the model\'s max_seq_len='
-                       f'{self.cfg.max_seq_len}')
-    self.max_length = int(max_length or self.cfg.max_seq_len)
+                       f'{self.cfg.max_seq_len}' + (f' less its {self.cfg.prompt_tokens} '
+                       'soft-prompt positions' if self.cfg.prompt_tokens else ''))
+    self.max_length = int(max_length or room)
     self.batch_size = _parse_batch_size(batch_size)
     self.progress = progress
     self.truncation = Truncation()
