@@ -53,7 +53,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 
 from flax import nnx
@@ -708,14 +707,8 @@ def prune_checkpoint(checkpoint: str, out: str, method: str, sparsity: float | N
       prunable_params=report['prunable_params'], total_params=report['total_params'])
 
   with files_lib.atomic_directory(out) as directory:
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, 'checkpoints'),
-                                               async_save=False)
-    checkpointer.save(0, {'params': pruned}, {})
-    checkpointer.close()
-    shutil.copyfile(tokenizer.path, os.path.join(directory, 'tokenizer.model'))
-    vocab_lib.write_checkpoint_config(directory, config)
-    if hf_config:
-      shutil.copyfile(hf_config, os.path.join(directory, 'hf_config.json'))
+    vocab_lib.write_params_workdir(directory, pruned, tokenizer=tokenizer.path, config=config,
+                                   hf_config=hf_config)
     save_masks(os.path.join(directory, MASKS_FILE), masks)
     with open(os.path.join(directory, REPORT_FILE), 'w') as f:
       json.dump(dict(summary, report=report), f, indent=2)

@@ -59,7 +59,6 @@ import functools
 import json
 import math
 import os
-import shutil
 import sys
 
 import jax
@@ -530,15 +529,9 @@ def quantize_checkpoint(checkpoint: str, out: str, bits: int = 8, group_size: in
       max_abs_error=report['max_abs_error'])
 
   with files_lib.atomic_directory(out) as directory:
-    checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, 'checkpoints'),
-                                               async_save=False)
-    checkpointer.save(0, {'params': qparams}, {})
-    checkpointer.close()
+    vocab_lib.write_params_workdir(directory, qparams, tokenizer=tokenizer.path, config=config,
+                                   hf_config=hf_config)
     summary['checkpoint_disk_bytes'] = _disk_bytes(os.path.join(directory, 'checkpoints'))
-    shutil.copyfile(tokenizer.path, os.path.join(directory, 'tokenizer.model'))
-    vocab_lib.write_checkpoint_config(directory, config)
-    if hf_config:
-      shutil.copyfile(hf_config, os.path.join(directory, 'hf_config.json'))
     with open(os.path.join(directory, REPORT_FILE), 'w') as f:
       json.dump(dict(summary, report=report), f, indent=2)
   return summary

@@ -132,6 +132,21 @@ def write_checkpoint_config(directory: str, config) -> None:
     f.write(_CONFIG_PY)
 
 
+def write_params_workdir(directory: str, params: dict, *, tokenizer: str, config,
+                         hf_config: str | None = None) -> None:
+  """Writes a workdir whose one step holds only params (checkpoints/0, which lm.checkpoint
+  reads like a run's), with tokenizer.model, config.json/config.py and hf_config.json: what
+  lm.prune and lm.quantize write, loadable wherever a checkpoint is."""
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(directory, 'checkpoints'),
+                                             async_save=False)
+  checkpointer.save(0, {'params': params}, {})
+  checkpointer.close()
+  shutil.copyfile(tokenizer, os.path.join(directory, 'tokenizer.model'))
+  write_checkpoint_config(directory, config)
+  if hf_config:
+    shutil.copyfile(hf_config, os.path.join(directory, 'hf_config.json'))
+
+
 def extend_params(params: dict, *, base_size: int, merged_size: int, vocab_size: int, init: str,
                   spellings: list[list[int]] | None = None, seed: int = 0) -> dict:
   """params with embed [V, D] -> [vocab_size, D] and, if untied, unembed [D, V] -> [D, vocab_size]
