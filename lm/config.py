@@ -142,6 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
   # 0: the teacher's whole distribution ([batch, seq, vocab] fp32 per step, exact KL); k > 0:
   # its k most likely tokens at each position, renormalised (vocab / k times less memory).
   distill.top_k = 0
+  # A directory of precomputed top-k targets (`python -m lm.distill` with this config writes
+  # them for the rows of train.steps steps): the run reads them from disk instead of holding and
+  # running the teacher each step. '' computes them on the fly.
+  distill.teacher_cache = ''
+  distill.cache_dtype = 'float32'  # Of the stored log-probabilities: 'float32' or 'float16'.
 
   # ---------------------------------------------------------------------------------------------
   # Pruning while training (lm/prune.py's Schedule; any mode that trains). The projection
@@ -786,6 +791,11 @@ def _validate_distill(config: ml_collections.ConfigDict) -> None:
   if not 0 <= d.top_k < config.model.vocab_size:
     raise ConfigError(f'config.distill.top_k={d.top_k!r}: expected 0 (the whole distribution) '
                       f'or 1 .. config.model.vocab_size - 1 = {config.model.vocab_size - 1}')
+  if d.cache_dtype not in ('float32', 'float16'):
+    raise ConfigError(f'config.distill.cache_dtype={d.cache_dtype!r}: expected float32 or float16')
+  if d.teacher_cache and not d.top_k:
+    raise ConfigError('config.distill.teacher_cache holds top-k targets: set config.distill.top_k '
+                      '> 0 (the whole distribution is vocab_size floats a token, too many to store)')
   if config.model.reward_head or config.model.value_head:
     raise ConfigError("config.mode='distill' trains a language model: config.model.reward_head "
                       'and value_head must be False')
@@ -959,3 +969,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.mode == 'reward' and not config.model.reward_head:
     raise ConfigError('config.mode=reward needs config.model.reward_head=True (the scalar head '
                       'the reward is read from)')
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+  """The project's errors for bad input (a config field, a file, a corpus, a checkpoint, a run
+  that diverged): each names what is wrong, so it is reported in one line. Any other exception
+  is a bug and keeps its traceback."""
+  # pylint: disable=g-import-not-at-top
+  from lm import checkpoint, distributed, sharding, sources, tokenizer, train
+  return (ConfigError, sharding.ShardingError, checkpoint.CheckpointError,
+          distributed.DistributedError, train.NonFiniteLossError, sources.DataError,
+          tokenizer.TokenizerError, FileNotFoundError)

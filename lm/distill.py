@@ -19,6 +19,10 @@ arrays and grad accumulation, resume and the memory planner treat them like any 
               KL(p~ || q restricted to them) - log q(top k) >= 0: the student matches the
               teacher's ranking there and puts its mass on them. V/k times less batch memory.
 
+With distill.teacher_cache the teacher runs once, before training: `python -m lm.distill` writes
+its top-k targets for the rows the run will read (below), and the run reads them from disk
+instead of holding the teacher and running it every step.
+
 The logged `loss` is the hard-label cross-entropy (comparable with any run's), `kd` the KL per
 token; evaluation is the student's held-out loss, perplexity and bits per byte. Teacher and
 student must share the tokenizer (the same pieces in the same order; data.tokenizer defaults to
@@ -31,15 +35,23 @@ and config.post.data='jsonl:teacher.jsonl'.
 """
 
 import functools
+import hashlib
+import json
 import logging
+import os
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from tqdm import tqdm
 
 from lm import config as config_lib
 from lm import model as model_lib
 from lm import sharding
+from lm import sources as sources_lib
 from lm import tokenizer as tokenizer_lib
 from lm import train as train_lib
 
@@ -205,3 +217,272 @@ def make_augment(run, tokenizer: tokenizer_lib.Tokenizer):
     with sharding.active(run.mesh, run.rules):
       return forward(params, batch)
   return augment
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed targets (config.distill.teacher_cache): the teacher runs once, not every step.
+#
+# `python -m lm.distill --config C --workdir W` runs the teacher over the rows that the first
+# train.steps steps of config C read and writes its top-k targets to config.distill.teacher_cache;
+# the training run (the same config) then reads them instead of holding and running the teacher.
+# A row's targets are found by a hash of its inputs, which alone determine them (segment ids and
+# positions follow from the inputs): so any order, epoch, process count or resumed run finds the
+# rows it reads, and one it does not find (a longer run, other data) is an error, never a silent
+# misalignment. Each row is computed once, however many epochs read it.
+#
+#   CACHE/manifest.json     what made the targets (teacher, temperature, top_k, dtype, ...) and
+#                           how many steps they cover; written last, so its absence means unfinished
+#   CACHE/chunk-NNNNN/      steps [first, last) of the run: keys.npy (uint64 [R]), ids.npy
+#                           ([R, T, k], uint16 below 65,536 tokens, else int32) and logp.npy
+#                           ([R, T, k] in distill.cache_dtype), memory-mapped by the run
+#
+# Chunks are renamed into place whole, so a killed precompute reruns only its unfinished chunk;
+# a rerun with more train.steps keeps the finished ones and adds the rest. Exact for any dense or
+# dropless teacher; an MoE teacher that drops tokens over capacity stores what it computed on the
+# precompute's batches.
+
+CACHE_MANIFEST = 'manifest.json'
+CACHE_FORMAT = 1
+CHUNK_STEPS = 256  # Steps per chunk: what a killed precompute recomputes at most.
+# What the targets depend on: a cache made with other values must not be read.
+_CACHE_IDENTITY = ('teacher', 'temperature', 'top_k', 'cache_dtype')
+
+
+def row_keys(inputs_BT: np.ndarray) -> np.ndarray:
+  """uint64 [B]: each row's key, a 64-bit BLAKE2 hash of its int32 input ids."""
+  inputs_BT = np.ascontiguousarray(inputs_BT, np.int32)
+  return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(),
+                                  'little') for row in inputs_BT], np.uint64)
+
+
+def _cache_identity(config: ml_collections.ConfigDict) -> dict:
+  d = config.distill
+  return {**{name: d[name] for name in _CACHE_IDENTITY}, 'seq_len': config.data.seq_len,
+          'vocab_size': config.model.vocab_size, 'dtype': config.model.dtype}
+
+
+def _read_manifest(directory: str) -> dict | None:
+  path = os.path.join(directory, CACHE_MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f'config.distill.teacher_cache={directory!r}: unreadable '
+                                 f'{CACHE_MANIFEST} ({e}); precompute into a new directory') from e
+
+
+def _check_identity(directory: str, manifest: dict, config: ml_collections.ConfigDict) -> None:
+  expected = _cache_identity(config)
+  differ = {k: (manifest.get('identity', {}).get(k), v) for k, v in expected.items()
+            if manifest.get('identity', {}).get(k) != v}
+  if manifest.get('format') != CACHE_FORMAT or differ:
+    described = ', '.join(f'{k}: cache {a!r}, config {b!r}' for k, (a, b) in differ.items())
+    raise config_lib.ConfigError(
+        f'config.distill.teacher_cache={directory!r} holds targets made otherwise '
+        f'({described or "another format"}); precompute them for this config into a new '
+        'directory (python -m lm.distill)')
+
+
+def _chunks(directory: str) -> list[tuple[int, int, str]]:
+  """(first step, last step, path) of the cache's finished chunks, in order."""
+  found = []
+  for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+    path = os.path.join(directory, name)
+    if name.startswith('chunk-') and os.path.isfile(os.path.join(path, 'meta.json')):
+      with open(os.path.join(path, 'meta.json')) as f:
+        meta = json.load(f)
+      found.append((meta['first_step'], meta['last_step'], path))
+  return found
+
+
+def precompute_teacher_targets(config: ml_collections.ConfigDict, workdir: str, *,
+                               chunk_steps: int = CHUNK_STEPS) -> dict:
+  """Writes config.distill.teacher's top-k targets for the rows of train.steps steps of config
+  (read from workdir's data, as the run reads them) to config.distill.teacher_cache; returns its
+  manifest. Resumes an unfinished or shorter cache of the same identity."""
+  from lm import files as files_lib  # pylint: disable=g-import-not-at-top
+  directory = config.distill.teacher_cache
+  if not directory:
+    raise config_lib.ConfigError('config.distill.teacher_cache: the directory to write the '
+                                 "teacher's targets to is empty")
+  if not config.distill.top_k:
+    raise config_lib.ConfigError(
+        'config.distill.teacher_cache holds top-k targets: set config.distill.top_k > 0 (the '
+        'whole distribution is V floats a token, too many to store)')
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError('python -m lm.distill runs on one process (its devices may be '
+                                 'many); the run that reads the cache may use any number')
+  computing = config.copy_and_resolve_references()
+  computing.distill.teacher_cache = ''  # Set up as a run that computes the targets on the fly.
+  run = train_lib.setup(computing)
+  manifest = _read_manifest(directory)
+  if manifest is not None:
+    _check_identity(directory, manifest, run.config)
+  os.makedirs(directory, exist_ok=True)
+  steps = run.config.train.steps
+  finished = {first: (last, path) for first, last, path in _chunks(directory)}
+  data = train_lib.make_data(run, workdir)
+  cache_dtype = np.dtype(run.config.distill.cache_dtype)
+  ids_dtype = np.uint16 if run.config.model.vocab_size <= 2 ** 16 else np.int32
+  seen: set[int] = set()
+  rows = 0
+  progress = tqdm(total=steps, desc='teacher targets', unit='step', dynamic_ncols=True,
+                  disable=not sys.stderr.isatty())
+  for first in range(0, steps, chunk_steps):
+    last = min(first + chunk_steps, steps)
+    done = finished.get(first)
+    if done is not None and done[0] >= last:  # Finished before: its rows are known, not rerun.
+      for _ in range(first, last):
+        next(data.train_iter)
+      keys = np.load(os.path.join(done[1], 'keys.npy'))
+      seen.update(keys.tolist())
+      rows += len(keys)
+      progress.update(last - first)
+      continue
+    if done is not None:  # A shorter run's last chunk: computed again to its new end.
+      shutil.rmtree(done[1])
+    keys_parts, ids_parts, logp_parts = [], [], []
+    for _ in range(first, last):
+      local = next(data.train_iter)
+      keys = row_keys(local['inputs'])
+      new = [i for i, key in enumerate(keys.tolist()) if key not in seen]
+      seen.update(keys.tolist())
+      new = [i for i in new if keys[i] not in keys[:i]]  # A row twice in one batch: once.
+      if new:
+        targets = data.augment(jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(run.batch_sharding, x), local))
+        keys_parts.append(keys[new])
+        ids_parts.append(np.asarray(targets[TEACHER_IDS])[new].astype(ids_dtype))
+        logp_parts.append(np.asarray(targets[TEACHER_LOGP])[new].astype(cache_dtype))
+      progress.update(1)
+    k, T = run.config.distill.top_k, run.config.data.seq_len
+    parts = {'keys.npy': np.concatenate(keys_parts) if keys_parts else np.zeros(0, np.uint64),
+             'ids.npy': np.concatenate(ids_parts) if ids_parts else np.zeros((0, T, k), ids_dtype),
+             'logp.npy': (np.concatenate(logp_parts) if logp_parts
+                          else np.zeros((0, T, k), cache_dtype))}
+    with files_lib.atomic_directory(os.path.join(directory, f'chunk-{first:08d}')) as tmp:
+      for name, array in parts.items():
+        np.save(os.path.join(tmp, name), array)
+      with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump({'first_step': first, 'last_step': last, 'rows': len(parts['keys.npy'])}, f)
+    rows += len(parts['keys.npy'])
+    logging.info('teacher targets: steps [%d, %d) done, %d rows so far', first, last, rows)
+  progress.close()
+  manifest = {'format': CACHE_FORMAT, 'identity': _cache_identity(run.config), 'steps': steps,
+              'batch_size': run.config.train.batch_size, 'rows': rows,
+              'tokenizer': data.tokenizer.path}
+  files_lib.write_atomically(os.path.join(directory, CACHE_MANIFEST),
+                             lambda f: json.dump(manifest, f, indent=2))
+  logging.info('wrote the teacher targets of %d rows (%d steps) to %s', rows, steps, directory)
+  return manifest
+
+
+class TeacherCache:
+  """A precompute's targets, memory-mapped: targets(inputs) looks rows up by their keys."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    directory = self.directory = config.distill.teacher_cache
+    manifest = _read_manifest(directory)
+    if manifest is None:
+      raise config_lib.ConfigError(
+          f'config.distill.teacher_cache={directory!r} has no {CACHE_MANIFEST}: its targets were '
+          'never precomputed, or the precompute did not finish; run python -m lm.distill with '
+          'this config first')
+    _check_identity(directory, manifest, config)
+    self.manifest = manifest
+    chunks = [path for first, last, path in _chunks(directory) if first < manifest['steps']]
+    keys = [np.load(os.path.join(path, 'keys.npy')) for path in chunks]
+    self._ids = [np.load(os.path.join(path, 'ids.npy'), mmap_mode='r') for path in chunks]
+    self._logp = [np.load(os.path.join(path, 'logp.npy'), mmap_mode='r') for path in chunks]
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+    self._order = np.argsort(all_keys, kind='stable')
+    self._sorted = all_keys[self._order]
+    self._chunk = np.concatenate([np.full(len(k), i) for i, k in enumerate(keys)] or [[]])
+    self._row = np.concatenate([np.arange(len(k)) for k in keys] or [[]])
+
+  def targets(self, inputs_BT: np.ndarray) -> dict[str, np.ndarray]:
+    """{TEACHER_IDS: int32 [B, T, k], TEACHER_LOGP: float32 [B, T, k]} of these rows."""
+    keys = row_keys(inputs_BT)
+    at = np.minimum(np.searchsorted(self._sorted, keys), max(len(self._sorted) - 1, 0))
+    missing = np.flatnonzero((self._sorted[at] != keys) if len(self._sorted) else keys == keys)
+    if len(missing):
+      raise sources_lib.DataError(
+          f'{len(missing)} of the {len(keys)} rows of this batch have no targets in '
+          f'config.distill.teacher_cache={self.directory!r} (precomputed for '
+          f'{self.manifest["steps"]} steps of batch {self.manifest["batch_size"]}): the run reads '
+          'more steps or other data than the precompute did; run python -m lm.distill with '
+          'this config to add them')
+    index = self._order[at]
+    ids = np.stack([self._ids[self._chunk[i]][self._row[i]] for i in index])
+    logp = np.stack([self._logp[self._chunk[i]][self._row[i]] for i in index])
+    return {TEACHER_IDS: ids.astype(np.int32), TEACHER_LOGP: logp.astype(np.float32)}
+
+
+class _WithCachedTargets:
+  """A training iterator whose batches carry their rows' precomputed teacher targets; its
+  state is the wrapped iterator's (the targets follow from the rows)."""
+
+  def __init__(self, batches, cache: TeacherCache):
+    self._batches, self._cache = batches, cache
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._batches)
+    return {**batch, **self._cache.targets(batch['inputs'])}
+
+  def get_state(self):
+    return self._batches.get_state()
+
+  def set_state(self, state):
+    self._batches.set_state(state)
+
+
+def with_cached_targets(train_iter, config: ml_collections.ConfigDict,
+                        tokenizer: tokenizer_lib.Tokenizer):
+  """train_iter with config.distill.teacher_cache's targets added to each batch (the cache
+  checked against the config and the run's tokenizer first)."""
+  from lm import generate  # pylint: disable=g-import-not-at-top
+  cache = TeacherCache(config)
+  teacher_tokenizer = generate.find_tokenizer(config.distill.teacher, check_teacher(config))
+  check_tokenizers(tokenizer, tokenizer_lib.Tokenizer(teacher_tokenizer), config.distill.teacher)
+  logging.info('distilling from the targets of config.distill.teacher=%s precomputed in %s '
+               '(%d rows, %d steps)', config.distill.teacher, cache.directory,
+               cache.manifest['rows'], cache.manifest['steps'])
+  return _WithCachedTargets(train_iter, cache)
+
+
+def define_flags():
+  """The command's flags, defined when it runs (lm.train imports this module)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).')
+  workdir = flags.DEFINE_string('workdir', None, "The student's run directory (its data cache).")
+  flags.mark_flags_as_required(['config', 'workdir'])
+  return config, workdir
+
+
+def main(argv, config_flag, workdir_flag):
+  """`python -m lm.distill --config C --workdir W [--config.a.b=v]`: precomputes the teacher
+  targets config C's run in W reads, into config.distill.teacher_cache."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    manifest = precompute_teacher_targets(config_flag.value, workdir_flag.value)
+  except config_lib.input_errors() as e:
+    sys.exit(f'error: {e}')
+  print(f'teacher targets of {manifest["rows"]:,} rows ({manifest["steps"]} steps) in '
+        f'{config_flag.value.distill.teacher_cache}', flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _config_flag, _workdir_flag = define_flags()
+  app.run(functools.partial(main, config_flag=_config_flag, workdir_flag=_workdir_flag),
+          flags_parser=config_lib.parse_flags)

@@ -23,17 +23,6 @@ class _OnlyWarningsFromLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
-def _input_errors() -> tuple[type[Exception], ...]:
-  """The project's errors for bad input (a config field, a file, a corpus, a checkpoint, a run
-  that diverged): each names what is wrong, so it is reported in one line. Any other exception
-  is a bug and keeps its traceback."""
-  # pylint: disable=g-import-not-at-top
-  from lm import checkpoint, distributed, sharding, sources, tokenizer, train
-  return (config_lib.ConfigError, sharding.ShardingError, checkpoint.CheckpointError,
-          distributed.DistributedError, train.NonFiniteLossError, sources.DataError,
-          tokenizer.TokenizerError, FileNotFoundError)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -49,7 +38,7 @@ def main(argv):
     config_lib.validate(config)
     from lm import generate  # pylint: disable=g-import-not-at-top
     results = generate.sample_from_config(config, _WORKDIR.value)
-  except _input_errors() as e:
+  except config_lib.input_errors() as e:
     sys.exit(f'error: {e}')
   for prompt, completions in results:
     for i, completion in enumerate(completions):

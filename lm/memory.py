@@ -147,7 +147,8 @@ its gradient: 4 with the whole distribution, 3 with top_k (from memory_analysis:
 one device, the plan then 1-2% low at d_model 32, 9% low at batch 16, 12% high with remat at
 d_model 64). Before each step the teacher's forward pass over those rows runs beside the
 student's state (teacher pass = parameters + optimizer + teacher + targets + its gathered
-weights + forward activations); total = max(train step, teacher pass).
+weights + forward activations); total = max(train step, teacher pass). With
+distill.teacher_cache the targets come from disk: no teacher on the devices, only its targets.
 
 Modes (config.mode). A batch entry is lm.train's Objective.sequences_per_example rows of T
 tokens (1; 2 for a 'dpo' or 'reward' preference pair, chosen and rejected), and b counts rows:
@@ -589,11 +590,13 @@ def _teacher_bytes(config: ml_collections.ConfigDict, b: int, sizes: dict, gathe
   forward pass over those rows, all its weights gathered and cast (a forward pass keeps none
   for a backward one, but XLA may gather them all up front)."""
   from lm import distill  # pylint: disable=g-import-not-at-top
+  rows, T = b * config.train.grad_accum_steps, config.data.seq_len
+  k = config.distill.top_k
+  if config.distill.teacher_cache:  # Targets read from disk: no teacher on the devices.
+    return {'teacher_targets': rows * T * k * 8}
   tcfg = distill.teacher_model_config(config, compute_dtype(config.model))
   params = _parameters(dataclasses.replace(
       tcfg, dtype='float32', remat=False, scan_layers=False, attention='einsum'))
-  rows, T = b * config.train.grad_accum_steps, config.data.seq_len
-  k = config.distill.top_k
   cast = jnp.dtype(tcfg.dtype).itemsize / jnp.dtype(tcfg.param_dtype).itemsize
   return {'teacher': _shard_bytes(params, sizes, rules),
           'teacher_targets': rows * T * (k * 8 if k else config.model.vocab_size * 4),

@@ -675,6 +675,9 @@ def make_data(run: Setup, workdir: str) -> data_lib.Data:
     from lm import distill  # pylint: disable=g-import-not-at-top
     data = data_lib.make_data(distill.data_config(config), vocab_size=vocab_size,
                               batch_size=t.batch_size, seed=t.seed, workdir=workdir, **shards)
+    if config.distill.teacher_cache:  # Precomputed by python -m lm.distill: read, not run.
+      return dataclasses.replace(data, train_iter=distill.with_cached_targets(
+          data.train_iter, config, data.tokenizer))
     return dataclasses.replace(data, augment=distill.make_augment(run, data.tokenizer))
   return data_lib.make_data(data_config, vocab_size=vocab_size, batch_size=t.batch_size,
                             seed=t.seed, workdir=workdir, **shards)
@@ -738,7 +741,7 @@ def train(config: ml_collections.ConfigDict, workdir: str):
           inputs_len=lengths.inputs, targets_len=lengths.targets, active_expert_share=share)
     else:
       flops_per_token = flops.flops_per_token(cfg, config.data.seq_len, matmul, trained_matmul)
-    if config.mode == 'distill':  # The teacher's forward pass is part of each step's work.
+    if config.mode == 'distill' and not config.distill.teacher_cache:  # The teacher runs too.
       from lm import distill  # pylint: disable=g-import-not-at-top
       flops_per_token += distill.teacher_flops_per_token(config)
     peak = flops.peak_flops_per_device(cfg.dtype)

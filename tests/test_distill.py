@@ -5,6 +5,7 @@ teacher checks, and sequence-level distillation through sample outputs and SFT."
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
+from lm import data as data_lib
 from lm import distill
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
@@ -123,17 +125,83 @@ def test_a_student_learns_the_teachers_distribution(tmp_path, teacher):
   generate.load_checkpoint(str(tmp_path))
 
 
-def test_distillation_from_the_top_k_resumes_exactly(tmp_path, teacher):
-  config = _student(teacher, top_k=8)
+def _top_k_student(teacher_dir):
+  config = _student(teacher_dir, top_k=8)
   config.train.update(steps=6, eval_every=6, checkpoint_every=3)
-  straight, _ = train_lib.train(config, str(tmp_path / 'straight'))
+  return config
+
+
+@pytest.fixture(scope='module')
+def top_k_run(tmp_path_factory, teacher):
+  """The parameters after 6 steps of distillation from the teacher's top 8, on the fly."""
+  state, _ = train_lib.train(_top_k_student(teacher), str(tmp_path_factory.mktemp('straight')))
+  return state.params
+
+
+def test_distillation_from_the_top_k_resumes_exactly(tmp_path, teacher, top_k_run):
+  config = _top_k_student(teacher)
   config.train.steps_per_run = 3
   train_lib.train(config, str(tmp_path / 'resumed'))
   config.train.steps_per_run = 0
   resumed, _ = train_lib.train(config, str(tmp_path / 'resumed'))
   assert int(resumed.step) == 6
-  for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+  for a, b in zip(jax.tree.leaves(top_k_run), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(a, b)
+
+
+def _cache_arrays(directory):
+  """The cache's keys, ids and log-probabilities, its chunks concatenated in order."""
+  chunks = sorted(n for n in os.listdir(directory) if n.startswith('chunk-'))
+  return [np.concatenate([np.load(os.path.join(directory, c, name)) for c in chunks])
+          for name in ('keys.npy', 'ids.npy', 'logp.npy')]
+
+
+def test_precomputed_targets_train_the_student_as_the_teacher_running_does(tmp_path, teacher,
+                                                                          top_k_run):
+  config = _top_k_student(teacher)
+  config.distill.teacher_cache = str(tmp_path / 'cache')
+  workdir = str(tmp_path / 'student')
+  with pytest.raises(config_lib.ConfigError, match='has no manifest.json: its targets were never '
+                     'precomputed'):
+    train_lib.train(config, workdir)
+  # The command writes them (one chunk); a precompute in chunks of 2 steps, killed after its
+  # second chunk and rerun, writes the same rows.
+  config_file = tmp_path / 'config.json'
+  config_file.write_text(config.to_json())
+  result = subprocess.run(
+      [sys.executable, '-m', 'lm.distill', '--config', str(config_file), '--workdir', workdir],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'teacher targets of 48 rows (6 steps)' in result.stdout
+  chunked = config.copy_and_resolve_references()
+  chunked.distill.teacher_cache = str(tmp_path / 'chunked')
+  distill.precompute_teacher_targets(chunked, workdir, chunk_steps=2)
+  os.remove(tmp_path / 'chunked' / distill.CACHE_MANIFEST)
+  shutil.rmtree(tmp_path / 'chunked' / 'chunk-00000004')
+  manifest = distill.precompute_teacher_targets(chunked, workdir, chunk_steps=2)
+  assert manifest['rows'] == 48 and manifest['steps'] == 6
+  keys, ids, logp = _cache_arrays(tmp_path / 'chunked')
+  for a, b in zip(_cache_arrays(tmp_path / 'cache'), (keys, ids, logp)):
+    np.testing.assert_array_equal(a, b)
+  assert ids.dtype == np.uint16 and ids.shape == (48, 64, 8) and len(set(keys.tolist())) == 48
+
+  # Read back, they train the student exactly as the teacher computing them each step did.
+  state, metrics = train_lib.train(chunked, workdir)
+  for a, b in zip(jax.tree.leaves(top_k_run), jax.tree.leaves(state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert np.isfinite(metrics['kd'])
+
+  # A run that reads rows the precompute did not, or targets made otherwise: refused.
+  longer = chunked.copy_and_resolve_references()
+  longer.train.update(steps=8, eval_every=8)
+  with pytest.raises(data_lib.DataError, match='rows of this batch have no targets in '
+                     r'config.distill.teacher_cache=.* \(precomputed for 6 steps of batch 8\)'):
+    train_lib.train(longer, str(tmp_path / 'longer'))
+  hotter = chunked.copy_and_resolve_references()
+  hotter.distill.temperature = 4.0
+  with pytest.raises(config_lib.ConfigError, match=r'holds targets made otherwise \(temperature: '
+                     r'cache 2.0, config 4.0\)'):
+    train_lib.train(hotter, str(tmp_path / 'hotter'))
 
 
 def test_a_teacher_that_cannot_teach_is_refused(tmp_path, teacher, stdlib_tokenizer):
