@@ -746,21 +746,23 @@ def apply_encoder_decoder(graphdef, params, inputs_BS, targets_in_BT, input_segm
 
 def apply_reward(graphdef, params, tokens_BT, segment_ids_BT, positions_BT, last_B,
                  dropout_rng=None):
-  """Pure scalar rewards [B] (a model with reward_head) read at token index last_B of each row."""
+  """Pure (rewards_B, aux): the scalar rewards (a model with reward_head) read at token index
+  last_B of each row, and the MoE layers' router statistics (apply_with_aux's; {} if dense)."""
   model = nnx.merge(graphdef, params)
-  x_BTD = model(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng, hidden_only=True)
-  return model.reward(x_BTD, last_B)
+  x_BTD, _, aux = model.hidden(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng)
+  return model.reward(x_BTD, last_B), aux
 
 
 def apply_with_values(graphdef, params, tokens_BT, segment_ids_BT, positions_BT,
                       dropout_rng=None):
-  """Pure (logits_BTV, values_BT), both fp32, from one pass through the trunk (a model with
-  value_head): the value at t estimates the return of the sequence from token t on."""
+  """Pure (logits_BTV, values_BT, aux), the first two fp32, from one pass through the trunk (a
+  model with value_head): the value at t estimates the return of the sequence from token t on;
+  aux is the MoE layers' router statistics (apply_with_aux's; {} for a dense model)."""
   model = nnx.merge(graphdef, params)
-  x_BTD = model(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng, hidden_only=True)
+  x_BTD, _, aux = model.hidden(tokens_BT, segment_ids_BT, positions_BT, dropout_rng=dropout_rng)
   values_BT = jnp.einsum('btd,d->bt', x_BTD.astype(jnp.float32),
                          model.value_head[...].astype(jnp.float32))
-  return model.logits(x_BTD), values_BT
+  return model.logits(x_BTD), values_BT, aux
 
 
 def logical_axes(cfg: ModelConfig):

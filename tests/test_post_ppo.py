@@ -88,7 +88,7 @@ def test_the_losses_equal_a_direct_computation(ppo_rollout):
   moved = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype), params)
   post = config.post
   _, sums = ppo.loss_sums(moved, rows, graphdef=graphdef, post=post)
-  logits, values = model_lib.apply_with_values(graphdef, moved, rows['inputs'],
+  logits, values, _ = model_lib.apply_with_values(graphdef, moved, rows['inputs'],
                                                rows['segment_ids'], rows['positions'])
   logits = np.asarray(logits, np.float64)
   log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -174,3 +174,14 @@ def test_the_ppo_config_runs_from_the_command_line(tiny_llama, tmp_path):
       capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert os.path.isdir(tmp_path / 'ppo' / 'checkpoints' / '2')
+
+
+def test_an_moe_policy_adds_its_router_losses(ppo_rollout):
+  config, rows, _, _ = ppo_rollout
+  config = config.copy_and_resolve_references()
+  config.model.moe.update(num_experts=4, top_k=2, capacity_factor=2.0)
+  cfg = model_lib.ModelConfig.from_config(config, 'float32')
+  objective, sums = ppo.loss_sums(model_lib.init_params(cfg, 0), rows,
+                                  graphdef=model_lib.graphdef(cfg), post=config.post)
+  assert float(sums['moe_loss']) > 0 and 'moe_router_z' in sums and 'moe_max_load_0' in sums
+  np.testing.assert_allclose(float(objective), float(sums['loss'] + sums['moe_loss']), rtol=1e-6)

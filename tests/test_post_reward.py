@@ -105,3 +105,16 @@ def test_a_lora_run_trains_the_scalar_heads_with_the_adapters():
   assert ('reward_head',) in trained and ('value_head',) in trained
   assert all(p[-1].endswith(('_lora_a', '_lora_b')) for p in trained
              if p not in (('reward_head',), ('value_head',)))
+
+
+def test_an_moe_reward_model_adds_its_router_losses(tiny_llama):
+  _, _, tokenizer, config = generate.load_checkpoint(tiny_llama.lm, dtype='float32')
+  config.model.update(reward_head=True)
+  config.model.moe.update(num_experts=4, top_k=2, capacity_factor=2.0)
+  cfg = model_lib.ModelConfig.from_config(config, 'float32')
+  rows = _pair_rows(tokenizer, RECORDS[:4])
+  batch = {k: np.asarray(v) for k, v in rows.arrays.items()}
+  objective, sums = reward.loss_sums(model_lib.init_params(cfg, 0), batch,
+                                     graphdef=model_lib.graphdef(cfg))
+  assert float(sums['moe_loss']) > 0 and 'moe_router_z' in sums and float(sums['pairs']) == 4
+  np.testing.assert_allclose(float(objective), float(sums['loss'] + sums['moe_loss']), rtol=1e-6)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import model as model_lib
+from lm.post import dpo
 from lm.post import rollout
 
 
@@ -69,8 +70,9 @@ def finish(rows: dict, scores_B, kl_coef: float, post) -> tuple[dict, dict]:
 
 
 def loss_sums(params, batch, dropout_rng=None, *, graphdef, post):
-  """Summed PPO loss over the batch's completion tokens and its parts (lm.train.Objective's)."""
-  logits_BTV, values_BT = model_lib.apply_with_values(
+  """Summed PPO loss over the batch's completion tokens and its parts (lm.train.Objective's); an
+  MoE policy adds its router losses (dpo.with_moe_sums)."""
+  logits_BTV, values_BT, moe_aux = model_lib.apply_with_values(
       graphdef, params, batch['inputs'], batch['segment_ids'], batch['positions'],
       dropout_rng=dropout_rng)
   mask_BT = batch['loss_mask']
@@ -100,7 +102,7 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef, post):
       'approx_kl': masked(0.5 * log_ratio_BT ** 2),
       'value': masked(values_BT),
   }
-  return sums['loss'], sums
+  return dpo.with_moe_sums(sums, moe_aux, 'tokens')
 
 
 def objective(graphdef, post):

@@ -23,17 +23,25 @@ from lm.post import dpo
 SIDES = dpo.SIDES
 
 
-def rewards(params, rows, *, graphdef, dropout_rng=None):
-  """[B] the reward of each row: the head at its last real token (the EOS of an intact row)."""
+def rewards_and_aux(params, rows, *, graphdef, dropout_rng=None):
+  """([B] the reward of each row: the head at its last real token (the EOS of an intact row),
+  an MoE model's router statistics ({} if dense))."""
   last_B = jnp.maximum((rows['segment_ids'] > 0).sum(-1) - 1, 0)
   return model_lib.apply_reward(graphdef, params, rows['inputs'], rows['segment_ids'],
                                 rows['positions'], last_B, dropout_rng=dropout_rng)
 
 
+def rewards(params, rows, *, graphdef, dropout_rng=None):
+  """[B] the reward of each row (rewards_and_aux's)."""
+  return rewards_and_aux(params, rows, graphdef=graphdef, dropout_rng=dropout_rng)[0]
+
+
 def loss_sums(params, batch, dropout_rng=None, *, graphdef):
-  """Summed Bradley-Terry loss over the batch's pairs and its parts (lm.train.Objective's)."""
-  chosen_P, rejected_P = jnp.split(rewards(params, dpo.both_sides(batch), graphdef=graphdef,
-                                           dropout_rng=dropout_rng), 2)
+  """Summed Bradley-Terry loss over the batch's pairs and its parts (lm.train.Objective's); an
+  MoE model adds its router losses (dpo.with_moe_sums)."""
+  rewards_2P, moe_aux = rewards_and_aux(params, dpo.both_sides(batch), graphdef=graphdef,
+                                        dropout_rng=dropout_rng)
+  chosen_P, rejected_P = jnp.split(rewards_2P, 2)
   valid_P = (batch['chosen_segment_ids'].sum(-1) > 0).astype(jnp.float32)  # Padding pairs: 0.
   loss_P = -jax.nn.log_sigmoid(chosen_P - rejected_P)
   sums = {
@@ -44,7 +52,7 @@ def loss_sums(params, batch, dropout_rng=None, *, graphdef):
       'chosen_reward': (chosen_P * valid_P).sum(),
       'rejected_reward': (rejected_P * valid_P).sum(),
   }
-  return sums['loss'], sums
+  return dpo.with_moe_sums(sums, moe_aux)
 
 
 def objective(graphdef):

@@ -355,7 +355,7 @@ def _seed(seed: int, step: int, prompt: int, sample: int) -> int:
 
 def _logps_and_values(params, rows, *, graphdef):
   """The policy's per-token log p(target) and values [B, T] at the loss mask's tokens."""
-  logits_BTV, values_BT = model_lib.apply_with_values(
+  logits_BTV, values_BT, _ = model_lib.apply_with_values(
       graphdef, params, rows['inputs'], rows['segment_ids'], rows['positions'])
   return dpo.target_logps(logits_BTV, rows), values_BT
 
