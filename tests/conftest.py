@@ -1,10 +1,19 @@
 import os
+import tempfile
 
 # Silent broadcasting between arrays of different ranks is an error in the tests (set before JAX
 # starts, so subprocesses that run lm inherit it); and one BLAS thread, since scipy's small
 # L-BFGS fits run ~10x slower with OpenBLAS threads fighting pytest's workers for the cores.
 os.environ.setdefault('JAX_NUMPY_RANK_PROMOTION', 'raise')
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+# One persistent compilation cache for every test process (pytest's workers, the CLIs and
+# notebooks they start): the suite compiles the same small programs many times over, and on two
+# CPU cores compiling is most of its time. JAX keys an entry by the whole program, its options
+# and the JAX version, so a hit is the executable a fresh compile would give.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'lm-tests-jax-cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(2 * 2 ** 30))  # Bytes, LRU.
 
 # tests/multidevice needs 8 fake CPU devices, which must be set before JAX starts; the main
 # suite runs on one device, so test_multidevice.py runs that folder in its own pytest process.
