@@ -23,6 +23,16 @@ if os.environ.get('LM_MULTIDEVICE') != '1':
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# The files that take longest (minutes each, on two cores), started first: pytest's two workers
+# take whole files in collection order, so a long one collected last would run on its own.
+LONGEST_FIRST = ('test_notebooks.py', 'test_multidevice.py', 'test_multidevice_models.py',
+                 'test_encoder_decoder.py', 'test_moe.py', 'test_sweep.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the rest in order.
+
 
 @pytest.fixture(scope='session')
 def tiny_llama(tmp_path_factory):

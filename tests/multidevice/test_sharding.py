@@ -107,11 +107,16 @@ MOE_STRATEGIES = {
 }
 
 
+@pytest.fixture(scope='module')
+def single_device_moe():
+  return _run(_mesh({}, 1), cfg=MOE_CFG)
+
+
 @pytest.mark.parametrize('name', MOE_STRATEGIES)
-def test_expert_parallel_moe_matches_the_single_device_run(name):
+def test_expert_parallel_moe_matches_the_single_device_run(name, single_device_moe):
   """Experts split over the mesh (tokens moved to them by all-to-all, which capacity mode's
   dispatch einsum lowers to) train exactly as on one device, drops included (capacity 1.0)."""
-  base_losses, base_state, base_grads = _run(_mesh({}, 1), cfg=MOE_CFG)
+  base_losses, base_state, base_grads = single_device_moe
   mesh = _mesh(MOE_STRATEGIES[name], 8)
   losses, state, grads = _run(mesh, cfg=MOE_CFG)
   np.testing.assert_allclose(losses, base_losses, rtol=1e-5)
@@ -230,18 +235,25 @@ def _loop_config(tokenizer, sizes, **train):
   return config
 
 
-def test_train_loop_on_2x2x2_matches_pure_data_parallel(tmp_path, stdlib_tokenizer):
+@pytest.fixture(scope='module')
+def loop_on_2x2x2(tmp_path_factory, stdlib_tokenizer):
+  """(state, metrics) of the training loop on a data 2 x fsdp 2 x tensor 2 mesh."""
+  return train_lib.train(_loop_config(stdlib_tokenizer, dict(data=2, fsdp=2, tensor=2)),
+                         str(tmp_path_factory.mktemp('loop_2x2x2')))
+
+
+def test_train_loop_on_2x2x2_matches_pure_data_parallel(tmp_path, stdlib_tokenizer,
+                                                        loop_on_2x2x2):
   state_a, metrics_a = train_lib.train(
       _loop_config(stdlib_tokenizer, dict(data=8)), str(tmp_path / 'a'))
-  state_b, metrics_b = train_lib.train(
-      _loop_config(stdlib_tokenizer, dict(data=2, fsdp=2, tensor=2)), str(tmp_path / 'b'))
+  state_b, metrics_b = loop_on_2x2x2
   assert metrics_a['eval_loss'] == pytest.approx(metrics_b['eval_loss'], rel=1e-5)
   _assert_trees_close(state_a.params, state_b.params)
 
 
-def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, stdlib_tokenizer):
-  straight, _ = train_lib.train(
-      _loop_config(stdlib_tokenizer, dict(data=2, fsdp=2, tensor=2)), str(tmp_path / 'straight'))
+def test_checkpoint_saved_on_one_mesh_resumes_on_another(tmp_path, stdlib_tokenizer,
+                                                         loop_on_2x2x2):
+  straight, _ = loop_on_2x2x2
   train_lib.train(_loop_config(stdlib_tokenizer, dict(fsdp=8), steps_per_run=4),
                   str(tmp_path / 'moved'))
   resumed, _ = train_lib.train(
